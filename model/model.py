@@ -1,0 +1,296 @@
+"""MobileMoE: decoder-only transformer with fine-grained routed experts + always-on shared experts.
+
+RMSNorm pre-norm, RoPE (rotate-half, as Llama/Qwen2), GQA attention through SDPA (flash-attn on CUDA when
+installed), SwiGLU. An MoE FFN = fp32 router -> top-k over routed experts (dropless) + shared experts, the
+routed part through `kernels.moe.moe_experts` (one dispatch point: reference on CPU, Triton on CUDA).
+
+QAT (`model.set_qat(True)`): every matrix weight goes through the INT4 g32 fake quant of model/quant.py
+and every matmul input through the int8 per-token fake quant; K/V are rounded to fp16 as the phone
+engine's KV cache stores them. Router and norms stay fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.moe import moe_experts
+from kernels.router import load_balance_loss, route, z_loss
+from model.config import ModelConfig
+from model.quant import fake_quant_act_int8, fake_quant_int4
+
+log = logging.getLogger("mobilemoe.model")
+_attn_logged: set = set()
+
+try:  # optional extra: only used on CUDA with half-precision inputs
+    from flash_attn import flash_attn_func  # type: ignore
+except Exception:  # noqa: BLE001  (ImportError, or a broken CUDA install)
+    flash_attn_func = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class QLinear(nn.Linear):
+    """nn.Linear (no bias) that fake-quantizes weight (INT4 g32) and input (int8/token) under QAT."""
+
+    qat = False
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        if self.qat:
+            return F.linear(fake_quant_act_int8(x), fake_quant_int4(self.weight))
+        return F.linear(x, self.weight)
+
+
+def rope_cos_sin(T: int, head_dim: int, theta: float, device, offset: int = 0):
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
+    f = torch.outer(pos, inv)
+    emb = torch.cat([f, f], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x_BHTd, cos_Td, sin_Td):
+    h = x_BHTd.shape[-1] // 2
+    rot = torch.cat([-x_BHTd[..., h:], x_BHTd[..., :h]], dim=-1)
+    return (x_BHTd.float() * cos_Td + rot.float() * sin_Td).to(x_BHTd.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, KV, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        self.wq = QLinear(D, H * hd)
+        self.wk = QLinear(D, KV * hd)
+        self.wv = QLinear(D, KV * hd)
+        self.wo = QLinear(H * hd, D)
+        self.qat = False
+
+    def forward(self, x_BTD, cos, sin):
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.wk(x_BTD).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.wv(x_BTD).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qat:  # the phone engine keeps K/V in fp16
+            k, v = k.half().to(q.dtype), v.half().to(q.dtype)
+        use_flash = flash_attn_func is not None and x_BTD.is_cuda and x_BTD.dtype in (torch.float16, torch.bfloat16)
+        key = (x_BTD.device.type, use_flash)
+        if key not in _attn_logged:
+            _attn_logged.add(key)
+            log.info("attention: %s", "flash-attn" if use_flash else "torch SDPA")
+        if use_flash:
+            o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            o = o.reshape(B, T, -1)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+            o = o.transpose(1, 2).reshape(B, T, -1)
+        return self.wo(o)
+
+
+class SwiGLU(nn.Module):
+    """gate and up fused in one matrix: rows [0, F) are gate, [F, 2F) are up."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate_up = QLinear(d_model, 2 * hidden)
+        self.w_down = QLinear(hidden, d_model)
+
+    def forward(self, x):
+        g, u = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(g) * u)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, D, Fe = cfg.n_experts, cfg.d_model, cfg.expert_ffn_dim
+        self.router = nn.Linear(D, E, bias=False)  # fp32, never quantized
+        self.w_gate_up = nn.Parameter(torch.empty(E, 2 * Fe, D))  # (E, 2F, D): [gate; up] rows per expert
+        self.w_down = nn.Parameter(torch.empty(E, D, Fe))  # (E, D, F)
+        self.shared = SwiGLU(D, cfg.n_shared_experts * cfg.shared_ffn_dim) if cfg.n_shared_experts else None
+        # selection-only bias for auxiliary-loss-free balancing (torchtitan/DeepSeek-V3 style)
+        self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
+        self.register_buffer("load_accum", torch.zeros(E), persistent=False)
+        self.qat = False
+        self.last = {}
+
+    def forward(self, x_BTD):
+        cfg = self.cfg
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        bias = self.expert_bias if cfg.router_bias_coeff > 0 else None
+        ids_TK, gates_TK, scores_TE = route(logits_TE, cfg.top_k, cfg.router_score, cfg.norm_topk_prob, bias)
+        lb, counts_E = load_balance_loss(scores_TE, ids_TK, cfg.n_experts, cfg.router_score)
+        self.last = dict(lb_loss=lb, z_loss=z_loss(logits_TE), counts=counts_E.detach(),
+                         entropy=-(scores_TE * scores_TE.clamp_min(1e-20).log()).sum(-1).mean().detach()
+                         if cfg.router_score == "softmax" else torch.zeros(()))
+        if self.training:
+            self.load_accum += counts_E.detach()
+        w13, w2, act_fq, xin = self.w_gate_up, self.w_down, None, x_TD
+        if self.qat:
+            w13, w2, act_fq = fake_quant_int4(w13), fake_quant_int4(w2), fake_quant_act_int8
+            xin = fake_quant_act_int8(x_TD)
+        y_TD = moe_experts(xin, ids_TK, gates_TK.to(x_TD.dtype), w13.to(x_TD.dtype), w2.to(x_TD.dtype),
+                           backend=cfg.moe_backend, act_fq=act_fq)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.reshape(B, T, D)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """After an optimizer step: bias_e += coeff * sign(mean_load - load_e); then reset the load."""
+        if self.cfg.router_bias_coeff > 0 and self.load_accum.sum() > 0:
+            self.expert_bias += self.cfg.router_bias_coeff * torch.sign(self.load_accum.mean() - self.load_accum)
+        self.load_accum.zero_()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.is_moe = cfg.layer_is_moe(i)
+        if self.is_moe:
+            self.moe = MoE(cfg)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        return x + (self.moe(h) if self.is_moe else self.ffn(h))
+
+
+class MobileMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else QLinear(cfg.d_model, cfg.vocab_size)
+        self.qat = False
+        self.aux = {}
+        if self.tok_emb.weight.device.type != "meta":
+            self.init_weights(cfg.seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init: N(0, init_std), residual projections (wo, w_down) scaled by 1/sqrt(2L)."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        std, res_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            s = res_std if (name.endswith("wo.weight") or "w_down" in name) else std
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.expert_bias.zero_()
+
+    def set_qat(self, on: bool = True) -> MobileMoE:
+        self.qat = on
+        for m in self.modules():
+            if hasattr(m, "qat") and m is not self:
+                m.qat = on
+        return self
+
+    def embed(self, ids_BT):
+        w = fake_quant_int4(self.tok_emb.weight) if self.qat else self.tok_emb.weight
+        return F.embedding(ids_BT, w)
+
+    def head_weight(self):
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids_BT: torch.Tensor, return_hidden: bool = False):
+        B, T = input_ids_BT.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(input_ids_BT)
+        cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        h = self.norm(x)
+        if return_hidden:
+            return h
+        w = self.head_weight()
+        if self.qat:
+            logits = F.linear(fake_quant_act_int8(h), fake_quant_int4(w))
+        else:
+            logits = F.linear(h, w)
+        self._collect_aux()
+        return logits
+
+    def _collect_aux(self):
+        moes = [layer.moe for layer in self.layers if layer.is_moe]
+        if not moes:
+            z = torch.zeros((), device=self.tok_emb.weight.device)
+            self.aux = dict(lb_loss=z, z_loss=z, expert_counts=None, router_entropy=z)
+            return
+        self.aux = dict(
+            lb_loss=torch.stack([m.last["lb_loss"] for m in moes]).mean(),
+            z_loss=torch.stack([m.last["z_loss"] for m in moes]).mean(),
+            expert_counts=torch.stack([m.last["counts"] for m in moes]),  # (n_moe_layers, E)
+            router_entropy=torch.stack([m.last["entropy"] for m in moes]).mean(),
+        )
+
+    def aux_loss(self) -> torch.Tensor:
+        """Weighted auxiliary loss of the last forward: lb_w * LB + z_w * z (each averaged over MoE layers)."""
+        return self.cfg.lb_loss_weight * self.aux["lb_loss"] + self.cfg.z_loss_weight * self.aux["z_loss"]
+
+    def update_router_bias(self) -> None:
+        for layer in self.layers:
+            if layer.is_moe:
+                layer.moe.update_bias()
+
+    @torch.no_grad()
+    def generate(self, ids_T: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, eos_id: int | None = None) -> list[int]:
+        """Plain recompute-everything sampling (the phone engine is the fast path)."""
+        g = torch.Generator().manual_seed(seed)
+        out = list(ids_T)
+        dev = self.tok_emb.weight.device
+        for _ in range(max_new_tokens):
+            ctx = out[-self.cfg.max_seq_len:]
+            logits = self(torch.tensor([ctx], device=dev))[0, -1].float().cpu()
+            nxt = sample(logits, temperature, top_p, g)
+            out.append(nxt)
+            if eos_id is not None and nxt == eos_id:
+                break
+        return out[len(ids_T):]
+
+
+def sample(logits_V: torch.Tensor, temperature: float, top_p: float, g: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits_V))
+    p = torch.softmax(logits_V / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = torch.sort(p, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < top_p
+        p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
+        p = p / p.sum()
+    return int(torch.multinomial(p, 1, generator=g))
