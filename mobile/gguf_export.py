@@ -1,0 +1,397 @@
+"""Export a MobileMoE model as a llama.cpp GGUF file (F32, F16 or Q4_0), written with the `gguf` package.
+
+    python -m mobile export --format gguf --model runs/tiny/final --out tiny-f16.gguf --type f16
+    python -m mobile export --format gguf --random-init --size S --out /tmp/mmoe-bench/S-q4_0.gguf --type q4_0
+    python -m mobile.gguf_export ...   (same arguments)
+
+Architecture choice. llama.cpp's `qwen2moe` graph does not compute our model: it never renormalises the
+top-k gate values (norm_w is hard-coded false) and it multiplies the shared expert by sigmoid(w . x),
+computed as silu(z)/z, so a zero gate vector (the obvious "always on" trick) yields 0/0 = NaN. The
+`ernie4_5-moe` graph is exactly ours: softmax router in fp32, top-k with renormalised gates, an optional
+selection-only bias added to the softmax probabilities (= our `expert_bias`), an ungated always-on shared
+expert, SwiGLU experts, optional leading dense layers, RMSNorm, GQA, no attention biases, and a tied
+LM head that falls back to the token embedding. Dense models go out as its dense sibling `ernie4_5`.
+Both use llama.cpp's "NORM" RoPE (rotate adjacent pairs) where we rotate halves (NEOX), so the rows of
+wq and wk are permuted within each head (the same permutation llama.cpp's HF converter applies for
+Llama); q.k is unchanged because q and k get the same permutation, and v / wo are untouched.
+
+Q4_0 is bit-identical to our INT4 format (model/quant.py): a ggml block_q4_0 is one fp16 scale + 16 bytes
+whose low nibbles hold elements 0..15 and high nibbles 16..31, value (nibble - 8) * d, which is exactly
+pack_int4's layout and q * s. So the GGUF Q4_0 and the phone engine's .mmoe read the same weights and the
+same number of weight bytes. Every matrix (token embedding / tied head included) is Q4_0 (llama.cpp's
+"--pure"), router, norms and the selection bias stay F32.
+
+`--random-init` draws the weights of MobileMoE(cfg).init_weights(seed) one tensor at a time, in the
+module's parameter order from one generator, so the file equals the PyTorch model of that config and seed
+without materialising it (S is 1.3B parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import PRESETS, ModelConfig, get_config
+from model.quant import pack_int4, quantize_int4
+
+TYPES = ("f32", "f16", "q4_0")
+Q4_0_BLOCK = 32
+Q4_0_BLOCK_BYTES = 18  # fp16 d + 16 nibble bytes
+
+
+def _gguf():
+    try:
+        import gguf  # noqa: PLC0415  (optional extra: only the GGUF path needs it)
+    except ImportError as e:
+        raise RuntimeError("the `gguf` package is not installed (pip install -c constraints-cpu.txt -e '.[bench]')") from e
+    return gguf
+
+
+# ---- weight conversions ------------------------------------------------------------------------------------
+def q4_0_bytes(w: torch.Tensor) -> np.ndarray:
+    """w (..., K) float -> uint8 (..., K/32*18): ggml block_q4_0 rows carrying our INT4 g32 quantization."""
+    q, s16 = quantize_int4(w, Q4_0_BLOCK)
+    packed = pack_int4(q, Q4_0_BLOCK)  # (..., K/2), 16 bytes per group in ggml's nibble order
+    lead, K = tuple(w.shape[:-1]), w.shape[-1]
+    nb = K // Q4_0_BLOCK
+    qs = packed.reshape(*lead, nb, 16).numpy()
+    d = s16.contiguous().numpy().astype("<f2").view(np.uint8).reshape(*lead, nb, 2)
+    return np.ascontiguousarray(np.concatenate([d, qs], axis=-1).reshape(*lead, nb * Q4_0_BLOCK_BYTES))
+
+
+def q4_0_bytes_chunked(w: torch.Tensor, rows: int = 1 << 14) -> np.ndarray:
+    """Same as q4_0_bytes for a 2-D matrix, a row block at a time (a 202k x 1280 embedding would need
+    several GB of temporaries in one go)."""
+    if w.dim() != 2 or w.shape[0] <= rows:
+        return q4_0_bytes(w)
+    return np.concatenate([q4_0_bytes(w[i:i + rows]) for i in range(0, w.shape[0], rows)], axis=0)
+
+
+def rope_neox_to_norm(w_RD: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Permute the output rows of wq / wk per head from rotate-half (NEOX) to adjacent-pair (NORM) RoPE:
+    new row 2i <- old row i, new row 2i+1 <- old row i + head_dim/2."""
+    D = w_RD.shape[-1]
+    return w_RD.reshape(n_heads, 2, head_dim // 2, D).transpose(1, 2).reshape(n_heads * head_dim, D)
+
+
+# ---- tensor plan: (gguf name, producer of the fp32 tensor, kind) --------------------------------------------
+# kind "matrix" is written in the requested type; "f32" always F32 (router, norms, bias)
+def _check_supported(cfg: ModelConfig) -> None:
+    if cfg.is_moe:
+        if cfg.router_score != "softmax":
+            raise ValueError("GGUF export: llama.cpp's ernie4_5-moe graph routes with softmax; "
+                             f"router_score={cfg.router_score!r} is not expressible")
+        if not cfg.norm_topk_prob:
+            raise ValueError("GGUF export: ernie4_5-moe always renormalises the top-k gates; norm_topk_prob=False "
+                             "is not expressible")
+        if tuple(sorted(cfg.dense_layers)) != tuple(range(len(cfg.dense_layers))):
+            raise ValueError(f"GGUF export: dense layers must lead the stack (got {cfg.dense_layers})")
+        if cfg.n_shared_experts > 1:
+            pass  # several shared experts are stored fused as one wider SwiGLU (our module does the same)
+    if cfg.quant_group != Q4_0_BLOCK:
+        raise ValueError(f"GGUF export: Q4_0 blocks are 32 wide, config has quant_group={cfg.quant_group}")
+
+
+def _param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of MobileMoE(cfg)'s parameters in named_parameters() order, built on the meta device."""
+    from model.model import MobileMoE  # noqa: PLC0415
+
+    with torch.device("meta"):
+        m = MobileMoE(cfg)
+    return [(n, tuple(p.shape)) for n, p in m.named_parameters()]
+
+
+def random_init_params(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield MobileMoE(cfg).init_weights(seed)'s parameters one at a time (same generator, same order)."""
+    import math  # noqa: PLC0415
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    std, res_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, shape in _param_shapes(cfg):
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape)
+            continue
+        s = res_std if (name.endswith("wo.weight") or "w_down" in name) else std
+        yield name, torch.randn(shape, generator=g, dtype=torch.float32) * s
+    # expert_bias buffers are zero after init: nothing to yield (no bias tensor is written)
+
+
+def _gguf_tensors(cfg: ModelConfig, params: Iterator[tuple[str, torch.Tensor]],
+                  buffers: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Map our parameters (streamed) onto GGUF tensors, in the order they arrive."""
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    for name, t in params:
+        t = t.detach().float()
+        if name == "tok_emb.weight":
+            yield "token_embd.weight", t, "matrix"
+            continue
+        if name == "norm.weight":
+            yield "output_norm.weight", t, "f32"
+            continue
+        if name == "lm_head.weight":
+            yield "output.weight", t, "matrix"
+            continue
+        parts = name.split(".")
+        if parts[0] != "layers":
+            raise ValueError(f"GGUF export: unexpected parameter {name!r}")
+        i, rest = int(parts[1]), ".".join(parts[2:])
+        b = f"blk.{i}"
+        if rest == "attn_norm.weight":
+            yield f"{b}.attn_norm.weight", t, "f32"
+        elif rest == "ffn_norm.weight":
+            yield f"{b}.ffn_norm.weight", t, "f32"
+        elif rest == "attn.wq.weight":
+            yield f"{b}.attn_q.weight", rope_neox_to_norm(t, H, hd), "matrix"
+        elif rest == "attn.wk.weight":
+            yield f"{b}.attn_k.weight", rope_neox_to_norm(t, KV, hd), "matrix"
+        elif rest == "attn.wv.weight":
+            yield f"{b}.attn_v.weight", t, "matrix"
+        elif rest == "attn.wo.weight":
+            yield f"{b}.attn_output.weight", t, "matrix"
+        elif rest == "moe.router.weight":
+            yield f"{b}.ffn_gate_inp.weight", t, "f32"
+            bias = buffers.get(f"layers.{i}.moe.expert_bias")
+            if bias is not None and cfg.router_bias_coeff > 0 and bool(bias.abs().sum() > 0):
+                yield f"{b}.exp_probs_b.bias", bias.float(), "f32"
+        elif rest == "moe.w_gate_up":  # (E, 2F, D): rows [0,F) gate, [F,2F) up
+            Fe = cfg.expert_ffn_dim
+            yield f"{b}.ffn_gate_exps.weight", t[:, :Fe].contiguous(), "matrix"
+            yield f"{b}.ffn_up_exps.weight", t[:, Fe:].contiguous(), "matrix"
+        elif rest == "moe.w_down":  # (E, D, F)
+            yield f"{b}.ffn_down_exps.weight", t, "matrix"
+        elif rest == "moe.shared.w_gate_up.weight":
+            Fs = t.shape[0] // 2
+            yield f"{b}.ffn_gate_shexp.weight", t[:Fs].contiguous(), "matrix"
+            yield f"{b}.ffn_up_shexp.weight", t[Fs:].contiguous(), "matrix"
+        elif rest == "moe.shared.w_down.weight":
+            yield f"{b}.ffn_down_shexp.weight", t, "matrix"
+        elif rest == "ffn.w_gate_up.weight":
+            F_ = t.shape[0] // 2
+            yield f"{b}.ffn_gate.weight", t[:F_].contiguous(), "matrix"
+            yield f"{b}.ffn_up.weight", t[F_:].contiguous(), "matrix"
+        elif rest == "ffn.w_down.weight":
+            yield f"{b}.ffn_down.weight", t, "matrix"
+        else:
+            raise ValueError(f"GGUF export: unexpected parameter {name!r}")
+
+
+def _storage(t: torch.Tensor, kind: str, qtype: str) -> str:
+    if kind == "f32" or qtype == "f32" or t.dim() < 2:
+        return "f32"
+    if qtype == "q4_0" and t.shape[-1] % Q4_0_BLOCK:
+        raise ValueError(f"Q4_0 needs the last dimension to be a multiple of 32, got shape {tuple(t.shape)}")
+    return qtype
+
+
+def _info(t: torch.Tensor, kind: str, qtype: str) -> tuple[tuple[int, ...], np.dtype, int, object]:
+    """(array shape, array dtype, bytes, raw ggml type) of the encoded tensor, from its shape alone (works
+    on meta tensors, so the tensor table is written without computing any weights)."""
+    st = _storage(t, kind, qtype)
+    shape = tuple(t.shape)
+    n = int(np.prod(shape))
+    if st == "f32":
+        return shape, np.dtype(np.float32), 4 * n, None
+    if st == "f16":
+        return shape, np.dtype(np.float16), 2 * n, None
+    qshape = (*shape[:-1], shape[-1] // Q4_0_BLOCK * Q4_0_BLOCK_BYTES)
+    return qshape, np.dtype(np.uint8), int(np.prod(qshape)), _gguf().GGMLQuantizationType.Q4_0
+
+
+def _encode(t: torch.Tensor, kind: str, qtype: str) -> np.ndarray:
+    st = _storage(t, kind, qtype)
+    if st == "f32":
+        return np.ascontiguousarray(t.numpy().astype(np.float32))
+    if st == "f16":
+        return np.ascontiguousarray(t.numpy().astype(np.float16))
+    return q4_0_bytes_chunked(t)
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what byte-level BPE vocab strings are written in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
+
+
+def tokenizer_metadata(vocab_size: int, tokenizer_json: str | os.PathLike | None) -> dict:
+    """GGUF tokenizer keys for a byte-level BPE ("gpt2" in llama.cpp). Without a tokenizer.json the model
+    reads raw bytes: ids 0..255 are the bytes. Ids past the tokenizer's are padding, typed UNUSED."""
+    tokens: list[str | None] = [None] * vocab_size
+    types = [TOKEN_UNUSED] * vocab_size
+    merges: list[str] = []
+    pre = "gpt-2"
+    eos = None
+    if tokenizer_json is None:
+        b2u = _bytes_to_unicode()
+        for i in range(min(256, vocab_size)):
+            tokens[i], types[i] = b2u[i], TOKEN_NORMAL
+        # llama.cpp's BPE loader needs a merges array; a merge of two byte tokens whose result is not in the
+        # vocabulary is never applied, so this one changes nothing
+        merges = [f"{b2u[ord('a')]} {b2u[ord('b')]}"]
+    else:
+        tj = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"{tokenizer_json}: only byte-level BPE tokenizers export to GGUF, got {model.get('type')!r}")
+        for s, i in model["vocab"].items():
+            if i >= vocab_size:
+                raise ValueError(f"{tokenizer_json}: token id {i} >= the model's vocab_size {vocab_size}")
+            tokens[i], types[i] = s, TOKEN_NORMAL
+        for t in tj.get("added_tokens") or []:
+            if t["id"] >= vocab_size:
+                raise ValueError(f"{tokenizer_json}: added token id {t['id']} >= vocab_size {vocab_size}")
+            tokens[t["id"]] = t["content"]
+            types[t["id"]] = TOKEN_CONTROL if t.get("special") else TOKEN_NORMAL
+            if t["content"] in ("<|endoftext|>", "</s>", "<eos>") and eos is None:
+                eos = t["id"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        if not merges:
+            merges = ["\u0120 \u0120"]
+        pretok = tj.get("pre_tokenizer") or {}
+        pres = pretok.get("pretokenizers", [pretok]) if pretok.get("type") == "Sequence" else [pretok]
+        if not any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in pres):
+            pre = "default"
+    for i in range(vocab_size):
+        if tokens[i] is None:
+            tokens[i] = f"<|unused_{i}|>"
+    return dict(tokens=tokens, types=types, merges=merges, pre=pre, eos=eos)
+
+
+# ---- writer -----------------------------------------------------------------------------------------------
+def arch_name(cfg: ModelConfig) -> str:
+    return "ernie4_5-moe" if cfg.is_moe else "ernie4_5"
+
+
+def write_gguf(cfg: ModelConfig, params: Callable[[], Iterator[tuple[str, torch.Tensor]]], out: str | os.PathLike,
+               qtype: str = "f16", tokenizer_json: str | os.PathLike | None = None,
+               buffers: dict[str, torch.Tensor] | None = None, name: str | None = None) -> Path:
+    """Write the GGUF atomically. `params()` streams (name, fp32 tensor) in MobileMoE parameter order (the
+    order of the tensor table, which is built from the config's shapes)."""
+    gguf = _gguf()
+    if qtype not in TYPES:
+        raise ValueError(f"unknown GGUF type {qtype!r}; choose one of {TYPES}")
+    _check_supported(cfg)
+    buffers = buffers or {}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arch = arch_name(cfg)
+    w = gguf.GGUFWriter(None, arch)
+    w.add_string("general.name", name or f"mobilemoe-{cfg.name}")
+    w.add_uint32("general.file_type", {"f32": 0, "f16": 1, "q4_0": 2}[qtype])
+    w.add_uint32("general.quantization_version", 2)
+    w.add_uint32(f"{arch}.context_length", cfg.max_seq_len)
+    w.add_uint32(f"{arch}.embedding_length", cfg.d_model)
+    w.add_uint32(f"{arch}.block_count", cfg.n_layers)
+    w.add_uint32(f"{arch}.feed_forward_length", cfg.ffn_dim)
+    w.add_uint32(f"{arch}.attention.head_count", cfg.n_heads)
+    w.add_uint32(f"{arch}.attention.head_count_kv", cfg.n_kv_heads)
+    w.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
+    w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
+    w.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
+    w.add_float32(f"{arch}.rope.freq_base", float(cfg.rope_theta))
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(cfg.norm_eps))
+    if cfg.is_moe:
+        w.add_uint32(f"{arch}.expert_count", cfg.n_experts)
+        w.add_uint32(f"{arch}.expert_used_count", cfg.top_k)
+        w.add_uint32(f"{arch}.expert_feed_forward_length", cfg.expert_ffn_dim)
+        w.add_uint32(f"{arch}.expert_shared_feed_forward_length", cfg.n_shared_experts * cfg.shared_ffn_dim)
+        w.add_uint32(f"{arch}.interleave_moe_layer_step", 1)
+        w.add_uint32(f"{arch}.leading_dense_block_count", len(cfg.dense_layers))
+    tok = tokenizer_metadata(cfg.vocab_size, tokenizer_json)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", tok["pre"])
+    w.add_array("tokenizer.ggml.tokens", tok["tokens"])
+    w.add_array("tokenizer.ggml.token_type", tok["types"])
+    w.add_array("tokenizer.ggml.merges", tok["merges"])
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    if tok["eos"] is not None:
+        w.add_uint32("tokenizer.ggml.eos_token_id", tok["eos"])
+
+    # pass 1: the tensor table from shapes alone (meta tensors); pass 2 streams the data in the same order
+    meta_params = [(n, torch.empty(s, device="meta")) for n, s in _param_shapes(cfg)]
+    for gname, t, kind in _gguf_tensors(cfg, iter(meta_params), buffers):
+        shape, dtype, nbytes, raw = _info(t, kind, qtype)
+        w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=raw)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        w.write_header_to_file(path=Path(tmp))
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _gname, t, kind in _gguf_tensors(cfg, params(), buffers):
+            w.write_tensor_data(_encode(t, kind, qtype))
+        w.flush()
+        for f in w.fout or []:
+            os.fsync(f.fileno())
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, qtype: str = "f16") -> Path:
+    from model.io import load_model_dir, tokenizer_path  # noqa: PLC0415
+
+    model, _meta = load_model_dir(model_dir)
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    buffers = {n: b.detach() for n, b in model.named_buffers() if n.endswith("expert_bias")}
+    return write_gguf(model.cfg, lambda: iter(named), out, qtype, tokenizer_path(model_dir), buffers,
+                      name=f"mobilemoe-{Path(model_dir).name}")
+
+
+def export_random_init(cfg: ModelConfig, out: str | os.PathLike, qtype: str = "q4_0", seed: int = 0) -> Path:
+    return write_gguf(cfg, lambda: random_init_params(cfg, seed), out, qtype, None,
+                      name=f"mobilemoe-{cfg.name}-random-init")
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+def build_parser(prog: str = "python -m mobile.gguf_export") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Export a MobileMoE model directory (or a random-init "
+                                "preset) as a llama.cpp GGUF file.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory (config.json + model.safetensors [+ tokenizer.json])")
+    src.add_argument("--random-init", action="store_true", help="random weights of a preset (benchmarks)")
+    p.add_argument("--size", default="S", help=f"preset for --random-init: {', '.join(PRESETS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .gguf path")
+    p.add_argument("--type", default="f16", choices=TYPES, help="matrix type (router/norms are always F32)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        if a.random_init:
+            out = export_random_init(get_config(a.size), a.out, a.type, a.seed)
+        else:
+            out = export_model_dir(a.model, a.out, a.type)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
