@@ -1,0 +1,210 @@
+/* x86-64 AVX2 (+F16C) kernels. Built with -mavx2 -mfma -mf16c for this file only; cpu_features.c hands the set
+ * out only when cpuid/xgetbv say the CPU and OS support it.
+ *
+ * Integer part: a weight nibble is used as the unsigned byte w' = q + 8 in [0, 15], so one maddubs (u8 x s8)
+ * gives exact int16 pair sums (|.| <= 2 * 15 * 127); the +8 offset is removed with 8 * sum(x over the group).
+ * Float part: 8 rows live in the 8 lanes of one fp32 accumulator, each lane doing acc = acc + isum * d in group
+ * order: exactly the scalar sequence per row, hence bit-identical results. */
+#include "kernels_internal.h"
+
+#if defined(MMOE_X86)
+#include <immintrin.h>
+
+#define XOFF_CHUNK 256 /* groups whose activation sums are precomputed at a time (K up to 8192 in one chunk) */
+
+static inline __m256i unpack_group(const uint8_t *p, __m256i m4) {
+    /* 16 bytes -> [w'0..w'15 | w'16..w'31] */
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
+    return _mm256_and_si256(both, m4);
+}
+
+/* Sum of 8 vectors of 8 int32 each into one vector: lane i = total of p[i]. */
+static inline __m256i reduce8(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5, __m256i p6,
+                              __m256i p7) {
+    __m256i t0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+    __m256i t1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7));
+    /* t0 = [p0..p3 low-half sums | p0..p3 high-half sums], t1 likewise for p4..p7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
+}
+
+/* Scales of 8 rows x 8 groups (fp16, row stride G) -> sc[j][i] = scale of row i, group j, as fp32. */
+static inline void load_scales_8x8(const mmoe_fp16 *d, int G, float sc[8][8]) {
+    __m128i a0 = _mm_loadu_si128((const __m128i *)(d + 0 * (size_t)G));
+    __m128i a1 = _mm_loadu_si128((const __m128i *)(d + 1 * (size_t)G));
+    __m128i a2 = _mm_loadu_si128((const __m128i *)(d + 2 * (size_t)G));
+    __m128i a3 = _mm_loadu_si128((const __m128i *)(d + 3 * (size_t)G));
+    __m128i a4 = _mm_loadu_si128((const __m128i *)(d + 4 * (size_t)G));
+    __m128i a5 = _mm_loadu_si128((const __m128i *)(d + 5 * (size_t)G));
+    __m128i a6 = _mm_loadu_si128((const __m128i *)(d + 6 * (size_t)G));
+    __m128i a7 = _mm_loadu_si128((const __m128i *)(d + 7 * (size_t)G));
+    __m128i t0 = _mm_unpacklo_epi16(a0, a1), t1 = _mm_unpackhi_epi16(a0, a1);
+    __m128i t2 = _mm_unpacklo_epi16(a2, a3), t3 = _mm_unpackhi_epi16(a2, a3);
+    __m128i t4 = _mm_unpacklo_epi16(a4, a5), t5 = _mm_unpackhi_epi16(a4, a5);
+    __m128i t6 = _mm_unpacklo_epi16(a6, a7), t7 = _mm_unpackhi_epi16(a6, a7);
+    __m128i u0 = _mm_unpacklo_epi32(t0, t2), u1 = _mm_unpackhi_epi32(t0, t2);
+    __m128i u2 = _mm_unpacklo_epi32(t1, t3), u3 = _mm_unpackhi_epi32(t1, t3);
+    __m128i u4 = _mm_unpacklo_epi32(t4, t6), u5 = _mm_unpackhi_epi32(t4, t6);
+    __m128i u6 = _mm_unpacklo_epi32(t5, t7), u7 = _mm_unpackhi_epi32(t5, t7);
+    _mm256_storeu_ps(sc[0], _mm256_cvtph_ps(_mm_unpacklo_epi64(u0, u4)));
+    _mm256_storeu_ps(sc[1], _mm256_cvtph_ps(_mm_unpackhi_epi64(u0, u4)));
+    _mm256_storeu_ps(sc[2], _mm256_cvtph_ps(_mm_unpacklo_epi64(u1, u5)));
+    _mm256_storeu_ps(sc[3], _mm256_cvtph_ps(_mm_unpackhi_epi64(u1, u5)));
+    _mm256_storeu_ps(sc[4], _mm256_cvtph_ps(_mm_unpacklo_epi64(u2, u6)));
+    _mm256_storeu_ps(sc[5], _mm256_cvtph_ps(_mm_unpackhi_epi64(u2, u6)));
+    _mm256_storeu_ps(sc[6], _mm256_cvtph_ps(_mm_unpacklo_epi64(u3, u7)));
+    _mm256_storeu_ps(sc[7], _mm256_cvtph_ps(_mm_unpackhi_epi64(u3, u7)));
+}
+
+static inline __m256 scales_col8(const mmoe_fp16 *d, int G) {
+    __m128i h = _mm_setr_epi16((short)d[0], (short)d[(size_t)G], (short)d[2 * (size_t)G], (short)d[3 * (size_t)G],
+                               (short)d[4 * (size_t)G], (short)d[5 * (size_t)G], (short)d[6 * (size_t)G],
+                               (short)d[7 * (size_t)G]);
+    return _mm256_cvtph_ps(h);
+}
+
+/* 8 rows (row stride rowb bytes), two consecutive groups: integer sums w'.x per row, lane = row. */
+static inline void dot8_g2(const uint8_t *q, size_t rowb, const int8_t *x, __m256i *i0, __m256i *i1) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256i xa = _mm256_loadu_si256((const __m256i *)x), xb = _mm256_loadu_si256((const __m256i *)(x + 32));
+    __m256i xlo = _mm256_permute2x128_si256(xa, xb, 0x20); /* [g0 x0..15 | g1 x0..15] */
+    __m256i xhi = _mm256_permute2x128_si256(xa, xb, 0x31); /* [g0 x16..31 | g1 x16..31] */
+    __m256i p[8];
+    for (int i = 0; i < 8; i++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(q + (size_t)i * rowb)); /* nibbles of g0 | g1 */
+        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+        p[i] = _mm256_madd_epi16(s16, ones); /* lanes 0-3: g0 partial sums, 4-7: g1 */
+    }
+    __m256i t0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    __m256i t1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    /* t0 = [rows 0-3 of g0 | rows 0-3 of g1] */
+    *i0 = _mm256_permute2x128_si256(t0, t1, 0x20);
+    *i1 = _mm256_permute2x128_si256(t0, t1, 0x31);
+}
+
+static inline __m256i dot8_g1(const uint8_t *q, size_t rowb, const int8_t *x) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+    __m256i p[8];
+    for (int i = 0; i < 8; i++)
+        p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_group(q + (size_t)i * rowb, m4), xv), ones);
+    return reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+}
+
+static inline __m256 step(__m256 acc, __m256i isum_off, int32_t xoff, __m256 sc) {
+    __m256i isum = _mm256_sub_epi32(isum_off, _mm256_set1_epi32(xoff));
+    return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), sc));
+}
+
+static void gemv_avx2(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float *y, int r0, int r1) {
+    const int K = W->cols, G = K / 32;
+    const size_t rowb = (size_t)K / 2;
+    const int rend = r0 + (r1 - r0) / 8 * 8;
+    if (G == 0) { /* nothing to stream: the scalar path writes the zeros */
+        mmoe_gemv_scalar(W, xq, xs, y, r0, r1);
+        return;
+    }
+    for (int c0 = 0; c0 < G; c0 += XOFF_CHUNK) {
+        const int c1 = G - c0 < XOFF_CHUNK ? G : c0 + XOFF_CHUNK;
+        int32_t xoff[XOFF_CHUNK];
+        for (int g = c0; g < c1; g++) {
+            int32_t s = 0;
+            for (int i = 0; i < 32; i++) s += xq[32 * g + i];
+            xoff[g - c0] = 8 * s;
+        }
+        for (int r = r0; r < rend; r += 8) {
+            /* between chunks the running fp32 sums wait in y: a store/load is exact */
+            __m256 acc = c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + (r - r0));
+            const uint8_t *q = W->qs + (size_t)r * rowb;
+            const mmoe_fp16 *d = W->d + (size_t)r * (size_t)G;
+            int g = c0;
+            for (; g + 8 <= c1; g += 8) {
+                float sc[8][8];
+                load_scales_8x8(d + g, G, sc);
+                for (int j = 0; j < 8; j += 2) {
+                    __m256i a, b;
+                    dot8_g2(q + 16 * (size_t)(g + j), rowb, xq + 32 * (size_t)(g + j), &a, &b);
+                    acc = step(acc, a, xoff[g + j - c0], _mm256_loadu_ps(sc[j]));
+                    acc = step(acc, b, xoff[g + j + 1 - c0], _mm256_loadu_ps(sc[j + 1]));
+                }
+            }
+            for (; g < c1; g++) {
+                __m256i a = dot8_g1(q + 16 * (size_t)g, rowb, xq + 32 * (size_t)g);
+                acc = step(acc, a, xoff[g - c0], scales_col8(d + g, G));
+            }
+            _mm256_storeu_ps(y + (r - r0), acc);
+        }
+    }
+    const __m256 vxs = _mm256_set1_ps(xs);
+    for (int r = r0; r < rend; r += 8)
+        _mm256_storeu_ps(y + (r - r0), _mm256_mul_ps(_mm256_loadu_ps(y + (r - r0)), vxs));
+    if (rend < r1) mmoe_gemv_scalar(W, xq, xs, y + (rend - r0), rend, r1);
+}
+
+/* 4 rows x 4 tokens; Y points at (token 0, row 0) of the tile. */
+static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy) {
+    const int K = W->cols, G = K / 32;
+    const size_t rowb = (size_t)K / 2;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
+    const uint8_t *q = W->qs + (size_t)r * rowb;
+    const mmoe_fp16 *d = W->d + (size_t)r * (size_t)G;
+    __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps(); /* lanes: [tok0 rows0-3 | tok1 rows0-3] */
+    for (int g = 0; g < G; g++) {
+        __m256i w0 = unpack_group(q + 16 * (size_t)g, m4), w1 = unpack_group(q + rowb + 16 * (size_t)g, m4);
+        __m256i w2 = unpack_group(q + 2 * rowb + 16 * (size_t)g, m4);
+        __m256i w3 = unpack_group(q + 3 * rowb + 16 * (size_t)g, m4);
+        __m128i dh = _mm_setr_epi16((short)d[g], (short)d[G + g], (short)d[2 * (size_t)G + g],
+                                    (short)d[3 * (size_t)G + g], (short)d[g], (short)d[G + g],
+                                    (short)d[2 * (size_t)G + g], (short)d[3 * (size_t)G + g]);
+        __m256 sc = _mm256_cvtph_ps(dh);
+        __m256i s[4];
+        for (int m = 0; m < 4; m++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(X + (size_t)m * (size_t)K + 32 * (size_t)g));
+            __m256i c = _mm256_maddubs_epi16(eights, xv); /* removes the +8 of w' pairwise, exactly, in int16 */
+            __m256i p0 = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w0, xv), c), ones);
+            __m256i p1 = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w1, xv), c), ones);
+            __m256i p2 = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w2, xv), c), ones);
+            __m256i p3 = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w3, xv), c), ones);
+            s[m] = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+        }
+        __m256i v01 = _mm256_add_epi32(_mm256_permute2x128_si256(s[0], s[1], 0x20),
+                                       _mm256_permute2x128_si256(s[0], s[1], 0x31));
+        __m256i v23 = _mm256_add_epi32(_mm256_permute2x128_si256(s[2], s[3], 0x20),
+                                       _mm256_permute2x128_si256(s[2], s[3], 0x31));
+        acc01 = _mm256_add_ps(acc01, _mm256_mul_ps(_mm256_cvtepi32_ps(v01), sc));
+        acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(_mm256_cvtepi32_ps(v23), sc));
+    }
+    __m256 xs01 = _mm256_setr_ps(xs[0], xs[0], xs[0], xs[0], xs[1], xs[1], xs[1], xs[1]);
+    __m256 xs23 = _mm256_setr_ps(xs[2], xs[2], xs[2], xs[2], xs[3], xs[3], xs[3], xs[3]);
+    acc01 = _mm256_mul_ps(acc01, xs01);
+    acc23 = _mm256_mul_ps(acc23, xs23);
+    _mm_storeu_ps(Y, _mm256_castps256_ps128(acc01));
+    _mm_storeu_ps(Y + ldy, _mm256_extractf128_ps(acc01, 1));
+    _mm_storeu_ps(Y + 2 * (size_t)ldy, _mm256_castps256_ps128(acc23));
+    _mm_storeu_ps(Y + 3 * (size_t)ldy, _mm256_extractf128_ps(acc23, 1));
+}
+
+static void gemm_avx2(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
+                      int r1) {
+    const int K = W->cols;
+    const int mend = M / 4 * 4, rend = r0 + (r1 - r0) / 4 * 4;
+    /* row tiles outer: a 4-row weight tile (4 * K/2 bytes) stays in L1 while every token tile passes over it */
+    for (int r = r0; r < rend; r += 4)
+        for (int m = 0; m < mend; m += 4)
+            tile_4x4(W, r, Xq + (size_t)m * (size_t)K, xs + m, Y + (size_t)m * (size_t)ldy + (size_t)(r - r0), ldy);
+    for (int m = 0; m < M; m++) {
+        float *ym = Y + (size_t)m * (size_t)ldy;
+        const int8_t *xm = Xq + (size_t)m * (size_t)K;
+        if (m >= mend) gemv_avx2(W, xm, xs[m], ym, r0, r1);      /* leftover tokens: every row */
+        else if (rend < r1) gemv_avx2(W, xm, xs[m], ym + (rend - r0), rend, r1); /* leftover rows */
+    }
+}
+
+static const mmoe_kernel_set avx2_set = {"avx2", gemv_avx2, gemm_avx2};
+
+const mmoe_kernel_set *mmoe_kernels_avx2_set(void) { return &avx2_set; }
+
+#else
+typedef int mmoe_kernels_avx2_unused; /* not an x86-64 build: this file is empty */
+#endif

@@ -1,0 +1,87 @@
+/* aarch64 NEON with the dot-product extension (ARMv8.2+ dotprod, e.g. Cortex-A55/A76 and later): vdotq_s32
+ * does 16 int8 x int8 products into 4 int32 lanes per instruction. Built with +dotprod for this file only and
+ * handed out only when AT_HWCAP has HWCAP_ASIMDDP. Lane = row in the fp32 accumulators, as in the other sets. */
+#include "kernels_internal.h"
+
+#if defined(MMOE_ARM64)
+#include "kernels_arm.h"
+
+static inline int32x4_t dot_group(int8x16_t wl, int8x16_t wh, int8x16_t xl, int8x16_t xh) {
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), wl, xl), wh, xh);
+}
+
+static void gemv_dotprod_rows4(const mmoe_q4_matrix *W, const int8_t *x, float xs, float *y, int r) {
+    const int G = W->cols / 32;
+    const size_t rowb = (size_t)W->cols / 2;
+    const uint8_t *q = W->qs + (size_t)r * rowb;
+    const mmoe_fp16 *d = W->d + (size_t)r * (size_t)G;
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (int g = 0; g < G; g++) {
+        int8x16_t xl = vld1q_s8(x + 32 * g), xh = vld1q_s8(x + 32 * g + 16);
+        const uint8_t *qg = q + 16 * (size_t)g;
+        int8x16_t l0, h0, l1, h1, l2, h2, l3, h3;
+        mmoe_unpack_q4(qg, &l0, &h0);
+        mmoe_unpack_q4(qg + rowb, &l1, &h1);
+        mmoe_unpack_q4(qg + 2 * rowb, &l2, &h2);
+        mmoe_unpack_q4(qg + 3 * rowb, &l3, &h3);
+        int32x4_t isum = mmoe_reduce4(dot_group(l0, h0, xl, xh), dot_group(l1, h1, xl, xh),
+                                      dot_group(l2, h2, xl, xh), dot_group(l3, h3, xl, xh));
+        acc = mmoe_step4(acc, isum, mmoe_scales4(d + g, G));
+    }
+    vst1q_f32(y, vmulq_n_f32(acc, xs));
+}
+
+void mmoe_gemv_dotprod(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float *y, int r0, int r1) {
+    const int rend = r0 + (r1 - r0) / 4 * 4;
+    for (int r = r0; r < rend; r += 4) gemv_dotprod_rows4(W, xq, xs, y + (r - r0), r);
+    if (rend < r1) mmoe_gemv_scalar(W, xq, xs, y + (rend - r0), rend, r1);
+}
+
+/* 4 rows x 4 tokens: each unpacked weight group is used by four tokens */
+static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy) {
+    const int K = W->cols, G = K / 32;
+    const size_t rowb = (size_t)K / 2;
+    const uint8_t *q = W->qs + (size_t)r * rowb;
+    const mmoe_fp16 *d = W->d + (size_t)r * (size_t)G;
+    float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    for (int g = 0; g < G; g++) {
+        const uint8_t *qg = q + 16 * (size_t)g;
+        int8x16_t l0, h0, l1, h1, l2, h2, l3, h3;
+        mmoe_unpack_q4(qg, &l0, &h0);
+        mmoe_unpack_q4(qg + rowb, &l1, &h1);
+        mmoe_unpack_q4(qg + 2 * rowb, &l2, &h2);
+        mmoe_unpack_q4(qg + 3 * rowb, &l3, &h3);
+        float32x4_t sc = mmoe_scales4(d + g, G);
+        for (int m = 0; m < 4; m++) {
+            const int8_t *x = X + (size_t)m * (size_t)K + 32 * (size_t)g;
+            int8x16_t xl = vld1q_s8(x), xh = vld1q_s8(x + 16);
+            int32x4_t isum = mmoe_reduce4(dot_group(l0, h0, xl, xh), dot_group(l1, h1, xl, xh),
+                                          dot_group(l2, h2, xl, xh), dot_group(l3, h3, xl, xh));
+            acc[m] = mmoe_step4(acc[m], isum, sc);
+        }
+    }
+    for (int m = 0; m < 4; m++) vst1q_f32(Y + (size_t)m * (size_t)ldy, vmulq_n_f32(acc[m], xs[m]));
+}
+
+static void gemm_dotprod(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
+                         int r1) {
+    const int K = W->cols;
+    const int mend = M / 4 * 4, rend = r0 + (r1 - r0) / 4 * 4;
+    for (int r = r0; r < rend; r += 4)
+        for (int m = 0; m < mend; m += 4)
+            tile_4x4(W, r, Xq + (size_t)m * (size_t)K, xs + m, Y + (size_t)m * (size_t)ldy + (size_t)(r - r0), ldy);
+    for (int m = 0; m < M; m++) {
+        float *ym = Y + (size_t)m * (size_t)ldy;
+        const int8_t *xm = Xq + (size_t)m * (size_t)K;
+        if (m >= mend) mmoe_gemv_dotprod(W, xm, xs[m], ym, r0, r1);
+        else if (rend < r1) mmoe_gemv_dotprod(W, xm, xs[m], ym + (rend - r0), rend, r1);
+    }
+}
+
+static const mmoe_kernel_set dotprod_set = {"dotprod", mmoe_gemv_dotprod, gemm_dotprod};
+
+const mmoe_kernel_set *mmoe_kernels_dotprod_set(void) { return &dotprod_set; }
+
+#else
+typedef int mmoe_kernels_dotprod_unused; /* not an aarch64 build: this file is empty */
+#endif
