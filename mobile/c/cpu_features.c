@@ -48,8 +48,28 @@ static int x86_has_avx2(void) {
 }
 #endif
 
+/* A build may restrict the sets it hands out: -DMMOE_KERNELS_ONLY="scalar,neon,dotprod" (make KERNELS=...).
+ * scalar is always kept: it is the reference and the tail path of every SIMD set. */
+static int allowed(const char *name) {
+#ifdef MMOE_KERNELS_ONLY
+    const char *list = MMOE_KERNELS_ONLY;
+    size_t n = strlen(name);
+    if (strcmp(name, "scalar") == 0) return 1;
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0) return 1;
+        p += len + (e ? 1 : 0);
+    }
+    return 0;
+#else
+    (void)name;
+    return 1;
+#endif
+}
+
 static void add_set(const mmoe_kernel_set *k) {
-    if (k && g_nsets < MAX_SETS) {
+    if (k && g_nsets < MAX_SETS && allowed(k->name)) {
         g_sets[g_nsets] = k;
         g_names[g_nsets] = k->name;
         g_nsets++;

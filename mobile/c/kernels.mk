@@ -24,10 +24,12 @@ MMOE_KFLAGS_kernels_dotprod.c := -march=armv8.2-a+dotprod
 MMOE_KFLAGS_kernels_i8mm.c := -march=armv8.2-a+dotprod+i8mm
 endif
 
-# ---- standalone kernel test / benchmark ----
+# ---- standalone kernel test / benchmark (these targets never become the including Makefile's default goal) ----
+MMOE_KSAVED_GOAL := $(.DEFAULT_GOAL)
 KBUILD ?= $(MMOE_KDIR)/../build/kernels
 KCFLAGS ?= -std=c11 -O2 -Wall -Wextra -Werror -ffp-contract=off
-KLDLIBS := $(if $(KSTATIC),-static) -lm -pthread
+KLDFLAGS ?=
+KLDLIBS := $(if $(KSTATIC),-static) $(KLDFLAGS) -lm -pthread
 MMOE_KOBJS := $(addprefix $(KBUILD)/k_,$(MMOE_KERNEL_SRCS:.c=.o))
 
 .PHONY: kernel-test kernel-bench
@@ -48,3 +50,5 @@ $(KBUILD)/test_kernels: $(MMOE_KOBJS) $(KBUILD)/t_test_kernels.o
 
 $(KBUILD)/bench_kernels: $(MMOE_KOBJS) $(KBUILD)/t_bench_kernels.o
 	$(KCC) $^ -o $@ $(KLDLIBS)
+
+.DEFAULT_GOAL := $(MMOE_KSAVED_GOAL)
