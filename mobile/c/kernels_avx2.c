@@ -19,13 +19,12 @@ static inline __m256i unpack_group(const uint8_t *p, __m256i m4) {
     return _mm256_and_si256(both, m4);
 }
 
-/* Sum of 8 vectors of 8 int32 each into one vector: lane i = total of p[i]. */
-static inline __m256i reduce8(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5, __m256i p6,
-                              __m256i p7) {
-    __m256i t0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
-    __m256i t1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7));
-    /* t0 = [p0..p3 low-half sums | p0..p3 high-half sums], t1 likewise for p4..p7 */
-    return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
+/* Four rows' int16 pair-sum vectors -> int32 [row0..row3 of the low 128-bit half | row0..row3 of the high half].
+ * Two hadd_epi16 levels then one madd: callers guarantee every input lane is within +-7620, so the int16
+ * levels stay within +-30480 (no wrap-around) and the result is exact. */
+static inline __m256i reduce4_i16(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+    __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(s0, s1), _mm256_hadd_epi16(s2, s3));
+    return _mm256_madd_epi16(h, _mm256_set1_epi16(1));
 }
 
 /* Scales of 8 rows x 8 groups (fp16, row stride G) -> sc[j][i] = scale of row i, group j, as fp32. */
@@ -65,7 +64,7 @@ static inline __m256 scales_col8(const mmoe_fp16 *d, int G) {
 
 /* 8 rows (row stride rowb bytes), two consecutive groups: integer sums w'.x per row, lane = row. */
 static inline void dot8_g2(const uint8_t *q, size_t rowb, const int8_t *x, __m256i *i0, __m256i *i1) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256i xa = _mm256_loadu_si256((const __m256i *)x), xb = _mm256_loadu_si256((const __m256i *)(x + 32));
     __m256i xlo = _mm256_permute2x128_si256(xa, xb, 0x20); /* [g0 x0..15 | g1 x0..15] */
     __m256i xhi = _mm256_permute2x128_si256(xa, xb, 0x31); /* [g0 x16..31 | g1 x16..31] */
@@ -73,23 +72,24 @@ static inline void dot8_g2(const uint8_t *q, size_t rowb, const int8_t *x, __m25
     for (int i = 0; i < 8; i++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(q + (size_t)i * rowb)); /* nibbles of g0 | g1 */
         __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
-        p[i] = _mm256_madd_epi16(s16, ones); /* lanes 0-3: g0 partial sums, 4-7: g1 */
+        /* each int16 lane: 4 products w' * x, |.| <= 4 * 15 * 127 = 7620 */
+        p[i] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
     }
-    __m256i t0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    __m256i t1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-    /* t0 = [rows 0-3 of g0 | rows 0-3 of g1] */
+    __m256i t0 = reduce4_i16(p[0], p[1], p[2], p[3]); /* [rows 0-3 of g0 | rows 0-3 of g1] */
+    __m256i t1 = reduce4_i16(p[4], p[5], p[6], p[7]);
     *i0 = _mm256_permute2x128_si256(t0, t1, 0x20);
     *i1 = _mm256_permute2x128_si256(t0, t1, 0x31);
 }
 
 static inline __m256i dot8_g1(const uint8_t *q, size_t rowb, const int8_t *x) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256i xv = _mm256_loadu_si256((const __m256i *)x);
     __m256i p[8];
-    for (int i = 0; i < 8; i++)
-        p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_group(q + (size_t)i * rowb, m4), xv), ones);
-    return reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+    for (int i = 0; i < 8; i++) /* int16 lanes: 2 products, |.| <= 3810 */
+        p[i] = _mm256_maddubs_epi16(unpack_group(q + (size_t)i * rowb, m4), xv);
+    __m256i t0 = reduce4_i16(p[0], p[1], p[2], p[3]); /* [rows 0-3, elements 0-15 | rows 0-3, elements 16-31] */
+    __m256i t1 = reduce4_i16(p[4], p[5], p[6], p[7]);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
 }
 
 static inline __m256 step(__m256 acc, __m256i isum_off, int32_t xoff, __m256 sc) {
@@ -146,7 +146,7 @@ static void gemv_avx2(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float
 static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy) {
     const int K = W->cols, G = K / 32;
     const size_t rowb = (size_t)K / 2;
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), eights = _mm256_set1_epi8(8);
     const uint8_t *q = W->qs + (size_t)r * rowb;
     const mmoe_fp16 *d = W->d + (size_t)r * (size_t)G;
     __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps(); /* lanes: [tok0 rows0-3 | tok1 rows0-3] */
@@ -162,11 +162,12 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
         for (int m = 0; m < 4; m++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(X + (size_t)m * (size_t)K + 32 * (size_t)g));
             __m256i c = _mm256_maddubs_epi16(eights, xv); /* removes the +8 of w' pairwise, exactly, in int16 */
-            __m256i p0 = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w0, xv), c), ones);
-            __m256i p1 = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w1, xv), c), ones);
-            __m256i p2 = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w2, xv), c), ones);
-            __m256i p3 = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w3, xv), c), ones);
-            s[m] = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+            /* int16 lanes: 2 products (w' - 8) * x, |.| <= 2032 */
+            __m256i p0 = _mm256_sub_epi16(_mm256_maddubs_epi16(w0, xv), c);
+            __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(w1, xv), c);
+            __m256i p2 = _mm256_sub_epi16(_mm256_maddubs_epi16(w2, xv), c);
+            __m256i p3 = _mm256_sub_epi16(_mm256_maddubs_epi16(w3, xv), c);
+            s[m] = reduce4_i16(p0, p1, p2, p3); /* [rows 0-3, elements 0-15 | rows 0-3, elements 16-31] */
         }
         __m256i v01 = _mm256_add_epi32(_mm256_permute2x128_si256(s[0], s[1], 0x20),
                                        _mm256_permute2x128_si256(s[0], s[1], 0x31));
@@ -187,18 +188,7 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
 
 static void gemm_avx2(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
                       int r1) {
-    const int K = W->cols;
-    const int mend = M / 4 * 4, rend = r0 + (r1 - r0) / 4 * 4;
-    /* row tiles outer: a 4-row weight tile (4 * K/2 bytes) stays in L1 while every token tile passes over it */
-    for (int r = r0; r < rend; r += 4)
-        for (int m = 0; m < mend; m += 4)
-            tile_4x4(W, r, Xq + (size_t)m * (size_t)K, xs + m, Y + (size_t)m * (size_t)ldy + (size_t)(r - r0), ldy);
-    for (int m = 0; m < M; m++) {
-        float *ym = Y + (size_t)m * (size_t)ldy;
-        const int8_t *xm = Xq + (size_t)m * (size_t)K;
-        if (m >= mend) gemv_avx2(W, xm, xs[m], ym, r0, r1);      /* leftover tokens: every row */
-        else if (rend < r1) gemv_avx2(W, xm, xs[m], ym + (rend - r0), rend, r1); /* leftover rows */
-    }
+    mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, gemv_avx2);
 }
 
 static const mmoe_kernel_set avx2_set = {"avx2", gemv_avx2, gemm_avx2};

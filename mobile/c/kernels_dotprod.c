@@ -64,18 +64,8 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
 }
 
 static void gemm_dotprod(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
-                         int r1) {
-    const int K = W->cols;
-    const int mend = M / 4 * 4, rend = r0 + (r1 - r0) / 4 * 4;
-    for (int r = r0; r < rend; r += 4)
-        for (int m = 0; m < mend; m += 4)
-            tile_4x4(W, r, Xq + (size_t)m * (size_t)K, xs + m, Y + (size_t)m * (size_t)ldy + (size_t)(r - r0), ldy);
-    for (int m = 0; m < M; m++) {
-        float *ym = Y + (size_t)m * (size_t)ldy;
-        const int8_t *xm = Xq + (size_t)m * (size_t)K;
-        if (m >= mend) mmoe_gemv_dotprod(W, xm, xs[m], ym, r0, r1);
-        else if (rend < r1) mmoe_gemv_dotprod(W, xm, xs[m], ym + (rend - r0), rend, r1);
-    }
+                      int r1) {
+    mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, mmoe_gemv_dotprod);
 }
 
 static const mmoe_kernel_set dotprod_set = {"dotprod", mmoe_gemv_dotprod, gemm_dotprod};

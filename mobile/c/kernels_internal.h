@@ -9,6 +9,32 @@ void mmoe_gemv_scalar(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float
 void mmoe_gemm_scalar(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy,
                       int r0, int r1);
 
+/* The blocking every SIMD gemm shares, around a 4-row x 4-token tile kernel:
+ *   row blocks of ~128 KB of weights (stay in L2) > 4-token tiles (4 * K bytes of activations stay in L1) >
+ *   4-row tiles, so each weight byte comes from memory once per call and each output row is written in order.
+ * Rows and tokens that do not fill a tile go through the set's gemv (same arithmetic, hence same bits). */
+typedef void (*mmoe_tile4x4_fn)(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy);
+
+static inline void mmoe_gemm_tiled(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y,
+                                   int ldy, int r0, int r1, mmoe_tile4x4_fn tile, mmoe_gemv_fn gemv) {
+    const int K = W->cols;
+    const int mend = M / 4 * 4, rend = r0 + (r1 - r0) / 4 * 4;
+    int rb = K > 0 ? (int)((128u * 1024u) / ((unsigned)K / 2u)) / 4 * 4 : 4;
+    if (rb < 4) rb = 4;
+    for (int b0 = r0; b0 < rend; b0 += rb) {
+        const int b1 = rend - b0 < rb ? rend : b0 + rb;
+        for (int m = 0; m < mend; m += 4)
+            for (int r = b0; r < b1; r += 4)
+                tile(W, r, Xq + (size_t)m * (size_t)K, xs + m, Y + (size_t)m * (size_t)ldy + (size_t)(r - r0), ldy);
+    }
+    for (int m = 0; m < M; m++) {
+        float *ym = Y + (size_t)m * (size_t)ldy;
+        const int8_t *xm = Xq + (size_t)m * (size_t)K;
+        if (m >= mend) gemv(W, xm, xs[m], ym, r0, r1);                        /* leftover tokens: every row */
+        else if (rend < r1) gemv(W, xm, xs[m], ym + (rend - r0), rend, r1);    /* leftover rows */
+    }
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define MMOE_X86 1
 const mmoe_kernel_set *mmoe_kernels_avx2_set(void);
