@@ -1,0 +1,375 @@
+"""Hugging Face interop: MobileMoE <-> a transformers `Qwen2MoeForCausalLM` checkpoint.
+
+    python -m model.hf export <model_dir> <hf_dir>     # model/io.py directory -> Qwen2-MoE checkpoint
+    python -m model.hf import <hf_dir> <model_dir>     # Qwen2-MoE checkpoint -> model/io.py directory
+
+The mapping is exact (fp32 logits agree to float rounding; tests/test_hf.py checks <= 1e-4):
+  tok_emb / norm / lm_head      -> model.embed_tokens / model.norm / lm_head (omitted when tied)
+  attn.{wq,wk,wv,wo}            -> self_attn.{q,k,v,o}_proj; q/k/v get zero biases (Qwen2 has them)
+  moe.router                    -> mlp.gate (softmax + top-k + optional renormalisation, as ours)
+  moe.w_gate_up (E, 2F, D)      -> mlp.experts.N.{gate_proj = rows [0,F), up_proj = rows [F,2F)}
+  moe.w_down (E, D, F)          -> mlp.experts.N.down_proj
+  moe.shared (all shared experts, already fused into one SwiGLU of width n_shared * shared_ffn_dim)
+                                -> mlp.shared_expert; Qwen2-MoE multiplies it by sigmoid(shared_expert_gate(x)),
+                                   so the gate is written as zeros (sigmoid(0) = 0.5) and down_proj as 2x ours
+                                   (x2 and /2 are exact in floating point, so the round trip is bit-exact).
+                                   No shared expert -> shared_expert_intermediate_size 0.
+  dense_layers / ffn            -> mlp_only_layers / mlp.{gate,up,down}_proj (intermediate_size = ffn_dim)
+On disk the experts use the per-expert key layout of hub checkpoints (what `save_pretrained` writes);
+`import_hf` also reads the fused in-memory layout (`mlp.experts.gate_up_proj` / `down_proj`) and sharded
+checkpoints (model.safetensors.index.json).
+
+What Qwen2-MoE cannot express makes export fail with a ValueError naming the feature: a sigmoid router,
+a non-zero auxiliary-loss-free selection bias, QAT fake quantization. Import refuses checkpoints whose
+forward we cannot reproduce (token-dependent shared_expert_gate, non-zero q/k/v biases, sliding-window
+attention, RoPE scaling, an activation other than SiLU).
+
+config.json also carries our full ModelConfig under the key "mobilemoe" (transformers keeps unknown keys),
+so training-only fields (loss weights, seed, backend, how the shared width splits into experts) survive a
+round trip; the architecture fields are always taken from, and checked against, the Qwen2-MoE fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.model import MobileMoE
+
+ARCH = "Qwen2MoeForCausalLM"
+META_KEY = "mobilemoe"
+# ModelConfig fields that define the forward pass: on import they come from the Qwen2-MoE fields and the
+# "mobilemoe" metadata must agree with them.
+_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "rope_theta", "norm_eps",
+                "tie_embeddings", "n_experts", "top_k", "expert_ffn_dim", "dense_layers", "router_score",
+                "norm_topk_prob", "max_seq_len")
+
+
+def _unsupported(feature: str, why: str) -> ValueError:
+    return ValueError(f"Qwen2-MoE cannot express {feature}: {why}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# export
+def check_exportable(model: MobileMoE) -> None:
+    """Raise ValueError naming the first feature of `model` that a Qwen2-MoE checkpoint cannot express."""
+    cfg = model.cfg
+    if getattr(model, "qat", False):
+        raise _unsupported("QAT fake quantization", "transformers would run the float weights without the INT4/int8 "
+                           "rounding; call model.set_qat(False) to export the float (latent) weights")
+    if cfg.is_moe and cfg.router_score != "softmax":
+        raise _unsupported(f"router_score={cfg.router_score!r}", "its router is softmax only")
+    if cfg.is_moe and cfg.router_bias_coeff > 0:
+        for i, layer in enumerate(model.layers):
+            if layer.is_moe and bool(layer.moe.expert_bias.ne(0).any()):
+                raise _unsupported("the auxiliary-loss-free expert_bias",
+                                   f"layer {i} has a non-zero selection bias and its router has no bias")
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """The Qwen2MoeConfig fields (as config.json holds them) for a ModelConfig."""
+    n_exp = cfg.n_experts
+    return dict(
+        architectures=[ARCH], model_type="qwen2_moe", dtype="float32",
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        hidden_act="silu", max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
+        use_sliding_window=False, sliding_window=None, attention_dropout=0.0, qkv_bias=True,
+        intermediate_size=cfg.ffn_dim,
+        num_experts=n_exp, num_experts_per_tok=cfg.top_k if n_exp else 1,
+        moe_intermediate_size=cfg.expert_ffn_dim if n_exp else 0,
+        shared_expert_intermediate_size=cfg.n_shared_experts * cfg.shared_ffn_dim if n_exp else 0,
+        norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+        # a dense model (no experts) has every layer dense; Qwen2-MoE builds an MLP when num_experts == 0
+        mlp_only_layers=sorted(cfg.dense_layers) if n_exp else list(range(cfg.n_layers)),
+        router_aux_loss_coef=cfg.lb_loss_weight, output_router_logits=False, use_cache=True,
+        layer_types=["full_attention"] * cfg.n_layers,
+    )
+
+
+def hf_state_dict(model: MobileMoE) -> dict[str, torch.Tensor]:
+    """Our weights under Qwen2-MoE's on-disk names (per-expert layout), fp32, contiguous, on CPU."""
+    cfg = model.cfg
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": t(model.tok_emb.weight),
+                                   "model.norm.weight": t(model.norm.weight)}
+    if model.lm_head is not None:
+        sd["lm_head.weight"] = t(model.lm_head.weight)
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = t(layer.attn_norm.weight)
+        sd[p + "post_attention_layernorm.weight"] = t(layer.ffn_norm.weight)
+        for ours, theirs in (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")):
+            w = getattr(layer.attn, ours).weight
+            sd[p + f"self_attn.{theirs}_proj.weight"] = t(w)
+            if theirs != "o":
+                sd[p + f"self_attn.{theirs}_proj.bias"] = torch.zeros(w.shape[0])
+        if not layer.is_moe:
+            _put_swiglu(sd, p + "mlp.", layer.ffn, t, down_scale=1.0)
+            continue
+        moe = layer.moe
+        sd[p + "mlp.gate.weight"] = t(moe.router.weight)
+        Fe = cfg.expert_ffn_dim
+        for e in range(cfg.n_experts):
+            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = t(moe.w_gate_up[e, :Fe])
+            sd[p + f"mlp.experts.{e}.up_proj.weight"] = t(moe.w_gate_up[e, Fe:])
+            sd[p + f"mlp.experts.{e}.down_proj.weight"] = t(moe.w_down[e])
+        # zero gate -> sigmoid(0) = 0.5 for every token; the doubled down-projection cancels it exactly
+        sd[p + "mlp.shared_expert_gate.weight"] = torch.zeros(1, cfg.d_model)
+        if moe.shared is not None:
+            _put_swiglu(sd, p + "mlp.shared_expert.", moe.shared, t, down_scale=2.0)
+        else:  # a zero-width shared expert contributes exactly 0
+            sd[p + "mlp.shared_expert.gate_proj.weight"] = torch.zeros(0, cfg.d_model)
+            sd[p + "mlp.shared_expert.up_proj.weight"] = torch.zeros(0, cfg.d_model)
+            sd[p + "mlp.shared_expert.down_proj.weight"] = torch.zeros(cfg.d_model, 0)
+    return sd
+
+
+def _put_swiglu(sd: dict, prefix: str, mlp, t, down_scale: float) -> None:
+    gate, up = t(mlp.w_gate_up.weight).chunk(2, dim=0)
+    sd[prefix + "gate_proj.weight"] = gate.contiguous()
+    sd[prefix + "up_proj.weight"] = up.contiguous()
+    sd[prefix + "down_proj.weight"] = t(mlp.w_down.weight) * down_scale
+
+
+class _AtomicDir:
+    """Write into a temporary sibling folder; rename it over `out` only when everything is on disk."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        for f in self.tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        return False
+
+
+def export_hf(model: MobileMoE, out_dir: str | os.PathLike, tokenizer_json: str | os.PathLike | None = None) -> Path:
+    """Write `model` as a transformers Qwen2MoeForCausalLM checkpoint (config.json + model.safetensors
+    [+ tokenizer.json]). Atomic. Raises ValueError naming any feature Qwen2-MoE cannot express."""
+    check_exportable(model)
+    conf = hf_config_dict(model.cfg)
+    conf[META_KEY] = model.cfg.to_dict()
+    state = hf_state_dict(model)
+    with _AtomicDir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_json is not None:
+            shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+    return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------------
+# import
+def _read_hf_state(p: Path) -> dict[str, torch.Tensor]:
+    index = p / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for f in files:
+                state.update(load_file(str(p / f)))
+            return state
+        if (p / "model.safetensors").is_file():
+            return load_file(str(p / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001  (safetensors raises several types on corrupt files)
+        raise ValueError(f"{p}: unreadable safetensors ({e})") from e
+    raise FileNotFoundError(f"{p}: no model.safetensors or model.safetensors.index.json")
+
+
+def config_from_hf(hf: dict, meta: dict | None = None) -> ModelConfig:
+    """A ModelConfig from a Qwen2-MoE config.json dict (+ our "mobilemoe" metadata when present)."""
+    if hf.get("model_type") != "qwen2_moe":
+        raise ValueError(f"config.json: model_type is {hf.get('model_type')!r}, expected 'qwen2_moe'")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (MobileMoE uses SiLU)")
+    if hf.get("use_sliding_window", False):
+        raise ValueError("config.json: use_sliding_window=true is not supported (MobileMoE uses full attention)")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"config.json: rope_type={rope.get('rope_type', rope.get('type'))!r} is not supported "
+                         "(MobileMoE uses plain RoPE)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    L, D, H = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]
+    n_exp = int(hf.get("num_experts", 0) or 0)
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    dense = sorted({i for i in range(L) if n_exp == 0 or i in (hf.get("mlp_only_layers") or []) or (i + 1) % step})
+    shared = int(hf.get("shared_expert_intermediate_size", 0) or 0) if n_exp else 0
+    d = dict(
+        vocab_size=hf["vocab_size"], d_model=D, n_layers=L, n_heads=H,
+        n_kv_heads=hf.get("num_key_value_heads") or H, head_dim=hf.get("head_dim") or D // H,
+        rope_theta=float(theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        ffn_dim=int(hf.get("intermediate_size", 0)) if dense else 0,
+        n_experts=n_exp if len(dense) < L else 0, top_k=int(hf.get("num_experts_per_tok", 0)) if len(dense) < L else 0,
+        expert_ffn_dim=int(hf.get("moe_intermediate_size", 0)) if len(dense) < L else 0,
+        n_shared_experts=1 if shared else 0, shared_ffn_dim=shared,
+        dense_layers=tuple(dense) if len(dense) < L else (), router_score="softmax",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)), init_std=float(hf.get("initializer_range", 0.02)),
+    )
+    if meta:
+        m = ModelConfig.from_dict(meta).to_dict()
+        m["dense_layers"] = tuple(m["dense_layers"])
+        for f in _ARCH_FIELDS:
+            if d["n_experts"] == 0 and f in ("top_k", "expert_ffn_dim", "norm_topk_prob", "dense_layers"):
+                continue  # meaningless for a dense model
+            if m[f] != d[f]:
+                raise ValueError(f"config.json: '{META_KEY}.{f}'={m[f]!r} disagrees with the Qwen2-MoE fields ({d[f]!r})")
+        if d["n_experts"] and m["n_shared_experts"] * m["shared_ffn_dim"] != shared:
+            raise ValueError(f"config.json: '{META_KEY}' shared experts {m['n_shared_experts']}x{m['shared_ffn_dim']} "
+                             f"disagree with shared_expert_intermediate_size={shared}")
+        d = m  # metadata agrees on the architecture and adds the training-only fields
+    return ModelConfig(**d)
+
+
+def import_hf(hf_dir: str | os.PathLike, device: str | torch.device = "cpu") -> MobileMoE:
+    """Read a Qwen2-MoE checkpoint (ours or any with an expressible forward) into a MobileMoE in eval mode."""
+    p = Path(hf_dir)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: no config.json")
+    try:
+        hf = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p / 'config.json'}: malformed ({e})") from e
+    try:
+        cfg = config_from_hf(hf, hf.get(META_KEY))
+    except KeyError as e:
+        raise ValueError(f"{p / 'config.json'}: missing field {e}") from e
+    sd = _read_hf_state(p)
+    used: set[str] = set()
+
+    def get(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in sd:
+            raise ValueError(f"{p}: missing tensor {key}")
+        used.add(key)
+        x = sd[key]
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{p}: tensor {key} has shape {tuple(x.shape)}, config implies {shape}")
+        return x.float()
+
+    D, hd, Fe, E = cfg.d_model, cfg.head_dim, cfg.expert_ffn_dim, cfg.n_experts
+    Fs = cfg.n_shared_experts * cfg.shared_ffn_dim
+    ours: dict[str, torch.Tensor] = {"tok_emb.weight": get("model.embed_tokens.weight", (cfg.vocab_size, D)),
+                                     "norm.weight": get("model.norm.weight", (D,))}
+    if not cfg.tie_embeddings:
+        ours["lm_head.weight"] = get("lm_head.weight", (cfg.vocab_size, D))
+    else:
+        used.add("lm_head.weight")  # some writers store the tied copy; it is the embedding
+    for i in range(cfg.n_layers):
+        p_hf, p_us = f"model.layers.{i}.", f"layers.{i}."
+        ours[p_us + "attn_norm.weight"] = get(p_hf + "input_layernorm.weight", (D,))
+        ours[p_us + "ffn_norm.weight"] = get(p_hf + "post_attention_layernorm.weight", (D,))
+        for us, th, rows in (("wq", "q", cfg.n_heads * hd), ("wk", "k", cfg.n_kv_heads * hd),
+                             ("wv", "v", cfg.n_kv_heads * hd)):
+            ours[p_us + f"attn.{us}.weight"] = get(p_hf + f"self_attn.{th}_proj.weight", (rows, D))
+            bias_key = p_hf + f"self_attn.{th}_proj.bias"
+            if bias_key in sd:
+                if bool(get(bias_key, (rows,)).ne(0).any()):
+                    raise ValueError(f"{p}: {bias_key} is non-zero; MobileMoE attention has no q/k/v biases")
+        ours[p_us + "attn.wo.weight"] = get(p_hf + "self_attn.o_proj.weight", (D, cfg.n_heads * hd))
+        if not cfg.layer_is_moe(i):
+            ours[p_us + "ffn.w_gate_up.weight"] = torch.cat(
+                [get(p_hf + "mlp.gate_proj.weight", (cfg.ffn_dim, D)), get(p_hf + "mlp.up_proj.weight", (cfg.ffn_dim, D))])
+            ours[p_us + "ffn.w_down.weight"] = get(p_hf + "mlp.down_proj.weight", (D, cfg.ffn_dim))
+            continue
+        m = p_us + "moe."
+        ours[m + "router.weight"] = get(p_hf + "mlp.gate.weight", (E, D))
+        if p_hf + "mlp.experts.gate_up_proj" in sd:  # fused in-memory layout
+            ours[m + "w_gate_up"] = get(p_hf + "mlp.experts.gate_up_proj", (E, 2 * Fe, D))
+            ours[m + "w_down"] = get(p_hf + "mlp.experts.down_proj", (E, D, Fe))
+        else:
+            ex = p_hf + "mlp.experts."
+            ours[m + "w_gate_up"] = torch.stack([torch.cat([get(ex + f"{e}.gate_proj.weight", (Fe, D)),
+                                                            get(ex + f"{e}.up_proj.weight", (Fe, D))]) for e in range(E)])
+            ours[m + "w_down"] = torch.stack([get(ex + f"{e}.down_proj.weight", (D, Fe)) for e in range(E)])
+        gate_key = p_hf + "mlp.shared_expert_gate.weight"
+        if gate_key in sd and bool(get(gate_key, (1, D)).ne(0).any()):
+            raise ValueError(f"{p}: {gate_key} is non-zero (a token-dependent shared-expert gate); MobileMoE's "
+                             "shared experts are always on")
+        sh = p_hf + "mlp.shared_expert."
+        if Fs:
+            ours[m + "shared.w_gate_up.weight"] = torch.cat([get(sh + "gate_proj.weight", (Fs, D)),
+                                                             get(sh + "up_proj.weight", (Fs, D))])
+            # undo the x2 that cancels sigmoid(0) = 0.5 (exact: a power of two)
+            ours[m + "shared.w_down.weight"] = get(sh + "down_proj.weight", (D, Fs)) / 2
+        else:
+            used.update(sh + n for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+        ours[m + "expert_bias"] = torch.zeros(E)
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise ValueError(f"{p}: unexpected tensors {unexpected[:3]} (not a Qwen2-MoE layout MobileMoE can express)")
+    with torch.device("meta"):
+        model = MobileMoE(cfg)
+    model = model.to_empty(device=device)
+    missing, extra = model.load_state_dict(ours, strict=False)
+    missing = [k for k in missing if not k.endswith("load_accum")]
+    if missing or extra:  # a bug here, not bad input: every tensor was shape-checked above
+        raise RuntimeError(f"import_hf: state mismatch (missing {missing[:3]}, unexpected {extra[:3]})")
+    for mod in model.modules():
+        if hasattr(mod, "load_accum"):
+            mod.load_accum.zero_()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model.hf", description="MobileMoE <-> Qwen2-MoE (transformers)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="model directory (model/io.py) -> Qwen2-MoE checkpoint")
+    e.add_argument("model_dir")
+    e.add_argument("hf_dir")
+    i = sub.add_parser("import", help="Qwen2-MoE checkpoint -> model directory (model/io.py)")
+    i.add_argument("hf_dir")
+    i.add_argument("model_dir")
+    a = ap.parse_args(argv)
+    from model.io import load_model_dir, save_model_dir, tokenizer_path  # noqa: PLC0415
+
+    try:
+        if a.cmd == "export":
+            model, _ = load_model_dir(a.model_dir)
+            model.set_qat(False)  # the float (latent) weights; the INT4 phone format is mobile/'s job
+            out = export_hf(model, a.hf_dir, tokenizer_path(a.model_dir))
+        else:
+            model = import_hf(a.hf_dir)
+            tok = Path(a.hf_dir) / "tokenizer.json"
+            out = save_model_dir(model, a.model_dir, tok if tok.is_file() else None)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
