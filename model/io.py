@@ -77,7 +77,11 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
     with torch.device("meta"):
         model = MobileMoE(cfg)
     model = model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
+    except RuntimeError as e:  # size mismatches raise even with strict=False
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ValueError(f"{p}: weights do not match the config ({first})") from e
     missing = [k for k in missing if not k.endswith("load_accum")]
     if missing or unexpected:
         raise ValueError(f"{p}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
