@@ -293,7 +293,8 @@ static void test_set_gemm(const mmoe_kernel_set *k, const owned_matrix *m, const
 
 static void test_matrices(const mmoe_kernel_set *const *sets, int nsets, int quick) {
     static const int shapes[][2] = {{1, 32},  {3, 64},   {8, 32},   {9, 96},  {16, 160}, {17, 256},
-                                    {33, 512}, {40, 288}, {64, 1024}, {12, 8480}, {7, 32 * 9}};
+                                    {33, 512}, {40, 288}, {64, 1024}, {12, 8480}, {7, 32 * 9},
+                                    {36, 8192} /* > one 128 KB row block of the gemm driver */};
     int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
     for (int si = 0; si < nshapes; si++) {
         int rows = shapes[si][0], K = shapes[si][1];
