@@ -8,6 +8,9 @@
 #include "kernels_internal.h"
 
 #if defined(MMOE_X86)
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "kernels_avx2.c needs -mavx2 -mfma -mf16c (MMOE_KFLAGS in kernels.mk)"
+#endif
 #include <immintrin.h>
 
 #define XOFF_CHUNK 256 /* groups whose activation sums are precomputed at a time (K up to 8192 in one chunk) */

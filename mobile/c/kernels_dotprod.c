@@ -4,6 +4,9 @@
 #include "kernels_internal.h"
 
 #if defined(MMOE_ARM64)
+#if !defined(__ARM_FEATURE_DOTPROD)
+#error "kernels_dotprod.c needs -march=armv8.2-a+dotprod (MMOE_KFLAGS in kernels.mk)"
+#endif
 #include "kernels_arm.h"
 
 static inline int32x4_t dot_group(int8x16_t wl, int8x16_t wh, int8x16_t xl, int8x16_t xh) {

@@ -5,6 +5,9 @@
 #include "kernels_internal.h"
 
 #if defined(MMOE_ARM64)
+#if !defined(__ARM_FEATURE_MATMUL_INT8) || !defined(__ARM_FEATURE_DOTPROD)
+#error "kernels_i8mm.c needs -march=armv8.2-a+dotprod+i8mm (MMOE_KFLAGS in kernels.mk)"
+#endif
 #include "kernels_arm.h"
 
 /* rows of 8 bytes: [a0..a7 | b0..b7] from the low or high halves of two 16-byte vectors */

@@ -65,6 +65,28 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < (size_t)M * (size_t)K; i++) X[i] = (int8_t)(rnd() % 255 - 127);
     for (int m = 0; m < M; m++) xs[m] = 0.01f;
 
+    /* reference: plain summing read of the same ring (what the memory system gives one thread) */
+    double best_read = 1e9;
+    volatile uint64_t sink = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        for (int i = 0; i < nring; i++) {
+            const uint64_t *p = (const uint64_t *)ring[i].qs;
+            size_t n = (size_t)rows * (size_t)K / 16;
+            double t0 = now();
+            uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0; /* 4 chains: bound by loads, not by add latency */
+            for (size_t j = 0; j + 4 <= n; j += 4) {
+                a0 += p[j];
+                a1 += p[j + 1];
+                a2 += p[j + 2];
+                a3 += p[j + 3];
+            }
+            uint64_t acc = a0 + a1 + a2 + a3;
+            double dt = now() - t0;
+            sink += acc;
+            best_read = dt < best_read ? dt : best_read;
+        }
+    }
+    printf("plain read of one ring matrix's nibbles: %.1f GB/s\n", (double)rows * K / 2 / best_read / 1e9);
     printf("matrix %d x %d (%.2f MB with scales), ring of %d (%.0f MB), gemm M=%d, 1 thread\n", rows, K, mbytes / 1e6,
            nring, nring * mbytes / 1e6, M);
     printf("| set | gemv GB/s (cached) | gemv GB/s (ring, from DRAM) | gemm GOP/s (M=%d) |\n|---|---|---|---|\n", M);
