@@ -1,0 +1,394 @@
+"""The training loop: one stage = AdamW + an LR schedule over a deterministic batch stream, with gradient
+accumulation, CE + weighted load-balance + z-loss, held-out evaluation, atomic resumable checkpoints,
+NaN/inf stop, wandb / jsonl logging, and FSDP2 when launched under torchrun.
+
+Determinism: the global batch of step s is a pure function of (seed, s) (train/batches.py), so the data
+position is the step; with fixed threads and deterministic algorithms on CPU a run killed and resumed from a
+checkpoint repeats the uninterrupted run's per-step losses exactly.
+
+Distributed: every rank builds the same global batch and takes its contiguous slice of rows. The loss each
+rank back-propagates is normalised by the GLOBAL number of loss tokens (times world size, because FSDP2
+averages gradients over ranks), so N ranks with the same global batch and micro-batch give the 1-rank
+gradients up to float summation order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.config import flops_per_token
+from train import ckpt as ck
+from train.batches import Batcher, LMSource, eval_windows
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class StageConfig:
+    name: str = "pretrain"
+    kind: str = "pretrain"  # pretrain | midtrain | sft | qat
+    tokens: int = 1_000_000  # training tokens (global batch x seq_len x steps)
+    seq_len: int = 128
+    global_batch: int = 32  # sequences per optimizer step (all ranks, all micro-batches)
+    micro_batch: int = 16  # sequences per forward on one rank
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    schedule: str = "wsd"  # wsd (warmup-stable-decay) | cosine | constant | linear (warmup, then linear to min_lr)
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2  # wsd: the final fraction of steps decays linearly to min_lr
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    lb_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    qat: bool = False
+    eval_every: int = 0  # 0: only at the end
+    ckpt_every: int = 50
+    log_every: int = 10
+    data: list = field(default_factory=list)  # mixture: [{"source":..., "weight":...}, ...]
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        for f in ("tokens", "seq_len", "global_batch", "micro_batch"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"stage {self.name}: {f} must be > 0")
+        if self.schedule not in ("wsd", "cosine", "constant", "linear"):
+            raise ValueError(f"stage {self.name}: unknown schedule {self.schedule!r} (wsd|cosine|constant|linear)")
+        if self.kind not in ("pretrain", "midtrain", "sft", "qat"):
+            raise ValueError(f"stage {self.name}: unknown kind {self.kind!r} (pretrain|midtrain|sft|qat)")
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.global_batch * self.seq_len))
+
+
+def lr_at(step: int, cfg: StageConfig) -> float:
+    """LR for optimizer step `step` (0-based) of cfg.steps."""
+    n = cfg.steps
+    warm = int(round(cfg.warmup_frac * n))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        dec = max(1, int(round(cfg.decay_frac * n)))
+        start = n - dec
+        if step < start:
+            return cfg.lr
+        frac = (step - start + 1) / dec
+        return cfg.lr + (cfg.min_lr - cfg.lr) * frac
+    frac = (step - warm + 1) / max(1, n - warm)
+    if cfg.schedule == "linear":
+        return cfg.lr + (cfg.min_lr - cfg.lr) * frac
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))  # cosine
+
+
+# ------------------------------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def make_optimizer(model, cfg: StageConfig) -> torch.optim.Optimizer:
+    # decay matrices (2-D+), not norm gains; the expert tensors (3-D) are matrices too
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=other, weight_decay=0.0)],
+                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)  # fp32 on CPU
+
+
+def _model_cfg(model):
+    return getattr(model, "cfg", None) or model.module.cfg
+
+
+def forward_loss(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of masked CE over targets, number of loss tokens) for one micro-batch."""
+    inp, tgt = ids_BT1[:, :-1].to(device), ids_BT1[:, 1:].to(device)
+    with _autocast(device):
+        logits = model(inp)
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+    m = mask_BT.to(device).reshape(-1).float()
+    return (ce * m).sum(), m.sum()
+
+
+@torch.no_grad()
+def evaluate(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, micro_batch: int, device) -> float:
+    """Mean masked CE (nats/token) over the given rows. Every rank evaluates all rows (FSDP needs all ranks)."""
+    was = model.training
+    model.eval()
+    tot, n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for i in range(0, ids_BT1.shape[0], micro_batch):
+        s, c = forward_loss(model, ids_BT1[i:i + micro_batch], mask_BT[i:i + micro_batch], device)
+        tot += s.double().cpu()
+        n += c.double().cpu()
+    model.train(was)
+    return float(tot / n.clamp_min(1))
+
+
+def unigram_entropy(ids_BT1: torch.Tensor, mask_BT: torch.Tensor, vocab: int) -> float:
+    """Entropy (nats) of the empirical unigram distribution of the held-out target tokens themselves."""
+    tgt = ids_BT1[:, 1:][mask_BT.bool()]
+    c = torch.bincount(tgt.reshape(-1), minlength=vocab).double()
+    p = c[c > 0] / c.sum()
+    return float(-(p * p.log()).sum())
+
+
+def peak_flops(device: torch.device) -> float:
+    """Nominal peak for the MFU estimate: bf16 dense tensor-core peak on known GPUs; on CPU, cores x 3 GHz x
+    32 fp32 FLOPs/cycle (2 AVX2 FMA units). An estimate for trends, not a benchmark."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for k, v in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+            if k in name:
+                return v
+        return 100e12
+    return (os.cpu_count() or 1) * 3e9 * 32
+
+
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    tokens: int
+    seconds: float
+    train_loss: float
+    heldout_loss: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _full_state(model, optim):
+    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optim, options=opts)
+
+
+def _load_full_state(model, optim, model_state, optim_state):
+    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    model_state = {k: v for k, v in model_state.items()}
+    set_model_state_dict(model, model_state, options=opts)
+    set_optimizer_state_dict(model, optim, optim_state, options=opts)
+
+
+def train_stage(model, cfg: StageConfig, batcher: Batcher, *, stage_dir: str | os.PathLike | None = None,
+                eval_fn=None, tracker=None, resume: str | os.PathLike | None = "auto", fingerprint: str = "",
+                tokenizer_json=None, progress: bool = True, device: torch.device | str = "cpu",
+                seed: int = 0, max_steps: int | None = None) -> StageResult:
+    """Train `model` (already wrapped / QAT-switched by the caller) for cfg.steps optimizer steps.
+
+    stage_dir: checkpoints + log.jsonl go here (None: no checkpoints, no log file).
+    resume: "auto" = latest checkpoint in stage_dir if any; a path = that checkpoint; None = start fresh.
+    eval_fn(model) -> dict of held-out metrics ("heldout_loss" first), called every cfg.eval_every and at the end.
+    max_steps: stop early after this many steps of this process (tests use it to simulate a crash point).
+    """
+    device = torch.device(device)
+    rank, world = dist_info()
+    mcfg = _model_cfg(model)
+    mcfg.lb_loss_weight, mcfg.z_loss_weight = cfg.lb_loss_weight, cfg.z_loss_weight
+    if cfg.global_batch % (cfg.micro_batch * world) != 0:
+        raise ValueError(f"stage {cfg.name}: global_batch {cfg.global_batch} is not a multiple of "
+                         f"micro_batch {cfg.micro_batch} x world size {world}")
+    n_micro_global = cfg.global_batch // cfg.micro_batch
+    rows_per_rank = cfg.global_batch // world
+    optim = make_optimizer(model, cfg)
+    start = 0
+    sdir = Path(stage_dir) if stage_dir is not None else None
+    log_path = sdir / "log.jsonl" if sdir is not None else None
+    path = None
+    if resume == "auto" and sdir is not None:
+        path = ck.latest_checkpoint(sdir)
+    elif resume not in (None, "auto"):
+        path = Path(resume)
+    if path is not None:
+        ms, payload, st = ck.load_checkpoint(path, fingerprint or None)
+        _load_full_state(model, optim, ms, payload["optim"])
+        ck.set_rng_state(payload["rng"])
+        start = int(st["step"])
+        if rank == 0:
+            print(f"[{cfg.name}] resumed from {path} at step {start}", file=sys.stderr)
+    if log_path is not None and rank == 0:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if log_path.exists() and start > 0:  # drop records of steps after the checkpoint (they will be redone)
+            kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < start]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    steps = cfg.steps
+    tok_per_step = cfg.global_batch * cfg.seq_len
+    ftok = 3 * flops_per_token(mcfg, cfg.seq_len)  # fwd + bwd
+    peak = peak_flops(device) * world
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=steps, initial=start, desc=f"{cfg.name:>9}", unit="step", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0)
+    model.train()
+    t0 = time.time()
+    last_good = path
+    done_here = 0
+    recent: list[float] = []
+    for step in range(start, steps):
+        if max_steps is not None and done_here >= max_steps:
+            break
+        ts = time.time()
+        lr = lr_at(step, cfg)
+        for g in optim.param_groups:
+            g["lr"] = lr
+        ids_all, mask_all = batcher.get(step)  # the global batch; this rank takes its rows
+        n_tok_global = mask_all.sum().clamp_min(1).float()
+        ids = ids_all[rank * rows_per_rank:(rank + 1) * rows_per_rank]
+        mask = mask_all[rank * rows_per_rank:(rank + 1) * rows_per_rank]
+        ce_sum = torch.zeros((), dtype=torch.float64)
+        aux_sum = torch.zeros((), dtype=torch.float64)
+        counts = None
+        ent = torch.zeros((), dtype=torch.float64)
+        for i in range(0, rows_per_rank, cfg.micro_batch):
+            s, _ = forward_loss(model, ids[i:i + cfg.micro_batch], mask[i:i + cfg.micro_batch], device)
+            aux = model.aux_loss() if hasattr(model, "aux_loss") else torch.zeros((), device=device)
+            loss = (s / n_tok_global.to(device) + aux / n_micro_global) * world
+            loss.backward()
+            ce_sum += s.detach().double().cpu()
+            aux_sum += aux.detach().double().cpu()
+            ec = model.aux.get("expert_counts")
+            if ec is not None:
+                counts = ec.detach().double().cpu() if counts is None else counts + ec.detach().double().cpu()
+                ent += model.aux["router_entropy"].detach().double().cpu()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(gn, "full_tensor"):
+            gn = gn.full_tensor()
+        stats = torch.stack([ce_sum, aux_sum, ent])
+        stats = _all_sum(stats)
+        ce = float(stats[0] / n_tok_global.double())
+        aux_mean = float(stats[1] / n_micro_global)
+        loss_val = ce + aux_mean
+        if not math.isfinite(loss_val) or not math.isfinite(float(gn)):
+            optim.zero_grad(set_to_none=True)
+            if bar is not None:
+                bar.close()
+            raise TrainingDiverged(f"stage {cfg.name}: non-finite loss ({loss_val}) or grad norm ({float(gn)}) at "
+                                   f"step {step}; last good checkpoint: {last_good or 'none'}")
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        if hasattr(model, "update_router_bias"):
+            if world > 1:
+                for m in model.modules():
+                    if hasattr(m, "load_accum"):
+                        dist.all_reduce(m.load_accum)
+            model.update_router_bias()
+        dt = time.time() - ts
+        if counts is not None:
+            counts = _all_sum(counts)
+        rec = dict(step=step, loss=loss_val, ce=ce, aux=aux_mean, lr=lr, grad_norm=float(gn),
+                   tokens_per_s=tok_per_step / max(dt, 1e-9), mfu=ftok * tok_per_step / max(dt, 1e-9) / peak)
+        if counts is not None:
+            frac = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+            rec["router_entropy"] = float(stats[2] / n_micro_global)
+            rec["expert_load"] = [[round(float(v), 5) for v in row] for row in frac]
+        recent.append(ce)
+        done_here += 1
+        if log_path is not None and rank == 0:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if tracker is not None and rank == 0 and (step % cfg.log_every == 0 or step == steps - 1):
+            tracker.log_step(rec, step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{ce:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        is_last = step == steps - 1
+        if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not is_last:
+            ev = eval_fn(model)
+            if tracker is not None and rank == 0:
+                tracker.log_eval(ev, step)
+        if sdir is not None and ((step + 1) % cfg.ckpt_every == 0 or is_last):
+            msd, osd = _full_state(model, optim)
+            if rank == 0:
+                st = dict(stage=cfg.name, fingerprint=fingerprint, data_position=step + 1, schedule_step=step + 1)
+                last_good = ck.save_checkpoint(sdir, step + 1, msd, osd, st, tokenizer_json)
+            if world > 1:
+                dist.barrier()
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - t0
+    res = StageResult(name=cfg.name, steps=steps, tokens=steps * tok_per_step, seconds=seconds,
+                      train_loss=float(sum(recent[-10:]) / max(1, len(recent[-10:]))) if recent else float("nan"))
+    if eval_fn is not None and (max_steps is None or start + done_here >= steps):
+        ev = eval_fn(model)
+        res.heldout_loss = ev.get("heldout_loss")
+        res.extra.update(ev)
+        if tracker is not None and rank == 0:
+            tracker.log_eval(ev, steps - 1)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------
+def quick_pretrain(model, train_ids_1d: torch.Tensor, val_ids_1d: torch.Tensor, *, tokens: int, seq_len: int,
+                   batch_size: int, lr: float, seed: int = 0, progress: bool = False) -> dict:
+    """Minimal functional pre-train for sweeps: AdamW (0.9, 0.95, wd 0.1, clip 1.0), WSD schedule (5% warmup,
+    20% linear decay to lr/10), CE + the model's aux loss; no checkpoints, no logging.
+    val_loss = mean CE over non-overlapping seq_len windows of val_ids_1d (all of it)."""
+    if train_ids_1d.numel() < seq_len + 2:
+        raise ValueError(f"train_ids_1d has {train_ids_1d.numel()} tokens; need more than seq_len+1={seq_len + 1}")
+    if val_ids_1d.numel() < seq_len + 1:
+        raise ValueError(f"val_ids_1d has {val_ids_1d.numel()} tokens; need at least seq_len+1={seq_len + 1}")
+    device = next(model.parameters()).device
+    cfg = StageConfig(name="quick", kind="pretrain", tokens=tokens, seq_len=seq_len, global_batch=batch_size,
+                      micro_batch=batch_size, lr=lr, min_lr=lr / 10, schedule="wsd", ckpt_every=10**9)
+    batcher = Batcher([LMSource(train_ids_1d.long().cpu())], [1.0], seq_len, batch_size, seed)
+    vx, vm = eval_windows(val_ids_1d.long().cpu(), seq_len)
+    torch.manual_seed(seed)
+    res = train_stage(model, cfg, batcher, stage_dir=None, resume=None, progress=progress, device=device,
+                      seed=seed)
+    val = evaluate(model, vx, vm, max(1, batch_size), device)
+    return dict(val_loss=val, train_loss=res.train_loss, tokens=res.tokens, seconds=res.seconds)
+
+
+def stage_config_from_dict(d: dict) -> StageConfig:
+    known = set(StageConfig.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"stage {d.get('name', '?')}: unknown key(s) {unknown}")
+    return StageConfig(**d)
+
+
+def stage_dict(cfg: StageConfig) -> dict:
+    d = asdict(cfg)
+    d["betas"] = list(cfg.betas)
+    return d
