@@ -357,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if a.cmd == "export":
-            model, _ = load_model_dir(a.model_dir)
-            model.set_qat(False)  # the float (latent) weights; the INT4 phone format is mobile/'s job
+            model, meta = load_model_dir(a.model_dir)
+            if meta.get("qat"):  # the INT4 phone format is mobile/'s job; transformers gets the latent weights
+                print("note: QAT model: exporting its latent float weights (transformers runs them without the "
+                      "INT4/int8 rounding)", file=sys.stderr)
+                model.set_qat(False)
             out = export_hf(model, a.hf_dir, tokenizer_path(a.model_dir))
         else:
             model = import_hf(a.hf_dir)

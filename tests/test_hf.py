@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from model.config import get_config
 from model.hf import export_hf, import_hf
@@ -124,7 +125,20 @@ def test_import_transformers_written_checkpoint(tmp_path):
     assert m.cfg.dense_layers == (0,) and m.cfg.n_shared_experts == 1 and not m.cfg.norm_topk_prob
     ids = _ids(128)
     with torch.no_grad():
-        assert float((hf(ids).logits - m(ids)).abs().max()) <= 1e-4
+        ref = hf(ids).logits
+        assert float((ref - m(ids)).abs().max()) <= 1e-4
+    # the same weights as a sharded checkpoint, and in transformers' fused in-memory expert layout
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    (fused / "config.json").write_text((path / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state
+    save_file(state, str(fused / "model.safetensors"))
+    for p in (tmp_path / "sharded", fused):
+        other = import_hf(p)
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in m.state_dict().items()), p.name
 
 
 @pytest.mark.parametrize("kw, match", [(dict(gate_value=0.1), "shared_expert_gate"),
