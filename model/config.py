@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GROUP = 32  # INT4 quant group along the input dimension (format: model/quant.py)
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.all:
-            print("| preset | total | active | GFLOPs/token (ctx 0 / %d) | INT4 MB | read/token MB | KV 2k MB | KV 8k MB |" % a.context)
+            print(f"| preset | total | active | GFLOPs/token (ctx 0 / {a.context}) | INT4 MB | read/token MB | KV 2k MB | KV 8k MB |")
             print("|---|---|---|---|---|---|---|---|")
             for n in PRESETS:
                 r = accounting(get_config(n), a.context)
