@@ -84,6 +84,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         hidden_act="silu", max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        rope_theta=float(cfg.rope_theta),  # the pre-5.0 spelling, read by older transformers and by llama.cpp's converter
         tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
         use_sliding_window=False, sliding_window=None, attention_dropout=0.0, qkv_bias=True,
         intermediate_size=cfg.ffn_dim,
