@@ -58,6 +58,20 @@ static inline void load_scales_8x8(const mmoe_fp16 *d, int G, float sc[8][8]) {
     _mm256_storeu_ps(sc[7], _mm256_cvtph_ps(_mm_unpackhi_epi64(u3, u7)));
 }
 
+/* Scales of 8 rows x 4 groups -> sc[j][i] = scale of row i, group j (for K/32 not a multiple of 8, e.g. K = 160) */
+static inline void load_scales_8x4(const mmoe_fp16 *d, int G, float sc[4][8]) {
+    __m128i a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm_loadl_epi64((const __m128i *)(d + (size_t)i * (size_t)G));
+    __m128i t0 = _mm_unpacklo_epi16(a[0], a[1]), t1 = _mm_unpacklo_epi16(a[2], a[3]);
+    __m128i t2 = _mm_unpacklo_epi16(a[4], a[5]), t3 = _mm_unpacklo_epi16(a[6], a[7]);
+    __m128i u0 = _mm_unpacklo_epi32(t0, t1), u1 = _mm_unpackhi_epi32(t0, t1); /* rows 0-3: groups 0,1 | 2,3 */
+    __m128i u2 = _mm_unpacklo_epi32(t2, t3), u3 = _mm_unpackhi_epi32(t2, t3); /* rows 4-7 */
+    _mm256_storeu_ps(sc[0], _mm256_cvtph_ps(_mm_unpacklo_epi64(u0, u2)));
+    _mm256_storeu_ps(sc[1], _mm256_cvtph_ps(_mm_unpackhi_epi64(u0, u2)));
+    _mm256_storeu_ps(sc[2], _mm256_cvtph_ps(_mm_unpacklo_epi64(u1, u3)));
+    _mm256_storeu_ps(sc[3], _mm256_cvtph_ps(_mm_unpackhi_epi64(u1, u3)));
+}
+
 static inline __m256 scales_col8(const mmoe_fp16 *d, int G) {
     __m128i h = _mm_setr_epi16((short)d[0], (short)d[(size_t)G], (short)d[2 * (size_t)G], (short)d[3 * (size_t)G],
                                (short)d[4 * (size_t)G], (short)d[5 * (size_t)G], (short)d[6 * (size_t)G],
@@ -126,6 +140,16 @@ static void gemv_avx2(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float
                 float sc[8][8];
                 load_scales_8x8(d + g, G, sc);
                 for (int j = 0; j < 8; j += 2) {
+                    __m256i a, b;
+                    dot8_g2(q + 16 * (size_t)(g + j), rowb, xq + 32 * (size_t)(g + j), &a, &b);
+                    acc = step(acc, a, xoff[g + j - c0], _mm256_loadu_ps(sc[j]));
+                    acc = step(acc, b, xoff[g + j + 1 - c0], _mm256_loadu_ps(sc[j + 1]));
+                }
+            }
+            for (; g + 4 <= c1; g += 4) {
+                float sc[4][8];
+                load_scales_8x4(d + g, G, sc);
+                for (int j = 0; j < 4; j += 2) {
                     __m256i a, b;
                     dot8_g2(q + 16 * (size_t)(g + j), rowb, xq + 32 * (size_t)(g + j), &a, &b);
                     acc = step(acc, a, xoff[g + j - c0], _mm256_loadu_ps(sc[j]));
