@@ -72,12 +72,14 @@ def arm_test(tmp_path_factory) -> Path:
     return _build_kernel_test(tmp_path_factory.mktemp("karm"), CROSS_CC, static=True)
 
 
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="host kernel sets are x86-64 here")
-def test_x86_sets_equal_scalar_and_reference(x86_test):
-    sets = _host_x86_sets()
-    r = _run([str(x86_test), "--expect-sets", sets, "--expect-best", sets.split(",")[-1]])
+def test_host_sets_equal_scalar_and_reference(x86_test):
+    cmd = [str(x86_test)]
+    if os.uname().machine == "x86_64":  # detection must offer exactly what /proc/cpuinfo says
+        sets = _host_x86_sets()
+        cmd += ["--expect-sets", sets, "--expect-best", sets.split(",")[-1]]
+    r = _run(cmd)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "OK:" in r.stdout and f"available: {sets}" in r.stdout
+    assert "OK:" in r.stdout
 
 
 def test_forced_kernel_set(x86_test):
