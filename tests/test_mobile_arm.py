@@ -95,3 +95,13 @@ def test_arm_greedy_equals_x86(engines, cpu, kernels, threads, want_set):
     ids, ks = _generate(["qemu-aarch64", "-cpu", cpu], arm, model, threads=threads, kernels=kernels)
     assert ks == want_set, f"qemu -cpu {cpu}: engine picked {ks}, expected {want_set}"
     assert ids == ids_x86, f"aarch64 ({cpu}, {ks}) ids differ from x86 ({ks_x86}):\n{ids}\n{ids_x86}"
+
+
+def test_arm_forced_missing_set_is_a_clear_error(engines):
+    """MMOE_KERNELS=dotprod on a CPU without dotprod: a one-line error and a non-zero exit, never SIGILL."""
+    model, _, arm, _, _ = engines
+    env = dict(os.environ, MMOE_KERNELS="dotprod")
+    r = subprocess.run(["qemu-aarch64", "-cpu", "cortex-a53", str(arm), str(model), "--prompt-ids", "1,2", "-n", "2",
+                        "--greedy", "--ids"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode > 0, f"rc={r.returncode} (negative = killed by a signal)\n{r.stderr}"
+    assert "MMOE_KERNELS=dotprod is not available" in r.stderr
