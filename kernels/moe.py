@@ -72,7 +72,7 @@ def moe_experts_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: to
     y_SD = y_SD * gates_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
     inv_S = torch.empty_like(order_S)
     inv_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    return y_SD[inv_S].reshape(T, K, -1).sum(dim=1)
+    return y_SD[inv_S].reshape(T, K, w_down_EDF.shape[1]).sum(dim=1)
 
 
 def moe_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend: str = "auto",
