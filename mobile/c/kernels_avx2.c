@@ -79,33 +79,41 @@ static inline __m256 scales_col8(const mmoe_fp16 *d, int G) {
     return _mm256_cvtph_ps(h);
 }
 
-/* 8 rows (row stride rowb bytes), two consecutive groups: integer sums w'.x per row, lane = row. */
+/* One row, two consecutive groups: int16 lanes of 4 products w' * x each, |.| <= 4 * 15 * 127 = 7620 */
+static inline __m256i row_g2(const uint8_t *q, __m256i xlo, __m256i xhi, __m256i m4) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)q); /* nibbles of g0 | g1 */
+    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    return _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+}
+
+/* 8 rows (row stride rowb bytes), two consecutive groups: integer sums w'.x per row, lane = row.
+ * Written out row by row: at -O2 GCC keeps a loop here and round-trips the 8 vectors through the stack. */
 static inline void dot8_g2(const uint8_t *q, size_t rowb, const int8_t *x, __m256i *i0, __m256i *i1) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256i xa = _mm256_loadu_si256((const __m256i *)x), xb = _mm256_loadu_si256((const __m256i *)(x + 32));
     __m256i xlo = _mm256_permute2x128_si256(xa, xb, 0x20); /* [g0 x0..15 | g1 x0..15] */
     __m256i xhi = _mm256_permute2x128_si256(xa, xb, 0x31); /* [g0 x16..31 | g1 x16..31] */
-    __m256i p[8];
-    for (int i = 0; i < 8; i++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(q + (size_t)i * rowb)); /* nibbles of g0 | g1 */
-        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        /* each int16 lane: 4 products w' * x, |.| <= 4 * 15 * 127 = 7620 */
-        p[i] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
-    }
-    __m256i t0 = reduce4_i16(p[0], p[1], p[2], p[3]); /* [rows 0-3 of g0 | rows 0-3 of g1] */
-    __m256i t1 = reduce4_i16(p[4], p[5], p[6], p[7]);
+    __m256i t0 = reduce4_i16(row_g2(q, xlo, xhi, m4), row_g2(q + rowb, xlo, xhi, m4),
+                             row_g2(q + 2 * rowb, xlo, xhi, m4), row_g2(q + 3 * rowb, xlo, xhi, m4));
+    __m256i t1 = reduce4_i16(row_g2(q + 4 * rowb, xlo, xhi, m4), row_g2(q + 5 * rowb, xlo, xhi, m4),
+                             row_g2(q + 6 * rowb, xlo, xhi, m4), row_g2(q + 7 * rowb, xlo, xhi, m4));
+    /* t0 = [rows 0-3 of g0 | rows 0-3 of g1], t1 likewise for rows 4-7 */
     *i0 = _mm256_permute2x128_si256(t0, t1, 0x20);
     *i1 = _mm256_permute2x128_si256(t0, t1, 0x31);
+}
+
+/* One row, one group: int16 lanes of 2 products, |.| <= 3810 */
+static inline __m256i row_g1(const uint8_t *q, __m256i xv, __m256i m4) {
+    return _mm256_maddubs_epi16(unpack_group(q, m4), xv);
 }
 
 static inline __m256i dot8_g1(const uint8_t *q, size_t rowb, const int8_t *x) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256i xv = _mm256_loadu_si256((const __m256i *)x);
-    __m256i p[8];
-    for (int i = 0; i < 8; i++) /* int16 lanes: 2 products, |.| <= 3810 */
-        p[i] = _mm256_maddubs_epi16(unpack_group(q + (size_t)i * rowb, m4), xv);
-    __m256i t0 = reduce4_i16(p[0], p[1], p[2], p[3]); /* [rows 0-3, elements 0-15 | rows 0-3, elements 16-31] */
-    __m256i t1 = reduce4_i16(p[4], p[5], p[6], p[7]);
+    __m256i t0 = reduce4_i16(row_g1(q, xv, m4), row_g1(q + rowb, xv, m4), row_g1(q + 2 * rowb, xv, m4),
+                             row_g1(q + 3 * rowb, xv, m4)); /* [rows 0-3, elements 0-15 | rows 0-3, elements 16-31] */
+    __m256i t1 = reduce4_i16(row_g1(q + 4 * rowb, xv, m4), row_g1(q + 5 * rowb, xv, m4),
+                             row_g1(q + 6 * rowb, xv, m4), row_g1(q + 7 * rowb, xv, m4));
     return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
 }
 
@@ -169,6 +177,18 @@ static void gemv_avx2(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float
     if (rend < r1) mmoe_gemv_scalar(W, xq, xs, y + (rend - r0), rend, r1);
 }
 
+/* One token against 4 unpacked weight rows (one group): [rows 0-3, elements 0-15 | rows 0-3, elements 16-31] */
+static inline __m256i tok4(__m256i w0, __m256i w1, __m256i w2, __m256i w3, const int8_t *x, __m256i eights) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+    __m256i c = _mm256_maddubs_epi16(eights, xv); /* removes the +8 of w' pairwise, exactly, in int16 */
+    /* int16 lanes: 2 products (w' - 8) * x, |.| <= 2032 */
+    __m256i p0 = _mm256_sub_epi16(_mm256_maddubs_epi16(w0, xv), c);
+    __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(w1, xv), c);
+    __m256i p2 = _mm256_sub_epi16(_mm256_maddubs_epi16(w2, xv), c);
+    __m256i p3 = _mm256_sub_epi16(_mm256_maddubs_epi16(w3, xv), c);
+    return reduce4_i16(p0, p1, p2, p3);
+}
+
 /* 4 rows x 4 tokens; Y points at (token 0, row 0) of the tile. */
 static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy) {
     const int K = W->cols, G = K / 32;
@@ -185,21 +205,14 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
                                     (short)d[3 * (size_t)G + g], (short)d[g], (short)d[G + g],
                                     (short)d[2 * (size_t)G + g], (short)d[3 * (size_t)G + g]);
         __m256 sc = _mm256_cvtph_ps(dh);
-        __m256i s[4];
-        for (int m = 0; m < 4; m++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(X + (size_t)m * (size_t)K + 32 * (size_t)g));
-            __m256i c = _mm256_maddubs_epi16(eights, xv); /* removes the +8 of w' pairwise, exactly, in int16 */
-            /* int16 lanes: 2 products (w' - 8) * x, |.| <= 2032 */
-            __m256i p0 = _mm256_sub_epi16(_mm256_maddubs_epi16(w0, xv), c);
-            __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(w1, xv), c);
-            __m256i p2 = _mm256_sub_epi16(_mm256_maddubs_epi16(w2, xv), c);
-            __m256i p3 = _mm256_sub_epi16(_mm256_maddubs_epi16(w3, xv), c);
-            s[m] = reduce4_i16(p0, p1, p2, p3); /* [rows 0-3, elements 0-15 | rows 0-3, elements 16-31] */
-        }
-        __m256i v01 = _mm256_add_epi32(_mm256_permute2x128_si256(s[0], s[1], 0x20),
-                                       _mm256_permute2x128_si256(s[0], s[1], 0x31));
-        __m256i v23 = _mm256_add_epi32(_mm256_permute2x128_si256(s[2], s[3], 0x20),
-                                       _mm256_permute2x128_si256(s[2], s[3], 0x31));
+        const int8_t *xg = X + 32 * (size_t)g;
+        __m256i s0 = tok4(w0, w1, w2, w3, xg, eights), s1 = tok4(w0, w1, w2, w3, xg + K, eights);
+        __m256i s2 = tok4(w0, w1, w2, w3, xg + 2 * (size_t)K, eights);
+        __m256i s3 = tok4(w0, w1, w2, w3, xg + 3 * (size_t)K, eights);
+        __m256i v01 = _mm256_add_epi32(_mm256_permute2x128_si256(s0, s1, 0x20),
+                                       _mm256_permute2x128_si256(s0, s1, 0x31)); /* [tok0 rows 0-3 | tok1] */
+        __m256i v23 = _mm256_add_epi32(_mm256_permute2x128_si256(s2, s3, 0x20),
+                                       _mm256_permute2x128_si256(s2, s3, 0x31));
         acc01 = _mm256_add_ps(acc01, _mm256_mul_ps(_mm256_cvtepi32_ps(v01), sc));
         acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(_mm256_cvtepi32_ps(v23), sc));
     }
