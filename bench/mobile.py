@@ -225,8 +225,12 @@ def prepare_models(sizes: list[str], work: Path, seed: int, log) -> dict[str, di
         fresh = stamp.is_file() and json.loads(stamp.read_text()) == want and mm.is_file() and gg.is_file()
         if not fresh:
             t = time.time()
-            _run([sys.executable, "-m", "mobile", "export", "--random-init", "--size", s, "--seed", str(seed),
-                  "--out", str(mm)])
+            if (REPO / "mobile" / "__main__.py").is_file():  # the documented CLI (engineer A's mobile/)
+                _run([sys.executable, "-m", "mobile", "export", "--random-init", "--size", s, "--seed", str(seed),
+                      "--out", str(mm)])
+            else:
+                _run([sys.executable, "-c", "import sys; from mobile.export import export_random; "
+                      "export_random(sys.argv[1], sys.argv[2], seed=int(sys.argv[3]))", s, str(mm), str(seed)])
             log(f"  exported {mm.name} ({mm.stat().st_size / 1e6:.0f} MB) in {time.time() - t:.0f} s")
             t = time.time()
             export_random_init(get_config(s), gg, "q4_0", seed)
@@ -344,7 +348,8 @@ def run_matrix(models: dict, sizes: list[str], threads: list[int], repeats: dict
                     res.update(size=s, rep=rep, decode_tokens=plan["decode_tokens"], loadavg=_loadavg())
                     rows.append(res)
                     d0 = res["decode"].get("0")
-                    log(f"  rep {rep} {s:>8} t{t} {e:>9}: prefill512 {512 / res['prefill'].get('512', float('nan')):7.1f} tok/s"
+                    pl = plan["prompts"][-1]
+                    log(f"  rep {rep} {s:>8} t{t} {e:>9}: prefill{pl} {pl / res['prefill'][str(pl)]:7.1f} tok/s"
                         f"  decode {plan['decode_tokens'] / d0 if d0 else float('nan'):6.2f} tok/s"
                         f"  rss {res['peak_rss_mb']:.0f} MB  ({time.time() - t0:.0f} s, load {_loadavg()})")
     return rows
@@ -499,9 +504,9 @@ def report_text(agg, sizes, threads, engines, prompts, contexts, bw, info, repea
     L.append("")
     L.append("## Method\n")
     L.append("Every measurement is a fresh process that loads the model (mmap) and runs, after a one-token "
-             "warm-up: prefill of a 128- and a 512-token prompt (one batched eval, empty cache); decode of N new "
-             "tokens at context 0 and at context 1024 (after an untimed 1024-token prefill), single-token evals, "
-             "teacher-forced fixed random ids. Engines are interleaved (order alternates per repeat); medians over "
+             f"warm-up: prefill of prompts of {' and '.join(map(str, prompts))} tokens (one batched eval each, "
+             f"empty cache); decode of N new tokens at context {' and '.join(map(str, contexts))} (after an "
+             "untimed prefill of that context), single-token evals, teacher-forced fixed random ids. Engines are interleaved (order alternates per repeat); medians over "
              "repeats; ratios are computed pair by pair (same repeat), then the median. llama.cpp runs a GGUF Q4_0 "
              "written by `mobile/gguf_export.py` in our INT4 format (every matrix Q4_0 incl. the tied embedding/"
              "head, router and norms F32: the same weight bytes as our .mmoe); same thread count, n_batch 512, "
@@ -650,9 +655,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sizes = [s.strip() for s in a.sizes.split(",") if s.strip()]
-        bad = [s for s in sizes if s not in ALL_SIZES]
+        from model.config import PRESETS  # noqa: PLC0415
+
+        bad = [s for s in sizes if s not in PRESETS]
         if bad:
-            raise ValueError(f"unknown size(s) {bad}; choose from {ALL_SIZES}")
+            raise ValueError(f"unknown size(s) {bad}; choose from {sorted(PRESETS)} (tiny: smoke runs only)")
         threads = [int(t) for t in a.threads.split(",")]
         if any(t < 1 for t in threads):
             raise ValueError(f"--threads must be >= 1, got {a.threads}")
