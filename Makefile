@@ -58,8 +58,13 @@ train: $(TRAIN_DEPS) ## four-stage training (SIZE=tiny on CPU by default; DRY_RU
 bench-kernels: install ## MoE kernel microbenchmarks -> bench/results/kernels.{md,png}
 	$(PY) -m bench.kernels
 
-bench-mobile: install mobile ## phone engine vs llama.cpp and MoE vs dense -> bench/results/mobile.md
-	$(PY) -m bench.mobile --threads 1,2
+# The bench extra (gguf + llama-cpp-python, which builds llama.cpp from source: ~5 min) is only for benchmarks.
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(VENV)/bin/pip install -q -c constraints-cpu.txt -e '.[bench]'
+	@touch $@
+
+bench-mobile: install mobile $(VENV)/.bench-installed ## phone engine vs llama.cpp and MoE vs dense -> bench/results/mobile.md
+	$(PY) -m bench.mobile --threads 1,2 $(BENCH_ARGS)
 
 bench: bench-kernels bench-mobile ## all benchmarks
 
