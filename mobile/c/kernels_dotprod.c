@@ -68,13 +68,22 @@ void mmoe_gemv_dotprod(const mmoe_q4_matrix *W, const int8_t *xq, float xs, floa
     if (rend < r1) mmoe_gemv_scalar(W, xq, xs, y + (rend - r0), rend, r1);
 }
 
-/* 4 rows x 4 tokens: each unpacked weight group is used by four tokens */
+/* one token against 4 unpacked weight rows (one group): [row0 .. row3] */
+static inline int32x4_t tok4(int8x16_t l0, int8x16_t h0, int8x16_t l1, int8x16_t h1, int8x16_t l2, int8x16_t h2,
+                             int8x16_t l3, int8x16_t h3, const int8_t *x) {
+    int8x16_t xl = vld1q_s8(x), xh = vld1q_s8(x + 16);
+    return mmoe_reduce4(dot_group(l0, h0, xl, xh), dot_group(l1, h1, xl, xh), dot_group(l2, h2, xl, xh),
+                        dot_group(l3, h3, xl, xh));
+}
+
+/* 4 rows x 4 tokens: each unpacked weight group is used by four tokens (written out: no arrays / inner loops,
+ * which GCC -O2 would keep and round-trip through the stack) */
 static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy) {
     const int K = W->cols, G = K / 32;
     const size_t rowb = (size_t)K / 2;
     const uint8_t *q = W->qs + (size_t)r * rowb;
     const mmoe_fp16 *d = W->d + (size_t)r * (size_t)G;
-    float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
     for (int g = 0; g < G; g++) {
         const uint8_t *qg = q + 16 * (size_t)g;
         int8x16_t l0, h0, l1, h1, l2, h2, l3, h3;
@@ -82,16 +91,17 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
         mmoe_unpack_q4(qg + rowb, &l1, &h1);
         mmoe_unpack_q4(qg + 2 * rowb, &l2, &h2);
         mmoe_unpack_q4(qg + 3 * rowb, &l3, &h3);
-        float32x4_t sc = mmoe_scales4(d + g, G);
-        for (int m = 0; m < 4; m++) {
-            const int8_t *x = X + (size_t)m * (size_t)K + 32 * (size_t)g;
-            int8x16_t xl = vld1q_s8(x), xh = vld1q_s8(x + 16);
-            int32x4_t isum = mmoe_reduce4(dot_group(l0, h0, xl, xh), dot_group(l1, h1, xl, xh),
-                                          dot_group(l2, h2, xl, xh), dot_group(l3, h3, xl, xh));
-            acc[m] = mmoe_step4(acc[m], isum, sc);
-        }
+        const float32x4_t sc = mmoe_scales4(d + g, G);
+        const int8_t *x = X + 32 * (size_t)g;
+        acc0 = mmoe_step4(acc0, tok4(l0, h0, l1, h1, l2, h2, l3, h3, x), sc);
+        acc1 = mmoe_step4(acc1, tok4(l0, h0, l1, h1, l2, h2, l3, h3, x + K), sc);
+        acc2 = mmoe_step4(acc2, tok4(l0, h0, l1, h1, l2, h2, l3, h3, x + 2 * (size_t)K), sc);
+        acc3 = mmoe_step4(acc3, tok4(l0, h0, l1, h1, l2, h2, l3, h3, x + 3 * (size_t)K), sc);
     }
-    for (int m = 0; m < 4; m++) vst1q_f32(Y + (size_t)m * (size_t)ldy, vmulq_n_f32(acc[m], xs[m]));
+    vst1q_f32(Y, vmulq_n_f32(acc0, xs[0]));
+    vst1q_f32(Y + ldy, vmulq_n_f32(acc1, xs[1]));
+    vst1q_f32(Y + 2 * (size_t)ldy, vmulq_n_f32(acc2, xs[2]));
+    vst1q_f32(Y + 3 * (size_t)ldy, vmulq_n_f32(acc3, xs[3]));
 }
 
 static void gemm_dotprod(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,

@@ -18,20 +18,14 @@ static inline int8x16_t hi64(int8x16_t a, int8x16_t b) {
     return vreinterpretq_s8_s64(vzip2q_s64(vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b)));
 }
 
-/* integer sums of one group for a pair of tokens (x, y) and a pair of rows (chunks of 8 elements in b[0..3]):
- * lanes [x.r0, x.r1, y.r0, y.r1] */
-static inline int32x4_t mm_group(const int8x16_t a[4], const int8x16_t b[4]) {
-    int32x4_t t = vmmlaq_s32(vdupq_n_s32(0), a[0], b[0]);
-    t = vmmlaq_s32(t, a[1], b[1]);
-    t = vmmlaq_s32(t, a[2], b[2]);
-    return vmmlaq_s32(t, a[3], b[3]);
-}
-
-static inline void pair_chunks(int8x16_t lo_a, int8x16_t hi_a, int8x16_t lo_b, int8x16_t hi_b, int8x16_t c[4]) {
-    c[0] = lo64(lo_a, lo_b); /* elements 0..7 of a, then of b */
-    c[1] = hi64(lo_a, lo_b); /* 8..15 */
-    c[2] = lo64(hi_a, hi_b); /* 16..23 */
-    c[3] = hi64(hi_a, hi_b); /* 24..31 */
+/* integer sums of one group for a pair of tokens (a: their 4 chunks of 8 elements) and a pair of rows (b):
+ * lanes [tok0.row0, tok0.row1, tok1.row0, tok1.row1] */
+static inline int32x4_t mm_group(int8x16_t a0, int8x16_t a1, int8x16_t a2, int8x16_t a3, int8x16_t b0,
+                                 int8x16_t b1, int8x16_t b2, int8x16_t b3) {
+    int32x4_t t = vmmlaq_s32(vdupq_n_s32(0), a0, b0);
+    t = vmmlaq_s32(t, a1, b1);
+    t = vmmlaq_s32(t, a2, b2);
+    return vmmlaq_s32(t, a3, b3);
 }
 
 static inline float32x4_t pair_scales(const mmoe_fp16 *d, int G) { /* [d_r0, d_r1, d_r0, d_r1] */
@@ -43,38 +37,45 @@ static inline float32x4_t pair_scales(const mmoe_fp16 *d, int G) { /* [d_r0, d_r
     return vcvt_f32_f16(vreinterpret_f16_u16(h));
 }
 
-/* 4 tokens x 4 rows; acc[tp][rp] lanes [tok 2tp row 2rp, tok 2tp row 2rp+1, tok 2tp+1 row 2rp, ...+1] */
+static inline void store_pair(float *Y, int ldy, float32x4_t acc, float xs0, float xs1) {
+    float32x4_t v = vmulq_f32(acc, vcombine_f32(vdup_n_f32(xs0), vdup_n_f32(xs1)));
+    vst1_f32(Y, vget_low_f32(v));
+    vst1_f32(Y + ldy, vget_high_f32(v));
+}
+
+/* 4 tokens x 4 rows, written out (no arrays: at -O2 GCC would keep loops and round-trip them through the stack).
+ * accTR: token pair T (tokens 2T, 2T+1) x row pair R (rows 2R, 2R+1). Elements 0..7, 8..15 of a group come from
+ * the low nibbles, 16..23, 24..31 from the high ones; lo64/hi64 put two rows' (or tokens') 8 elements side by side. */
 static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy) {
     const int K = W->cols, G = K / 32;
     const size_t rowb = (size_t)K / 2;
     const uint8_t *q = W->qs + (size_t)r * rowb;
     const mmoe_fp16 *d = W->d + (size_t)r * (size_t)G;
-    float32x4_t acc[2][2];
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 2; j++) acc[i][j] = vdupq_n_f32(0.0f);
+    float32x4_t acc00 = vdupq_n_f32(0.0f), acc01 = acc00, acc10 = acc00, acc11 = acc00;
     for (int g = 0; g < G; g++) {
         const uint8_t *qg = q + 16 * (size_t)g;
-        int8x16_t wl[4], wh[4], b[2][4], a[2][4];
-        for (int i = 0; i < 4; i++) mmoe_unpack_q4(qg + (size_t)i * rowb, &wl[i], &wh[i]);
-        pair_chunks(wl[0], wh[0], wl[1], wh[1], b[0]);
-        pair_chunks(wl[2], wh[2], wl[3], wh[3], b[1]);
-        for (int tp = 0; tp < 2; tp++) {
-            const int8_t *x0 = X + (size_t)(2 * tp) * (size_t)K + 32 * (size_t)g, *x1 = x0 + K;
-            pair_chunks(vld1q_s8(x0), vld1q_s8(x0 + 16), vld1q_s8(x1), vld1q_s8(x1 + 16), a[tp]);
-        }
-        for (int rp = 0; rp < 2; rp++) {
-            float32x4_t sc = pair_scales(d + (size_t)(2 * rp) * (size_t)G + g, G);
-            for (int tp = 0; tp < 2; tp++) acc[tp][rp] = mmoe_step4(acc[tp][rp], mm_group(a[tp], b[rp]), sc);
-        }
+        int8x16_t l0, h0, l1, h1, l2, h2, l3, h3;
+        mmoe_unpack_q4(qg, &l0, &h0);
+        mmoe_unpack_q4(qg + rowb, &l1, &h1);
+        mmoe_unpack_q4(qg + 2 * rowb, &l2, &h2);
+        mmoe_unpack_q4(qg + 3 * rowb, &l3, &h3);
+        const int8x16_t b00 = lo64(l0, l1), b01 = hi64(l0, l1), b02 = lo64(h0, h1), b03 = hi64(h0, h1);
+        const int8x16_t b10 = lo64(l2, l3), b11 = hi64(l2, l3), b12 = lo64(h2, h3), b13 = hi64(h2, h3);
+        const int8_t *x0 = X + 32 * (size_t)g, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+        const int8x16_t x0l = vld1q_s8(x0), x0h = vld1q_s8(x0 + 16), x1l = vld1q_s8(x1), x1h = vld1q_s8(x1 + 16);
+        const int8x16_t x2l = vld1q_s8(x2), x2h = vld1q_s8(x2 + 16), x3l = vld1q_s8(x3), x3h = vld1q_s8(x3 + 16);
+        const int8x16_t a00 = lo64(x0l, x1l), a01 = hi64(x0l, x1l), a02 = lo64(x0h, x1h), a03 = hi64(x0h, x1h);
+        const int8x16_t a10 = lo64(x2l, x3l), a11 = hi64(x2l, x3l), a12 = lo64(x2h, x3h), a13 = hi64(x2h, x3h);
+        const float32x4_t sc0 = pair_scales(d + g, G), sc1 = pair_scales(d + 2 * (size_t)G + g, G);
+        acc00 = mmoe_step4(acc00, mm_group(a00, a01, a02, a03, b00, b01, b02, b03), sc0);
+        acc01 = mmoe_step4(acc01, mm_group(a00, a01, a02, a03, b10, b11, b12, b13), sc1);
+        acc10 = mmoe_step4(acc10, mm_group(a10, a11, a12, a13, b00, b01, b02, b03), sc0);
+        acc11 = mmoe_step4(acc11, mm_group(a10, a11, a12, a13, b10, b11, b12, b13), sc1);
     }
-    for (int tp = 0; tp < 2; tp++) {
-        float32x4_t s = vcombine_f32(vdup_n_f32(xs[2 * tp]), vdup_n_f32(xs[2 * tp + 1]));
-        for (int rp = 0; rp < 2; rp++) {
-            float32x4_t v = vmulq_f32(acc[tp][rp], s);
-            vst1_f32(Y + (size_t)(2 * tp) * (size_t)ldy + 2 * rp, vget_low_f32(v));
-            vst1_f32(Y + (size_t)(2 * tp + 1) * (size_t)ldy + 2 * rp, vget_high_f32(v));
-        }
-    }
+    store_pair(Y, ldy, acc00, xs[0], xs[1]);
+    store_pair(Y + 2, ldy, acc01, xs[0], xs[1]);
+    store_pair(Y + 2 * (size_t)ldy, ldy, acc10, xs[2], xs[3]);
+    store_pair(Y + 2 * (size_t)ldy + 2, ldy, acc11, xs[2], xs[3]);
 }
 
 static void gemm_i8mm(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
