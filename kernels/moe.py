@@ -7,7 +7,7 @@ The choice is logged once per (requested, resolved, device) triple.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
