@@ -1,0 +1,85 @@
+/* Engine internals shared by loader.c, model.c, tokenizer.c (not part of the public API). */
+#ifndef MMOE_INTERNAL_H
+#define MMOE_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels.h"
+#include "mmoe.h"
+
+/* File-format constants: must agree with mobile/format.py */
+#define MMOE_MAGIC "MMOEINT4"
+#define MMOE_VERSION 1u
+#define MMOE_HEADER_SIZE 1024u
+#define MMOE_ALIGN 64u
+#define MMOE_MAX_LAYERS 256u
+#define MMOE_LAYER_KINDS_OFFSET 256u
+#define MMOE_NAME_LEN 64
+#define MMOE_ENTRY_SIZE 104u
+enum { DT_F32 = 0, DT_F16 = 1, DT_Q4 = 2, DT_Q4_EXPERTS = 3 };
+enum { TOK_IGNORE_MERGES = 1, TOK_ADD_PREFIX_SPACE = 2 };
+
+typedef struct {
+    uint32_t vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, max_seq_len;
+    uint32_t n_experts, top_k, expert_ffn_dim, n_shared_experts, shared_ffn_dim, router_score;
+    uint32_t norm_topk_prob, tie_embeddings, quant_group;
+    int32_t eos_id;
+    float rope_theta, norm_eps;
+} mmoe_config;
+
+typedef struct {
+    const uint8_t *base;  /* n_experts records of rec_bytes: [gate_up block | pad][down block | pad] */
+    size_t rec_bytes, down_off;
+    int F, D;
+} mmoe_experts;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    mmoe_q4_matrix wq, wk, wv, wo;
+    int is_moe;
+    /* MoE */
+    const float *router;      /* E x D */
+    const float *expert_bias; /* E */
+    mmoe_experts experts;
+    int has_shared;
+    mmoe_q4_matrix sh_gate_up, sh_down; /* also the dense FFN of a dense layer */
+} mmoe_layer;
+
+typedef struct {
+    uint32_t n_vocab, n_merges, flags;
+    const uint32_t *offs;  /* n_vocab + 1, little-endian u32 (read via memcpy helpers) */
+    const uint8_t *pool;
+    const uint8_t *merges; /* n_merges x (left, right, result) u32 */
+    /* built at load: single-byte token ids, and open-addressing hash tables */
+    int32_t byte_tok[256];
+    uint64_t *merge_keys; int32_t *merge_vals; uint32_t merge_cap;   /* (left<<32|right) -> rank */
+    uint32_t *vocab_hash; uint32_t vocab_cap;                         /* token bytes -> id+1 */
+} mmoe_tokenizer;
+
+struct mmoe_model {
+    mmoe_config cfg;
+    const uint8_t *data; size_t size;
+    int mapped; /* data came from mmap (unmap on close) */
+    mmoe_q4_matrix tok_emb, lm_head;
+    const float *norm;
+    mmoe_layer *layers;
+    mmoe_tokenizer tok;
+};
+
+void mmoe_seterr(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+uint32_t mmoe_rd32(const uint8_t *p);
+uint64_t mmoe_rd64(const uint8_t *p);
+int mmoe_tokenizer_init(mmoe_tokenizer *t, const uint8_t *blob, size_t size, uint32_t vocab_size, char *err,
+                        size_t errlen);
+void mmoe_tokenizer_free(mmoe_tokenizer *t);
+
+/* thread pool (threads.c): fn(arg, task, n_tasks) for task in [0, n_tasks), task 0 on the caller */
+typedef struct mmoe_pool mmoe_pool;
+typedef void (*mmoe_task_fn)(void *arg, int task, int n_tasks);
+mmoe_pool *mmoe_pool_new(int n_threads);
+void mmoe_pool_free(mmoe_pool *p);
+int mmoe_pool_size(const mmoe_pool *p);
+void mmoe_pool_run(mmoe_pool *p, mmoe_task_fn fn, void *arg, int n_tasks);
+
+#endif

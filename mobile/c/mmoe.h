@@ -1,0 +1,57 @@
+/* MobileMoE phone engine: public C API (used by mmoe-run, the fuzz driver and the Python ctypes binding).
+ * Every function that can fail returns a negative value / NULL and writes a one-line message into err. */
+#ifndef MMOE_H
+#define MMOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct mmoe_model mmoe_model;
+typedef struct mmoe_ctx mmoe_ctx;
+
+/* Open a .mmoe file (mmap read-only) and validate every field before use. */
+mmoe_model *mmoe_model_open(const char *path, char *err, size_t errlen);
+/* Same validation on a caller-owned buffer (kept alive by the caller until close); fuzzing uses it. */
+mmoe_model *mmoe_model_from_buffer(const void *buf, size_t size, char *err, size_t errlen);
+void mmoe_model_close(mmoe_model *m);
+
+/* Config as the engine sees it: keys "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+ * "n_experts", "top_k", "max_seq_len", "eos_id", "tok_vocab"; -1 for an unknown key. */
+int64_t mmoe_model_info(const mmoe_model *m, const char *key);
+
+enum { MMOE_FLOAT_PATH = 1 }; /* ctx flag: dequantized fp32 weights x fake-quantized activations (debug) */
+
+/* n_threads >= 1; max_ctx <= 0 means the model's max_seq_len. */
+mmoe_ctx *mmoe_ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flags, char *err, size_t errlen);
+void mmoe_ctx_free(mmoe_ctx *c);
+void mmoe_ctx_reset(mmoe_ctx *c);          /* empty the KV cache */
+int mmoe_ctx_pos(const mmoe_ctx *c);       /* tokens in the KV cache */
+const char *mmoe_ctx_kernels(const mmoe_ctx *c);
+
+/* Run n tokens (a prompt as a batch, or one token) after the cached ones. Writes logits of the last token
+ * (vocab_size floats) or, if all_logits, of every token (n * vocab_size). Returns 0, or -1 with err set. */
+int mmoe_eval(mmoe_ctx *c, const int32_t *ids, int n, float *logits, int all_logits, char *err, size_t errlen);
+
+/* Per-op wall-clock seconds since the last reset: attention, router, experts, shared, lm_head, other. */
+enum { MMOE_T_ATTENTION, MMOE_T_ROUTER, MMOE_T_EXPERTS, MMOE_T_SHARED, MMOE_T_LM_HEAD, MMOE_T_OTHER, MMOE_T_COUNT };
+extern const char *const mmoe_timer_names[MMOE_T_COUNT];
+void mmoe_profile_get(const mmoe_ctx *c, double *seconds /* MMOE_T_COUNT */);
+void mmoe_profile_reset(mmoe_ctx *c);
+
+/* Tokenizer (byte-level BPE from the file). encode returns the token count (may exceed cap: then only cap
+ * ids were written), or -1. decode appends token id's bytes to out and returns their count (-1: bad id). */
+int mmoe_tokenize(const mmoe_model *m, const char *text, size_t len, int32_t *out, int cap);
+int mmoe_token_bytes(const mmoe_model *m, int32_t id, char *out, int cap);
+
+/* Sampling: temperature <= 0 is greedy (first maximum). rng_state: caller-owned, seeded by mmoe_rng_seed. */
+uint64_t mmoe_rng_seed(uint64_t seed);
+int32_t mmoe_sample(const float *logits, int n, float temperature, float top_p, uint64_t *rng_state);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

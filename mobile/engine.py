@@ -1,0 +1,204 @@
+"""ctypes binding to the C engine (mobile/build/libmmoe.so): `mobile.Engine`. No torch import here.
+
+    eng = Engine("model.mmoe", threads=2)
+    logits = eng.eval([1, 2, 3])                 # last-token logits (numpy float32, vocab_size)
+    out = eng.generate("To be", max_new_tokens=32, greedy=True)
+    out.text, out.ids, out.prefill_tok_s, out.decode_tok_s, eng.profile()
+
+The library is looked up at $MMOE_LIB, else mobile/build/libmmoe.so (built by `make mobile`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TIMERS = ("attention", "router", "experts", "shared", "lm_head", "other")
+_LIB = None
+
+
+def default_lib_path() -> Path:
+    env = os.environ.get("MMOE_LIB")
+    return Path(env) if env else Path(__file__).resolve().parent / "build" / "libmmoe.so"
+
+
+def load_lib(path: str | os.PathLike | None = None) -> ctypes.CDLL:
+    global _LIB
+    if _LIB is not None and path is None:
+        return _LIB
+    p = Path(path) if path else default_lib_path()
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: the C engine is not built (run `make mobile`)")
+    lib = ctypes.CDLL(str(p))
+    c_p, c_i, c_sz, c_f = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_float
+    sigs = {
+        "mmoe_model_open": (c_p, [ctypes.c_char_p, ctypes.c_char_p, c_sz]),
+        "mmoe_model_close": (None, [c_p]),
+        "mmoe_model_info": (ctypes.c_int64, [c_p, ctypes.c_char_p]),
+        "mmoe_ctx_new": (c_p, [c_p, c_i, c_i, c_i, ctypes.c_char_p, c_sz]),
+        "mmoe_ctx_free": (None, [c_p]),
+        "mmoe_ctx_reset": (None, [c_p]),
+        "mmoe_ctx_pos": (c_i, [c_p]),
+        "mmoe_ctx_kernels": (ctypes.c_char_p, [c_p]),
+        "mmoe_eval": (c_i, [c_p, c_p, c_i, c_p, c_i, ctypes.c_char_p, c_sz]),
+        "mmoe_profile_get": (None, [c_p, c_p]),
+        "mmoe_profile_reset": (None, [c_p]),
+        "mmoe_tokenize": (c_i, [c_p, ctypes.c_char_p, c_sz, c_p, c_i]),
+        "mmoe_token_bytes": (c_i, [c_p, ctypes.c_int32, ctypes.c_char_p, c_i]),
+        "mmoe_rng_seed": (ctypes.c_uint64, [ctypes.c_uint64]),
+        "mmoe_sample": (ctypes.c_int32, [c_p, c_i, c_f, c_f, ctypes.POINTER(ctypes.c_uint64)]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    if path is None:
+        _LIB = lib
+    return lib
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+@dataclass
+class Generation:
+    ids: list[int]
+    text: str
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_tokens: int
+    profile: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("inf")
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("inf")
+
+
+class Engine:
+    """One model + one context (KV cache, thread pool). Not thread-safe; close() or use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1, max_ctx: int = 0, float_path: bool = False,
+                 lib: str | os.PathLike | None = None):
+        self.lib = load_lib(lib)
+        err = ctypes.create_string_buffer(512)
+        self._m = self.lib.mmoe_model_open(str(path).encode(), err, len(err))
+        if not self._m:
+            raise ValueError(err.value.decode(errors="replace"))
+        self._c = self.lib.mmoe_ctx_new(self._m, int(threads), int(max_ctx), 1 if float_path else 0, err, len(err))
+        if not self._c:
+            self.lib.mmoe_model_close(self._m)
+            self._m = None
+            raise ValueError(err.value.decode(errors="replace"))
+        self.vocab_size = self.info("vocab_size")
+        self.eos_id = self.info("eos_id")
+        self.max_ctx = int(max_ctx) if 0 < max_ctx <= self.info("max_seq_len") else self.info("max_seq_len")
+        self.kernels = self.lib.mmoe_ctx_kernels(self._c).decode()
+
+    def info(self, key: str) -> int:
+        return int(self.lib.mmoe_model_info(self._m, key.encode()))
+
+    def close(self) -> None:
+        if getattr(self, "_c", None):
+            self.lib.mmoe_ctx_free(self._c)
+            self._c = None
+        if getattr(self, "_m", None):
+            self.lib.mmoe_model_close(self._m)
+            self._m = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass
+
+    # ---- tokenizer ----
+    def tokenize(self, text: str) -> list[int]:
+        b = text.encode("utf-8")
+        out = np.zeros(len(b) + 1, dtype=np.int32)
+        n = self.lib.mmoe_tokenize(self._m, b, len(b), _ptr(out), len(out))
+        if n < 0:
+            raise ValueError("text cannot be tokenized (a byte is missing from the vocabulary)")
+        return out[:n].tolist()
+
+    def token_bytes(self, tok: int) -> bytes:
+        buf = ctypes.create_string_buffer(4096)
+        n = self.lib.mmoe_token_bytes(self._m, int(tok), buf, len(buf))
+        if n < 0:
+            raise ValueError(f"token id {tok} out of range")
+        return buf.raw[:n]
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
+    # ---- forward ----
+    @property
+    def pos(self) -> int:
+        return int(self.lib.mmoe_ctx_pos(self._c))
+
+    def reset(self) -> None:
+        self.lib.mmoe_ctx_reset(self._c)
+
+    def eval(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+        """Run ids after the cached tokens; returns (V,) last-token logits or (n, V) with all_logits."""
+        a = np.ascontiguousarray(ids, dtype=np.int32)
+        n = len(a)
+        out = np.empty((n if all_logits else 1, self.vocab_size), dtype=np.float32)
+        err = ctypes.create_string_buffer(512)
+        if self.lib.mmoe_eval(self._c, _ptr(a), n, _ptr(out), 1 if all_logits else 0, err, len(err)) != 0:
+            raise ValueError(err.value.decode(errors="replace"))
+        return out if all_logits else out[0]
+
+    def profile(self) -> dict[str, float]:
+        s = np.zeros(len(TIMERS), dtype=np.float64)
+        self.lib.mmoe_profile_get(self._c, _ptr(s))
+        return dict(zip(TIMERS, s.tolist()))
+
+    def profile_reset(self) -> None:
+        self.lib.mmoe_profile_reset(self._c)
+
+    def sample(self, logits: np.ndarray, temperature: float, top_p: float, rng: ctypes.c_uint64) -> int:
+        lg = np.ascontiguousarray(logits, dtype=np.float32)
+        return int(self.lib.mmoe_sample(_ptr(lg), len(lg), float(temperature), float(top_p), ctypes.byref(rng)))
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int, greedy: bool = False, temperature: float = 0.8,
+                 top_p: float = 0.95, seed: int = 0, stop_at_eos: bool = True) -> Generation:
+        """Fresh context: prefill the prompt as one batch, then decode one token at a time."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt")
+        self.reset()
+        self.profile_reset()
+        rng = ctypes.c_uint64(self.lib.mmoe_rng_seed(seed))
+        temp = 0.0 if greedy else temperature
+        t0 = time.perf_counter()
+        logits = self.eval(ids)
+        prefill_s = time.perf_counter() - t0
+        out: list[int] = []
+        decode_s, n_dec = 0.0, 0
+        while len(out) < max_new_tokens:
+            tok = self.sample(logits, temp, top_p, rng)
+            out.append(tok)
+            if (stop_at_eos and tok == self.eos_id) or len(out) == max_new_tokens or self.pos >= self.max_ctx:
+                break
+            t0 = time.perf_counter()
+            logits = self.eval([tok])
+            decode_s += time.perf_counter() - t0
+            n_dec += 1
+        return Generation(ids=out, text=self.decode(out), prompt_tokens=len(ids), prefill_s=prefill_s,
+                          decode_s=decode_s, decode_tokens=n_dec, profile=self.profile())
