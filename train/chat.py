@@ -50,3 +50,11 @@ def encode_chat(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], 
     r_ids = tok.encode(f"{response}{END}", add_special_tokens=False).ids
     nl = tok.encode("\n", add_special_tokens=False).ids
     return p_ids + r_ids + nl, [0] * len(p_ids) + [1] * len(r_ids) + [0] * len(nl)
+
+
+def encode_chat_batch(tok: Tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """encode_chat over many pairs (batched through the tokenizer's parallel encoder; same result)."""
+    ps = tok.encode_batch([render_prompt(p) for p, _ in pairs], add_special_tokens=False)
+    rs = tok.encode_batch([f"{r}{END}" for _, r in pairs], add_special_tokens=False)
+    nl = tok.encode("\n", add_special_tokens=False).ids
+    return [(p.ids + r.ids + nl, [0] * len(p.ids) + [1] * len(r.ids) + [0] * len(nl)) for p, r in zip(ps, rs)]

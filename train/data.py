@@ -166,14 +166,16 @@ def quality_text(text: str, min_words: int = 12) -> str:
 # ------------------------------------------------------------------------------------------------------
 # Generic sources for real-data sizes
 def iter_source(source: str, text_field: str = "text", split: str = "train", stats: dict | None = None,
-                streaming: bool = True) -> Iterator[str]:
+                streaming: bool = True, raw: bool = False) -> Iterator:
     """Yield documents (strings) from one source spec (see module doc). `stats` (dict) receives
-    'rows', 'skipped' counts. Raises DataError with a one-line message on a missing file / unreachable hub."""
+    'rows', 'skipped' counts. Raises DataError with a one-line message on a missing file / unreachable hub.
+    raw=True yields whole rows (dicts) of jsonl / parquet / hub sources instead (chat data); the caller
+    validates them."""
     st = stats if stats is not None else {}
     st.setdefault("rows", 0)
     st.setdefault("skipped", 0)
     if source.startswith("hf:"):
-        yield from _iter_hub(source, text_field, split, st, streaming)
+        yield from _iter_hub(source, text_field, split, st, streaming, raw)
         return
     p = Path(source)
     if not p.exists():
@@ -192,6 +194,12 @@ def iter_source(source: str, text_field: str = "text", split: str = "train", sta
                         continue
                     try:
                         row = json.loads(line)
+                        if raw:
+                            if not isinstance(row, dict):
+                                raise TypeError("row is not an object")
+                            st["rows"] += 1
+                            yield row
+                            continue
                         val = row[text_field]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         st["skipped"] += 1
@@ -208,6 +216,11 @@ def iter_source(source: str, text_field: str = "text", split: str = "train", sta
                 table = pq.read_table(f)
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"{f}: unreadable parquet ({e})") from e
+            if raw:
+                for row in table.to_pylist():
+                    st["rows"] += 1
+                    yield row
+                continue
             if text_field not in table.column_names:
                 raise DataError(f"{f}: no column {text_field!r} (columns: {table.column_names})")
             for val in table.column(text_field).to_pylist():
@@ -220,7 +233,7 @@ def iter_source(source: str, text_field: str = "text", split: str = "train", sta
             raise DataError(f"{f}: unsupported data file type {suf!r} (use .txt, .jsonl or .parquet)")
 
 
-def _iter_hub(source: str, text_field: str, split: str, st: dict, streaming: bool) -> Iterator[str]:
+def _iter_hub(source: str, text_field: str, split: str, st: dict, streaming: bool, raw: bool = False) -> Iterator:
     spec = source[3:]
     name, _, conf = spec.partition(":")
     try:
@@ -235,6 +248,10 @@ def _iter_hub(source: str, text_field: str, split: str, st: dict, streaming: boo
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"hub dataset {name}{':' + conf if conf else ''} is unreachable or unavailable: {msg}") from e
     for row in _chain1(first, it):
+        if raw:
+            st["rows"] += 1
+            yield row
+            continue
         val = row.get(text_field) if isinstance(row, dict) else None
         if isinstance(val, str):
             st["rows"] += 1

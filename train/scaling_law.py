@@ -123,7 +123,9 @@ def _objective(v, feats, logy, h):
         np.sum(dh * w_dat),
         np.sum(dh * w_dat * -lD),
     ])
-    return float(np.sum(_huber(r, h))), grad
+    # scaled by 1/(n h^2) so the objective is O(1): L-BFGS-B's ftol is relative to max(|f|, 1)
+    scale = 1.0 / (len(r) * h * h)
+    return float(np.sum(_huber(r, h))) * scale, grad * scale
 
 
 def default_starts() -> list[np.ndarray]:
@@ -154,7 +156,7 @@ def _fit_once(feats, logy, starts, h, fixed: dict[int, float] | None = None):
     for x0 in starts:
         x0 = np.array([min(max(x, lo), hi) for x, (lo, hi) in zip(x0, bounds)])
         res = minimize(_objective, x0, args=(feats, logy, h), jac=True, method="L-BFGS-B", bounds=bounds,
-                       options=dict(maxiter=400, ftol=1e-13, gtol=1e-10))
+                       options=dict(maxiter=500, ftol=1e-12, gtol=1e-8))
         ranked.append((float(res.fun), res.x))
         if best is None or res.fun < best.fun:
             best = res
