@@ -6,7 +6,7 @@
            [--top-p P] [--seed S] [--prompt-ids 1,2,3] [--ids] [--profile] [--float]
   info     --model F.mmoe      (header, tensor table summary)
 
-generate prints the text, then prefill and decode tokens/s and peak RSS. Errors: one line, exit status 1/2.
+generate prints the text, then prefill and decode tokens/s and peak RSS (lines starting "-- "). Errors: one line, exit status 1/2.
 """
 
 from __future__ import annotations
@@ -46,16 +46,19 @@ def _generate(a) -> int:
             prompt = a.prompt
         g = eng.generate(prompt, a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_p=a.top_p,
                          seed=a.seed)
+        # text then the figures on stdout (callers such as `make train` show stdout); with --ids the ids line
+        # stays alone on stdout so scripts can parse it, and the figures go to stderr
+        stats = sys.stderr if a.ids else sys.stdout
         print(",".join(map(str, g.ids)) if a.ids else (prompt if isinstance(prompt, str) else "") + g.text)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"kernels {eng.kernels}, threads {a.threads}", file=sys.stderr)
-        print(f"prefill: {g.prompt_tokens} tokens, {g.prefill_tok_s:.1f} tok/s", file=sys.stderr)
-        print(f"decode: {g.decode_tokens} tokens, {g.decode_tok_s:.1f} tok/s", file=sys.stderr)
-        print(f"peak RSS: {rss_mb:.1f} MB (this process, Python included)", file=sys.stderr)
+        print(f"-- kernels {eng.kernels}, threads {a.threads}", file=stats)
+        print(f"-- prefill: {g.prompt_tokens} tokens, {g.prefill_tok_s:.1f} tok/s", file=stats)
+        print(f"-- decode: {g.decode_tokens} tokens, {g.decode_tok_s:.1f} tok/s", file=stats)
+        print(f"-- peak RSS: {rss_mb:.1f} MB (this process, Python included)", file=stats)
         if a.profile:
             tot = sum(g.profile.values()) or 1.0
             for k, v in g.profile.items():
-                print(f"  {k:<10} {1e3 * v:9.3f} ms  {100 * v / tot:5.1f}%", file=sys.stderr)
+                print(f"--   {k:<10} {1e3 * v:9.3f} ms  {100 * v / tot:5.1f}%", file=stats)
     return 0
 
 

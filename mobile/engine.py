@@ -50,6 +50,7 @@ def load_lib(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         "mmoe_profile_reset": (None, [c_p]),
         "mmoe_tokenize": (c_i, [c_p, ctypes.c_char_p, c_sz, c_p, c_i]),
         "mmoe_token_bytes": (c_i, [c_p, ctypes.c_int32, ctypes.c_char_p, c_i]),
+        "mmoe_token_is_stop": (c_i, [c_p, ctypes.c_int32]),
         "mmoe_rng_seed": (ctypes.c_uint64, [ctypes.c_uint64]),
         "mmoe_sample": (ctypes.c_int32, [c_p, c_i, c_f, c_f, ctypes.POINTER(ctypes.c_uint64)]),
     }
@@ -143,6 +144,10 @@ class Engine:
             raise ValueError(f"token id {tok} out of range")
         return buf.raw[:n]
 
+    def is_stop(self, tok: int) -> bool:
+        """True for the end-of-text / end-of-turn tokens the exporter flagged (generation stops there)."""
+        return bool(self.lib.mmoe_token_is_stop(self._m, int(tok)))
+
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
 
@@ -194,7 +199,7 @@ class Engine:
         while len(out) < max_new_tokens:
             tok = self.sample(logits, temp, top_p, rng)
             out.append(tok)
-            if (stop_at_eos and tok == self.eos_id) or len(out) == max_new_tokens or self.pos >= self.max_ctx:
+            if (stop_at_eos and self.is_stop(tok)) or len(out) == max_new_tokens or self.pos >= self.max_ctx:
                 break
             t0 = time.perf_counter()
             logits = self.eval([tok])

@@ -31,6 +31,8 @@ LAYER_DENSE, LAYER_MOE = 0, 1
 SCORE_SOFTMAX, SCORE_SIGMOID = 0, 1
 TOK_IGNORE_MERGES = 1
 TOK_ADD_PREFIX_SPACE = 2
+SPECIAL_STOP = 1
+STOP_TOKENS = ("<|endoftext|>", "<|end|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
 
 # Header: magic, then these little-endian fields in order (offsets in FORMAT.md); layer kinds at 256.
 HEADER_FIELDS = [
@@ -87,6 +89,9 @@ class TokenizerBlob:
     merges: list[tuple[int, int, int]] = field(default_factory=list)
     flags: int = 0
     eos_id: int = -1
+    # added/special tokens: (id, flags); their text is matched whole before BPE (as `tokenizers` does);
+    # flags & SPECIAL_STOP: generation stops on this token
+    specials: list[tuple[int, int]] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         offs = [0]
@@ -94,7 +99,8 @@ class TokenizerBlob:
             offs.append(offs[-1] + len(v))
         out = [TOK_MAGIC, struct.pack("<III", len(self.vocab), len(self.merges), self.flags),
                np.asarray(offs, dtype="<u4").tobytes(), b"".join(self.vocab),
-               np.asarray(self.merges, dtype="<u4").reshape(-1, 3).tobytes()]
+               np.asarray(self.merges, dtype="<u4").reshape(-1, 3).tobytes(),
+               struct.pack("<I", len(self.specials)), np.asarray(self.specials, dtype="<u4").reshape(-1, 2).tobytes()]
         return b"".join(out)
 
 
@@ -149,12 +155,9 @@ def tokenizer_from_json(path: str | os.PathLike, vocab_size: int) -> TokenizerBl
     flags = TOK_IGNORE_MERGES if model.get("ignore_merges") else 0
     if any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in pres):
         flags |= TOK_ADD_PREFIX_SPACE
-    eos = -1
-    for name in ("<|endoftext|>", "</s>", "<eos>"):
-        if name in added:
-            eos = added[name]
-            break
-    return TokenizerBlob(vocab=vocab, merges=merges, flags=flags, eos_id=eos)
+    eos = next((added[n] for n in STOP_TOKENS if n in added), -1)
+    specials = sorted((i, SPECIAL_STOP if s in STOP_TOKENS else 0) for s, i in added.items() if s)
+    return TokenizerBlob(vocab=vocab, merges=merges, flags=flags, eos_id=eos, specials=specials)
 
 
 # ---- writer --------------------------------------------------------------------------------------------

@@ -133,4 +133,4 @@ def test_generate_cli_prints_text_and_speed(tiny):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("To be")
     for key in ("prefill:", "decode:", "tok/s", "peak RSS", "attention", "experts", "lm_head"):
-        assert key in r.stderr, r.stderr
+        assert key in r.stdout, r.stdout

@@ -27,7 +27,10 @@ That flesh is heir to: 'tis a consummation
 Devoutly to be wish'd. I'll, you've, they're, we'd, I'm, can't!
   ACT I. SCENE 2.   Elsinore. 1601, 42nd; 3.14159 -- [Exit.]
 """
+SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]  # train/chat.py's, ids 0..3
 EDGE = [
+    "<|user|>\nContinue HAMLET's speech:<|end|>\n<|assistant|>\n", "a<|end|>b <|endoftext|> c<|end|>", "<|user|>",
+    "<|end|><|end|>  <|assist", "x <|user|> y",
     "", " ", "  ", "\n", "\n\n\nword", "a  b   c\t\td", "trailing space ", "x\r\ny", "''s'S 'LL 'll",
     "numbers 123456 1,000 3rd", "punct!!! ?? ... ---", "tabs\tand\u00a0nbsp", "café naïve Œdipus — “quoted” ‘single’",
     "emoji 🙂 and 中文 text", "mixed123abc456", "   leading", "end.\n", "$100.00 #hash @at",
@@ -51,7 +54,7 @@ def tok_model(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=1024, min_frequency=2, show_progress=False, special_tokens=["<|endoftext|>"],
+        vocab_size=1024, min_frequency=2, show_progress=False, special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     d = tmp_path_factory.mktemp("tok")
     tok.save(str(d / "tokenizer.json"))
@@ -68,6 +71,8 @@ def test_merges_are_used(tok_model):
     ids = eng.tokenize(SAMPLE)
     assert len(ids) < len(SAMPLE.encode()) / 2  # real merges, not bytes
     assert eng.eos_id == tok.token_to_id("<|endoftext|>")
+    assert eng.is_stop(tok.token_to_id("<|end|>")) and eng.is_stop(eng.eos_id)
+    assert not eng.is_stop(tok.token_to_id("<|user|>")) and not eng.is_stop(ids[0])
 
 
 @pytest.mark.parametrize("i", range(len(EDGE) + 1))

@@ -51,6 +51,8 @@ typedef struct {
     const uint32_t *offs;  /* n_vocab + 1, little-endian u32 (read via memcpy helpers) */
     const uint8_t *pool;
     const uint8_t *merges; /* n_merges x (left, right, result) u32 */
+    uint32_t n_special;
+    const uint8_t *specials; /* n_special x (id, flags) u32; flags & 1: stop token */
     /* built at load: single-byte token ids, and open-addressing hash tables */
     int32_t byte_tok[256];
     uint64_t *merge_keys; int32_t *merge_vals; uint32_t merge_cap;   /* (left<<32|right) -> rank */

@@ -104,7 +104,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     int rc = 1;
-    int V = (int)mmoe_model_info(m, "vocab_size"), eos = (int)mmoe_model_info(m, "eos_id");
+    int V = (int)mmoe_model_info(m, "vocab_size");
     int32_t *ids = NULL;
     float *logits = NULL;
     int n_prompt = 0;
@@ -167,7 +167,7 @@ int main(int argc, char **argv) {
         }
         fflush(stdout);
         n_gen++;
-        if ((tok == eos && !ignore_eos) || n_gen == n_new) break;
+        if ((!ignore_eos && mmoe_token_is_stop(m, tok)) || n_gen == n_new) break;
         t0 = now();
         if (mmoe_eval(c, &tok, 1, logits, 0, err, sizeof err)) {
             fprintf(stderr, "\nerror: %s\n", err);

@@ -46,6 +46,8 @@ void mmoe_profile_reset(mmoe_ctx *c);
  * ids were written), or -1. decode appends token id's bytes to out and returns their count (-1: bad id). */
 int mmoe_tokenize(const mmoe_model *m, const char *text, size_t len, int32_t *out, int cap);
 int mmoe_token_bytes(const mmoe_model *m, int32_t id, char *out, int cap);
+/* 1 if generation should stop on this token (<|endoftext|>, <|end|>, ... as flagged by the exporter). */
+int mmoe_token_is_stop(const mmoe_model *m, int32_t id);
 
 /* Sampling: temperature <= 0 is greedy (first maximum). rng_state: caller-owned, seeded by mmoe_rng_seed. */
 uint64_t mmoe_rng_seed(uint64_t seed);

@@ -164,13 +164,26 @@ int mmoe_tokenizer_init(mmoe_tokenizer *t, const uint8_t *blob, size_t size, uin
         }
         prev = o;
     }
-    uint64_t pool = prev;
-    if (16 + offs_bytes + pool + 12ull * t->n_merges != size) {
+    uint64_t pool = prev, sp_at = 16 + offs_bytes + pool + 12ull * t->n_merges;
+    if (sp_at + 4 > size) {
+        mmoe_seterr(err, errlen, "tokenizer blob: size %zu inconsistent with its counts", size);
+        return -1;
+    }
+    t->n_special = mmoe_rd32(blob + sp_at);
+    if (t->n_special > 4096 || sp_at + 4 + 8ull * t->n_special != size) {
         mmoe_seterr(err, errlen, "tokenizer blob: size %zu inconsistent with its counts", size);
         return -1;
     }
     t->pool = blob + 16 + offs_bytes;
     t->merges = t->pool + pool;
+    t->specials = blob + sp_at + 4;
+    for (uint32_t i = 0; i < t->n_special; i++) {
+        uint32_t id = mmoe_rd32(t->specials + 8ull * i), fl = mmoe_rd32(t->specials + 8ull * i + 4);
+        if (id >= t->n_vocab || fl > 1 || tok_off(t, id + 1) == tok_off(t, id)) {
+            mmoe_seterr(err, errlen, "tokenizer blob: special token %u (id %u, flags %u) invalid", i, id, fl);
+            return -1;
+        }
+    }
     for (uint32_t i = 0; i < t->n_merges; i++)
         for (int j = 0; j < 3; j++)
             if (mmoe_rd32(t->merges + 12ull * i + 4 * j) >= t->n_vocab) {
@@ -275,18 +288,41 @@ int mmoe_tokenize(const mmoe_model *model, const char *str, size_t len, int32_t 
         free(buf);
         return -1;
     }
-    text tx = {s, len};
     long count = 0;
-    for (size_t i = 0; i < len;) {
-        size_t k = pretoken(&tx, i);
-        int room = cap - (int)(count < cap ? count : cap);
-        int r = bpe(t, s + i, k, sym, out + (count < cap ? count : cap), room);
-        if (r < 0 || count + r > 0x7fffffff) {
-            count = -1;
-            break;
+    size_t seg = 0; /* start of the current ordinary-text segment */
+    for (size_t i = 0; i <= len && count >= 0;) {
+        /* longest special token starting at i (leftmost-longest, like `tokenizers`' added-token split) */
+        int32_t sp = -1;
+        size_t sp_len = 0;
+        for (uint32_t j = 0; i < len && j < t->n_special; j++) {
+            uint32_t id = mmoe_rd32(t->specials + 8ull * j), o = tok_off(t, id), e = tok_off(t, id + 1);
+            if (e - o > sp_len && e - o <= len - i && memcmp(s + i, t->pool + o, e - o) == 0) {
+                sp = (int32_t)id;
+                sp_len = e - o;
+            }
         }
-        count += r;
-        i += k;
+        if (sp < 0 && i < len) {
+            i++;
+            continue;
+        }
+        text tx = {s, i}; /* pre-tokenize + BPE the segment [seg, i) */
+        for (size_t p = seg; p < i;) {
+            size_t k = pretoken(&tx, p);
+            int room = cap - (int)(count < cap ? count : cap);
+            int r = bpe(t, s + p, k, sym, out + (count < cap ? count : cap), room);
+            if (r < 0 || count + r > 0x7fffffff) {
+                count = -1;
+                break;
+            }
+            count += r;
+            p += k;
+        }
+        if (count < 0 || i == len) break;
+        if (count < cap) out[count] = sp;
+        count++;
+        i += sp_len;
+        seg = i;
+        if (i == len) break;
     }
     free(sym);
     free(buf);
@@ -306,4 +342,12 @@ int mmoe_token_bytes(const mmoe_model *m, int32_t id, char *out, int cap) {
     if ((int)(e - o) > cap) return -1;
     memcpy(out, t->pool + o, e - o);
     return (int)(e - o);
+}
+
+int mmoe_token_is_stop(const mmoe_model *m, int32_t id) {
+    const mmoe_tokenizer *t = &m->tok;
+    if (id == m->cfg.eos_id) return 1;
+    for (uint32_t j = 0; j < t->n_special; j++)
+        if ((int32_t)mmoe_rd32(t->specials + 8ull * j) == id) return (int)(mmoe_rd32(t->specials + 8ull * j + 4) & 1);
+    return 0;
 }
