@@ -2,7 +2,7 @@
 
   export   --ckpt <model dir | run dir> --out F.mmoe [--tokenizer tokenizer.json]
   export   --random-init --size tiny|S|M|L|dense-1B --out F.mmoe [--seed N] [--tokenizer tokenizer.json]
-  generate --model F.mmoe --prompt "..." --max-new-tokens N [--greedy] [--threads T] [--temperature X]
+  generate --model F.mmoe --prompt "..." --max-new-tokens N [--greedy] [--threads T] [--chat] [--temperature X]
            [--top-p P] [--seed S] [--prompt-ids 1,2,3] [--ids] [--profile] [--float]
   info     --model F.mmoe      (header, tensor table summary)
 
@@ -33,6 +33,15 @@ def _export(a) -> int:
     return 0
 
 
+def render_chat(prompt: str) -> str:
+    """train/chat.py's single-turn generation prompt (the SFT/QAT models are trained on it)."""
+    try:
+        from train.chat import render_prompt  # noqa: PLC0415  (plain Python + tokenizers, no torch)
+    except ImportError:  # the phone side may ship without train/: the same template, spelled out
+        return f"<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
+    return render_prompt(prompt)
+
+
 def _generate(a) -> int:
     from mobile.engine import Engine  # noqa: PLC0415
 
@@ -43,7 +52,7 @@ def _generate(a) -> int:
             except ValueError:
                 raise ValueError(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
         else:
-            prompt = a.prompt
+            prompt = render_chat(a.prompt) if a.chat else a.prompt
         g = eng.generate(prompt, a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_p=a.top_p,
                          seed=a.seed)
         # text then the figures on stdout (callers such as `make train` show stdout); with --ids the ids line
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="run the C engine through ctypes")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", default="")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (train/chat.py)")
     g.add_argument("--prompt-ids", help="comma-separated token ids (skips the tokenizer)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--greedy", action="store_true")
