@@ -15,7 +15,7 @@
 
 #define XOFF_CHUNK 256 /* groups whose activation sums are precomputed at a time (K up to 8192 in one chunk) */
 
-static inline __m256i unpack_group(const uint8_t *p, __m256i m4) {
+MMOE_INLINE __m256i unpack_group(const uint8_t *p, __m256i m4) {
     /* 16 bytes -> [w'0..w'15 | w'16..w'31] */
     __m128i v = _mm_loadu_si128((const __m128i *)p);
     __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
@@ -25,13 +25,13 @@ static inline __m256i unpack_group(const uint8_t *p, __m256i m4) {
 /* Four rows' int16 pair-sum vectors -> int32 [row0..row3 of the low 128-bit half | row0..row3 of the high half].
  * Two hadd_epi16 levels then one madd: callers guarantee every input lane is within +-7620, so the int16
  * levels stay within +-30480 (no wrap-around) and the result is exact. */
-static inline __m256i reduce4_i16(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+MMOE_INLINE __m256i reduce4_i16(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
     __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(s0, s1), _mm256_hadd_epi16(s2, s3));
     return _mm256_madd_epi16(h, _mm256_set1_epi16(1));
 }
 
 /* Scales of 8 rows x 8 groups (fp16, row stride G) -> sc[j][i] = scale of row i, group j, as fp32. */
-static inline void load_scales_8x8(const mmoe_fp16 *d, int G, float sc[8][8]) {
+MMOE_INLINE void load_scales_8x8(const mmoe_fp16 *d, int G, float sc[8][8]) {
     __m128i a0 = _mm_loadu_si128((const __m128i *)(d + 0 * (size_t)G));
     __m128i a1 = _mm_loadu_si128((const __m128i *)(d + 1 * (size_t)G));
     __m128i a2 = _mm_loadu_si128((const __m128i *)(d + 2 * (size_t)G));
@@ -59,7 +59,7 @@ static inline void load_scales_8x8(const mmoe_fp16 *d, int G, float sc[8][8]) {
 }
 
 /* Scales of 8 rows x 4 groups -> sc[j][i] = scale of row i, group j (for K/32 not a multiple of 8, e.g. K = 160) */
-static inline void load_scales_8x4(const mmoe_fp16 *d, int G, float sc[4][8]) {
+MMOE_INLINE void load_scales_8x4(const mmoe_fp16 *d, int G, float sc[4][8]) {
     __m128i a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm_loadl_epi64((const __m128i *)(d + (size_t)i * (size_t)G));
     __m128i t0 = _mm_unpacklo_epi16(a[0], a[1]), t1 = _mm_unpacklo_epi16(a[2], a[3]);
@@ -72,7 +72,7 @@ static inline void load_scales_8x4(const mmoe_fp16 *d, int G, float sc[4][8]) {
     _mm256_storeu_ps(sc[3], _mm256_cvtph_ps(_mm_unpackhi_epi64(u1, u3)));
 }
 
-static inline __m256 scales_col8(const mmoe_fp16 *d, int G) {
+MMOE_INLINE __m256 scales_col8(const mmoe_fp16 *d, int G) {
     __m128i h = _mm_setr_epi16((short)d[0], (short)d[(size_t)G], (short)d[2 * (size_t)G], (short)d[3 * (size_t)G],
                                (short)d[4 * (size_t)G], (short)d[5 * (size_t)G], (short)d[6 * (size_t)G],
                                (short)d[7 * (size_t)G]);
@@ -80,7 +80,7 @@ static inline __m256 scales_col8(const mmoe_fp16 *d, int G) {
 }
 
 /* One row, two consecutive groups: int16 lanes of 4 products w' * x each, |.| <= 4 * 15 * 127 = 7620 */
-static inline __m256i row_g2(const uint8_t *q, __m256i xlo, __m256i xhi, __m256i m4) {
+MMOE_INLINE __m256i row_g2(const uint8_t *q, __m256i xlo, __m256i xhi, __m256i m4) {
     __m256i v = _mm256_loadu_si256((const __m256i *)q); /* nibbles of g0 | g1 */
     __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
     return _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
@@ -91,7 +91,7 @@ static inline __m256i row_g2(const uint8_t *q, __m256i xlo, __m256i xhi, __m256i
  * (a plain AVX2 read: 17-18); the 8 interleaved 640-byte row streams of a block are too short for the hardware
  * prefetcher to train on. Integer arithmetic: the address may lie past the matrix (prefetch
  * never faults), and forming an out-of-range pointer would be undefined behaviour. */
-static inline void prefetch_next_block(const uint8_t *q, size_t rowb) {
+MMOE_INLINE void prefetch_next_block(const uint8_t *q, size_t rowb) {
     /* asm, not _mm_prefetch: GCC 12 -O2 dead-code-eliminated the builtin prefetches in this file */
     uintptr_t nx = (uintptr_t)q + 8 * rowb;
     __asm__ volatile("prefetcht0 (%0)\n\t"
@@ -108,7 +108,7 @@ static inline void prefetch_next_block(const uint8_t *q, size_t rowb) {
 
 /* 8 rows (row stride rowb bytes), two consecutive groups: integer sums w'.x per row, lane = row.
  * Written out row by row: at -O2 GCC keeps a loop here and round-trips the 8 vectors through the stack. */
-static inline void dot8_g2(const uint8_t *q, size_t rowb, const int8_t *x, __m256i *i0, __m256i *i1) {
+MMOE_INLINE void dot8_g2(const uint8_t *q, size_t rowb, const int8_t *x, __m256i *i0, __m256i *i1) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256i xa = _mm256_loadu_si256((const __m256i *)x), xb = _mm256_loadu_si256((const __m256i *)(x + 32));
     __m256i xlo = _mm256_permute2x128_si256(xa, xb, 0x20); /* [g0 x0..15 | g1 x0..15] */
@@ -124,11 +124,11 @@ static inline void dot8_g2(const uint8_t *q, size_t rowb, const int8_t *x, __m25
 }
 
 /* One row, one group: int16 lanes of 2 products, |.| <= 3810 */
-static inline __m256i row_g1(const uint8_t *q, __m256i xv, __m256i m4) {
+MMOE_INLINE __m256i row_g1(const uint8_t *q, __m256i xv, __m256i m4) {
     return _mm256_maddubs_epi16(unpack_group(q, m4), xv);
 }
 
-static inline __m256i dot8_g1(const uint8_t *q, size_t rowb, const int8_t *x) {
+MMOE_INLINE __m256i dot8_g1(const uint8_t *q, size_t rowb, const int8_t *x) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256i xv = _mm256_loadu_si256((const __m256i *)x);
     prefetch_next_block(q, rowb);
@@ -139,7 +139,7 @@ static inline __m256i dot8_g1(const uint8_t *q, size_t rowb, const int8_t *x) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
 }
 
-static inline __m256 step(__m256 acc, __m256i isum_off, int32_t xoff, __m256 sc) {
+MMOE_INLINE __m256 step(__m256 acc, __m256i isum_off, int32_t xoff, __m256 sc) {
     __m256i isum = _mm256_sub_epi32(isum_off, _mm256_set1_epi32(xoff));
     return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), sc));
 }
@@ -200,7 +200,7 @@ static void gemv_avx2(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float
 }
 
 /* One token against 4 unpacked weight rows (one group): [rows 0-3, elements 0-15 | rows 0-3, elements 16-31] */
-static inline __m256i tok4(__m256i w0, __m256i w1, __m256i w2, __m256i w3, const int8_t *x, __m256i eights) {
+MMOE_INLINE __m256i tok4(__m256i w0, __m256i w1, __m256i w2, __m256i w3, const int8_t *x, __m256i eights) {
     __m256i xv = _mm256_loadu_si256((const __m256i *)x);
     __m256i c = _mm256_maddubs_epi16(eights, xv); /* removes the +8 of w' pairwise, exactly, in int16 */
     /* int16 lanes: 2 products (w' - 8) * x, |.| <= 2032 */

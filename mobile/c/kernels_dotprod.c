@@ -9,7 +9,7 @@
 #endif
 #include "kernels_arm.h"
 
-static inline int32x4_t dot_group(int8x16_t wl, int8x16_t wh, int8x16_t xl, int8x16_t xh) {
+MMOE_INLINE int32x4_t dot_group(int8x16_t wl, int8x16_t wh, int8x16_t xl, int8x16_t xh) {
     return vdotq_s32(vdotq_s32(vdupq_n_s32(0), wl, xl), wh, xh);
 }
 
@@ -17,7 +17,7 @@ static inline int32x4_t dot_group(int8x16_t wl, int8x16_t wh, int8x16_t xl, int8
  * once per group for 4 rows: isum = sum(w' x) - 8 sum(x). Saves the two subtractions per row and group. */
 #define XOFF_CHUNK 256
 
-static inline void unpack_u4(const uint8_t *p, int8x16_t *lo, int8x16_t *hi) {
+MMOE_INLINE void unpack_u4(const uint8_t *p, int8x16_t *lo, int8x16_t *hi) {
     uint8x16_t v = vld1q_u8(p);
     *lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
     *hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
@@ -79,7 +79,7 @@ void mmoe_gemv_dotprod(const mmoe_q4_matrix *W, const int8_t *xq, float xs, floa
 }
 
 /* one token against 4 unpacked weight rows (one group): [row0 .. row3] */
-static inline int32x4_t tok4(int8x16_t l0, int8x16_t h0, int8x16_t l1, int8x16_t h1, int8x16_t l2, int8x16_t h2,
+MMOE_INLINE int32x4_t tok4(int8x16_t l0, int8x16_t h0, int8x16_t l1, int8x16_t h1, int8x16_t l2, int8x16_t h2,
                              int8x16_t l3, int8x16_t h3, const int8_t *x) {
     int8x16_t xl = vld1q_s8(x), xh = vld1q_s8(x + 16);
     return mmoe_reduce4(dot_group(l0, h0, xl, xh), dot_group(l1, h1, xl, xh), dot_group(l2, h2, xl, xh),

@@ -11,16 +11,16 @@
 #include "kernels_arm.h"
 
 /* rows of 8 bytes: [a0..a7 | b0..b7] from the low or high halves of two 16-byte vectors */
-static inline int8x16_t lo64(int8x16_t a, int8x16_t b) {
+MMOE_INLINE int8x16_t lo64(int8x16_t a, int8x16_t b) {
     return vreinterpretq_s8_s64(vzip1q_s64(vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b)));
 }
-static inline int8x16_t hi64(int8x16_t a, int8x16_t b) {
+MMOE_INLINE int8x16_t hi64(int8x16_t a, int8x16_t b) {
     return vreinterpretq_s8_s64(vzip2q_s64(vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b)));
 }
 
 /* integer sums of one group for a pair of tokens (a: their 4 chunks of 8 elements) and a pair of rows (b):
  * lanes [tok0.row0, tok0.row1, tok1.row0, tok1.row1] */
-static inline int32x4_t mm_group(int8x16_t a0, int8x16_t a1, int8x16_t a2, int8x16_t a3, int8x16_t b0,
+MMOE_INLINE int32x4_t mm_group(int8x16_t a0, int8x16_t a1, int8x16_t a2, int8x16_t a3, int8x16_t b0,
                                  int8x16_t b1, int8x16_t b2, int8x16_t b3) {
     int32x4_t t = vmmlaq_s32(vdupq_n_s32(0), a0, b0);
     t = vmmlaq_s32(t, a1, b1);
@@ -28,7 +28,7 @@ static inline int32x4_t mm_group(int8x16_t a0, int8x16_t a1, int8x16_t a2, int8x
     return vmmlaq_s32(t, a3, b3);
 }
 
-static inline float32x4_t pair_scales(const mmoe_fp16 *d, int G) { /* [d_r0, d_r1, d_r0, d_r1] */
+MMOE_INLINE float32x4_t pair_scales(const mmoe_fp16 *d, int G) { /* [d_r0, d_r1, d_r0, d_r1] */
     uint16x4_t h = vdup_n_u16(0);
     h = vld1_lane_u16(d, h, 0);
     h = vld1_lane_u16(d + (size_t)G, h, 1);
@@ -37,7 +37,7 @@ static inline float32x4_t pair_scales(const mmoe_fp16 *d, int G) { /* [d_r0, d_r
     return vcvt_f32_f16(vreinterpret_f16_u16(h));
 }
 
-static inline void store_pair(float *Y, int ldy, float32x4_t acc, float xs0, float xs1) {
+MMOE_INLINE void store_pair(float *Y, int ldy, float32x4_t acc, float xs0, float xs1) {
     float32x4_t v = vmulq_f32(acc, vcombine_f32(vdup_n_f32(xs0), vdup_n_f32(xs1)));
     vst1_f32(Y, vget_low_f32(v));
     vst1_f32(Y + ldy, vget_high_f32(v));

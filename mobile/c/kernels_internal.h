@@ -5,6 +5,14 @@
 
 #include "kernels.h"
 
+/* SIMD helpers must be inlined: GCC -O2 otherwise outlines the big ones (a call, vzeroupper and the accumulators
+ * spilled around it every two groups). */
+#if defined(__GNUC__) || defined(__clang__)
+#define MMOE_INLINE static inline __attribute__((always_inline))
+#else
+#define MMOE_INLINE static inline
+#endif
+
 void mmoe_gemv_scalar(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float *y, int r0, int r1);
 void mmoe_gemm_scalar(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy,
                       int r0, int r1);

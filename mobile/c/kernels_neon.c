@@ -6,7 +6,7 @@
 #if defined(MMOE_ARM64)
 #include "kernels_arm.h"
 
-static inline int32x4_t dot_group(const uint8_t *q, int8x16_t xl, int8x16_t xh) {
+MMOE_INLINE int32x4_t dot_group(const uint8_t *q, int8x16_t xl, int8x16_t xh) {
     int8x16_t wl, wh;
     mmoe_unpack_q4(q, &wl, &wh);
     int16x8_t p = vmull_s8(vget_low_s8(wl), vget_low_s8(xl));
@@ -17,7 +17,7 @@ static inline int32x4_t dot_group(const uint8_t *q, int8x16_t xl, int8x16_t xh) 
 }
 
 /* prefill: 4 rows starting at row r, one token, signed nibbles: the fp32 accumulators (not yet times xs) */
-static inline float32x4_t rows4(const mmoe_q4_matrix *W, int r, const int8_t *x) {
+MMOE_INLINE float32x4_t rows4(const mmoe_q4_matrix *W, int r, const int8_t *x) {
     const int G = W->cols / 32;
     const size_t rowb = (size_t)W->cols / 2;
     const uint8_t *q = W->qs + (size_t)r * rowb;
@@ -37,7 +37,7 @@ static inline float32x4_t rows4(const mmoe_q4_matrix *W, int r, const int8_t *x)
  * and the offset is removed once per group for 4 rows: isum = sum(w' x) - 8 sum(x). */
 #define XOFF_CHUNK 256
 
-static inline int32x4_t dot_group_u(const uint8_t *q, int8x16_t xl, int8x16_t xh) {
+MMOE_INLINE int32x4_t dot_group_u(const uint8_t *q, int8x16_t xl, int8x16_t xh) {
     uint8x16_t v = vld1q_u8(q);
     int8x16_t wl = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f))), wh = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
     int16x8_t p = vmull_s8(vget_low_s8(wl), vget_low_s8(xl));
