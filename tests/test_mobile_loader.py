@@ -82,6 +82,8 @@ CASES = {
     "missing_tensor": (lambda b: b.__setitem__(slice(fmt.table_entry_offset(bytes(b), entry(b, "norm").index),
                                                      fmt.table_entry_offset(bytes(b), entry(b, "norm").index) + 4),
                                                b"xorm"), "tensor 'norm' is missing"),
+    # found by a 20,000-case fuzz run: an all-MoE model's unused ffn_dim once sized the FFN buffers
+    "unused_ffn_dim_huge": (lambda b: set_header(b, "ffn_dim", 0xFFFFFFF0), "ffn_dim 4294967280"),
     "table_out_of_range": (lambda b: set_header(b, "n_tensors", 10**5), "n_tensors"),
     "tokenizer_range": (lambda b: set_header(b, "tok_size", 1 << 40), "tokenizer range"),
 }

@@ -192,6 +192,11 @@ static int parse(mmoe_model *m, char *err, size_t errlen) {
     CHECK(isfinite(c->norm_eps) && c->norm_eps >= 0.0f && c->norm_eps < 1.0f, "norm_eps out of range");
     CHECK(c->eos_id >= -1 && c->eos_id < (int32_t)c->vocab_size, "eos_id %d out of range", c->eos_id);
     CHECK(c->n_experts <= 4096, "n_experts %u out of range", c->n_experts);
+    /* FFN widths are bounded even where the layer kinds do not use them */
+    CHECK(c->ffn_dim <= (1u << 18) && c->expert_ffn_dim <= (1u << 16) && c->shared_ffn_dim <= (1u << 16) &&
+              c->n_shared_experts <= 64,
+          "ffn_dim %u / expert_ffn_dim %u / shared_ffn_dim %u / n_shared_experts %u out of range", c->ffn_dim,
+          c->expert_ffn_dim, c->shared_ffn_dim, c->n_shared_experts);
     if (c->n_experts) {
         CHECK(c->top_k >= 1 && c->top_k <= c->n_experts && c->top_k <= 64, "top_k %u out of range", c->top_k);
         CHECK(c->expert_ffn_dim >= 32 && c->expert_ffn_dim <= (1u << 16) && c->expert_ffn_dim % 32 == 0,

@@ -416,7 +416,14 @@ mmoe_ctx *mmoe_ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flag
     c->KVD = c->KV * c->hd;
     c->E = (int)cf->n_experts;
     c->K = (int)cf->top_k;
-    c->Fmax = imax(imax((int)cf->expert_ffn_dim, (int)(cf->n_shared_experts * cf->shared_ffn_dim)), (int)cf->ffn_dim);
+    /* FFN widths from the bound tensors, not from header fields a layer does not use (a dense model's
+     * expert_ffn_dim, an all-MoE model's ffn_dim): buffers are sized only by what the file really holds */
+    c->Fmax = 32;
+    for (uint32_t l = 0; l < cf->n_layers; l++) {
+        const mmoe_layer *L = &m->layers[l];
+        if (L->is_moe) c->Fmax = imax(c->Fmax, L->experts.F);
+        if (L->has_shared) c->Fmax = imax(c->Fmax, L->sh_down.cols);
+    }
     c->Kmax = imax(imax(c->D, c->QD), c->Fmax);
     size_t B = MMOE_BATCH, D = (size_t)c->D, kv = (size_t)cf->n_layers * (size_t)max_ctx * (size_t)c->KVD;
     size_t EK = c->E ? (size_t)c->E : 1, KK = c->K ? (size_t)c->K : 1, F = (size_t)c->Fmax;
