@@ -211,7 +211,24 @@ MMOE_INLINE __m256i tok4(__m256i w0, __m256i w1, __m256i w2, __m256i w3, const i
     return reduce4_i16(p0, p1, p2, p3);
 }
 
-/* 4 rows x 4 tokens; Y points at (token 0, row 0) of the tile. */
+/* One token, two groups, against 4 rows' unpacked nibbles (lo_r = [g0 w'0..15 | g1 w'0..15], hi_r = elements
+ * 16..31): [rows 0-3 of g0 | rows 0-3 of g1]. int16 lanes: 4 products (w' - 8) * x, |.| <= 4064. */
+MMOE_INLINE __m256i tok4_g2(const __m256i lo[4], const __m256i hi[4], const int8_t *x, __m256i eights) {
+    __m256i xa = _mm256_loadu_si256((const __m256i *)x), xb = _mm256_loadu_si256((const __m256i *)(x + 32));
+    __m256i xlo = _mm256_permute2x128_si256(xa, xb, 0x20), xhi = _mm256_permute2x128_si256(xa, xb, 0x31);
+    __m256i c = _mm256_add_epi16(_mm256_maddubs_epi16(eights, xlo), _mm256_maddubs_epi16(eights, xhi));
+    __m256i p0 = _mm256_sub_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], xlo), _mm256_maddubs_epi16(hi[0], xhi)), c);
+    __m256i p1 = _mm256_sub_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo[1], xlo), _mm256_maddubs_epi16(hi[1], xhi)), c);
+    __m256i p2 = _mm256_sub_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo[2], xlo), _mm256_maddubs_epi16(hi[2], xhi)), c);
+    __m256i p3 = _mm256_sub_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo[3], xlo), _mm256_maddubs_epi16(hi[3], xhi)), c);
+    return reduce4_i16(p0, p1, p2, p3);
+}
+
+/* 4 rows x 4 tokens; Y points at (token 0, row 0) of the tile. Two groups per step, one at the end if G is odd. */
 static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy) {
     const int K = W->cols, G = K / 32;
     const size_t rowb = (size_t)K / 2;
@@ -219,7 +236,30 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
     const uint8_t *q = W->qs + (size_t)r * rowb;
     const mmoe_fp16 *d = W->d + (size_t)r * (size_t)G;
     __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps(); /* lanes: [tok0 rows0-3 | tok1 rows0-3] */
-    for (int g = 0; g < G; g++) {
+    int g = 0;
+    for (; g + 2 <= G; g += 2) {
+        __m256i lo[4], hi[4];
+        for (int i = 0; i < 4; i++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(q + (size_t)i * rowb + 16 * (size_t)g));
+            lo[i] = _mm256_and_si256(v, m4);
+            hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        __m256 sa = _mm256_cvtph_ps(_mm_setr_epi16((short)d[g], (short)d[G + g], (short)d[2 * (size_t)G + g],
+                                                   (short)d[3 * (size_t)G + g], (short)d[g], (short)d[G + g],
+                                                   (short)d[2 * (size_t)G + g], (short)d[3 * (size_t)G + g]));
+        __m256 sb = _mm256_cvtph_ps(_mm_setr_epi16(
+            (short)d[g + 1], (short)d[G + g + 1], (short)d[2 * (size_t)G + g + 1], (short)d[3 * (size_t)G + g + 1],
+            (short)d[g + 1], (short)d[G + g + 1], (short)d[2 * (size_t)G + g + 1], (short)d[3 * (size_t)G + g + 1]));
+        const int8_t *xg = X + 32 * (size_t)g;
+        __m256i s0 = tok4_g2(lo, hi, xg, eights), s1 = tok4_g2(lo, hi, xg + K, eights);
+        __m256i s2 = tok4_g2(lo, hi, xg + 2 * (size_t)K, eights), s3 = tok4_g2(lo, hi, xg + 3 * (size_t)K, eights);
+        /* s_m = [tok m: rows 0-3 of g | rows 0-3 of g+1] -> per group [tok0 | tok1], [tok2 | tok3] */
+        acc01 = _mm256_add_ps(acc01, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(s0, s1, 0x20)), sa));
+        acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(s2, s3, 0x20)), sa));
+        acc01 = _mm256_add_ps(acc01, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(s0, s1, 0x31)), sb));
+        acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(s2, s3, 0x31)), sb));
+    }
+    for (; g < G; g++) {
         __m256i w0 = unpack_group(q + 16 * (size_t)g, m4), w1 = unpack_group(q + rowb + 16 * (size_t)g, m4);
         __m256i w2 = unpack_group(q + 2 * rowb + 16 * (size_t)g, m4);
         __m256i w3 = unpack_group(q + 3 * rowb + 16 * (size_t)g, m4);
