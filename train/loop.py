@@ -141,6 +141,7 @@ def forward_loss(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, device) ->
 @torch.no_grad()
 def evaluate(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, micro_batch: int, device) -> float:
     """Mean masked CE (nats/token) over the given rows. Every rank evaluates all rows (FSDP needs all ranks)."""
+    device = torch.device(device)
     was = model.training
     model.eval()
     tot, n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
