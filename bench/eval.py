@@ -74,6 +74,7 @@ QUICK_LIMIT = 200
 LOCAL: tuple[TaskSpec, ...] = (
     TaskSpec("shakespeare_nextline", 0, "acc", "none", "in-domain (offline)", ()),
     TaskSpec("shakespeare_cloze", 0, "acc", "none", "in-domain (offline)", ()),
+    TaskSpec("shakespeare_order", 0, "acc", "none", "in-domain (offline)", ()),
 )
 
 

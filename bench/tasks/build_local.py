@@ -10,6 +10,10 @@ play (same characters, vocabulary and metre, so a model cannot win on topic alon
                         choices = the true next verse line vs 3 lines from elsewhere in the play.
   shakespeare_cloze     context = the same, ending with the first half of a line (cut at a word boundary);
                         choices = the true second half vs the second halves of 3 other lines.
+  shakespeare_order     context = as for nextline; choices = the true next line vs 3 random reorderings of
+                        its words after the first (same words, same tokens: only word order, i.e. syntax and metre,
+                        separates them; the unconditional word content is identical, so an untrained model
+                        sits at chance and even a briefly trained one is measurably above it).
 
 Splits: `test` comes only from the held-out plays of train.data (HELDOUT_PLAYS: never trained on);
 `train` (few-shot examples, and the text the CI test's small trained fixture learns from) comes only from
@@ -26,7 +30,7 @@ import random
 import sys
 from pathlib import Path
 
-TASKS = ("shakespeare_nextline", "shakespeare_cloze")
+TASKS = ("shakespeare_nextline", "shakespeare_cloze", "shakespeare_order")
 N_TEST = 400  # items per task from the held-out plays
 N_TRAIN = 600  # items per task from the training plays
 MAX_CONTEXT_LINES = 6
@@ -84,7 +88,7 @@ def build_items(play: str, text: str, task: str, rng: random.Random, limit: int)
     """Up to `limit` items from random positions of one play."""
     speeches = _lines_of_play(text)
     all_lines = [ln for _, _, ls in speeches for ln in ls if len(ln) >= 12]
-    if task == "shakespeare_nextline":
+    if task != "shakespeare_cloze":
         pool = sorted(set(all_lines), key=lambda x: (len(x), x))
     else:
         pool = sorted({h[1] for h in (_split_line(ln) for ln in all_lines) if h}, key=lambda x: (len(x), x))
@@ -97,8 +101,30 @@ def build_items(play: str, text: str, task: str, rng: random.Random, limit: int)
             break
         lines = speeches[si][2]
         line = lines[li]
-        if len(line) < 12 or (task == "shakespeare_nextline" and li == 0):
-            continue  # the next-line task needs at least one line of the same speech as context
+        if len(line) < 12 or (task != "shakespeare_cloze" and li == 0):
+            continue  # next-line / order tasks need at least one line of the same speech as context
+        if task == "shakespeare_order":
+            words = line.split()
+            shuffles: set[str] = set()
+            for _ in range(50):
+                if len(words) < 5 or len(shuffles) == N_CHOICES - 1:
+                    break
+                # the first word stays first: every choice is then the same multiset of byte-level BPE
+                # pre-tokens (" word"), so the choices have identical token counts and an untrained model
+                # has no length preference between them
+                rest = words[1:]
+                rng.shuffle(rest)
+                cand = " ".join([words[0], *rest])
+                if cand != line:
+                    shuffles.add(cand)
+            if len(shuffles) < N_CHOICES - 1:
+                continue
+            gold = rng.randrange(N_CHOICES)
+            distract = sorted(shuffles)
+            rng.shuffle(distract)
+            choices = distract[:gold] + [line] + distract[gold:]
+            items.append(dict(play=play, context=_context(speeches, si, li), choices=choices, gold=gold))
+            continue
         if task == "shakespeare_nextline":
             gold_text, ctx = line, _context(speeches, si, li)
         else:

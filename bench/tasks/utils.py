@@ -27,3 +27,7 @@ def load_nextline(**kwargs) -> datasets.DatasetDict:  # lm-eval passes the task 
 
 def load_cloze(**kwargs) -> datasets.DatasetDict:
     return _load("shakespeare_cloze")
+
+
+def load_order(**kwargs) -> datasets.DatasetDict:
+    return _load("shakespeare_order")
