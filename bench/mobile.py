@@ -5,9 +5,9 @@
 
 Models are RANDOM-WEIGHT models with the real S / M / L / dense-1B shapes (speed does not depend on the
 values; routing of random weights is near-uniform, which is the balanced case training aims for). Our
-engine runs the .mmoe file from `python -m mobile export --random-init`; llama.cpp runs a GGUF Q4_0 of the
-same shapes written by mobile/gguf_export.py in *our* INT4 format (Q4_0 blocks are bit-compatible), so both
-read the same number of weight bytes. The two files hold independent random draws of the same shapes.
+engine runs the .mmoe file from `python -m mobile export --random-init`; llama.cpp runs that same file
+converted to GGUF Q4_0 by mobile/gguf_export.py (`--from-mmoe`: our INT4 g32 blocks are bit-compatible with
+ggml's block_q4_0, so only the scales move): both engines run exactly the same weights and read the same bytes.
 
 Each measurement is a fresh process (the worker mode of this module) that loads the model and times:
 prefill of a 128- and a 512-token prompt (one batched eval each, empty cache), decode of N new tokens at
@@ -213,15 +213,14 @@ def _run(cmd: list[str], timeout: float | None = None, env: dict | None = None) 
 
 def prepare_models(sizes: list[str], work: Path, seed: int, log) -> dict[str, dict[str, Path]]:
     """{size: {"ours": .mmoe, "llama.cpp": .gguf}}; reuses files whose stamp (size, seed) matches."""
-    from mobile.gguf_export import export_random_init  # noqa: PLC0415
-    from model.config import get_config  # noqa: PLC0415
+    from mobile.gguf_export import mmoe_to_gguf  # noqa: PLC0415
 
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     for s in sizes:
         mm, gg = work / f"{s}-random.mmoe", work / f"{s}-random-q4_0.gguf"
         stamp = work / f"{s}.stamp.json"
-        want = dict(size=s, seed=seed, format=2)
+        want = dict(size=s, seed=seed, format=3)
         fresh = stamp.is_file() and json.loads(stamp.read_text()) == want and mm.is_file() and gg.is_file()
         if not fresh:
             t = time.time()
@@ -233,7 +232,7 @@ def prepare_models(sizes: list[str], work: Path, seed: int, log) -> dict[str, di
                       "export_random(sys.argv[1], sys.argv[2], seed=int(sys.argv[3]))", s, str(mm), str(seed)])
             log(f"  exported {mm.name} ({mm.stat().st_size / 1e6:.0f} MB) in {time.time() - t:.0f} s")
             t = time.time()
-            export_random_init(get_config(s), gg, "q4_0", seed)
+            mmoe_to_gguf(mm, gg)  # the same INT4 weights, re-laid out as Q4_0: both engines run one model
             log(f"  exported {gg.name} ({gg.stat().st_size / 1e6:.0f} MB) in {time.time() - t:.0f} s")
             stamp.write_text(json.dumps(want))
         out[s] = {"ours": mm, "llama.cpp": gg}
@@ -327,7 +326,8 @@ def parse_kv_ints(spec: str, sizes: list[str], default: int) -> dict[str, int]:
 
 
 def run_matrix(models: dict, sizes: list[str], threads: list[int], repeats: dict[str, int], plan_base: dict,
-               decode_tokens: dict[str, int], engines: list[str], log, timeout: float) -> list[dict]:
+               decode_tokens: dict[str, int], engines: list[str], log, timeout: float,
+               partial: Path | None = None) -> list[dict]:
     from model.config import get_config  # noqa: PLC0415
 
     rows = []
@@ -347,6 +347,8 @@ def run_matrix(models: dict, sizes: list[str], threads: list[int], repeats: dict
                     res = json.loads(_run(cmd, timeout=timeout).strip().splitlines()[-1])
                     res.update(size=s, rep=rep, decode_tokens=plan["decode_tokens"], loadavg=_loadavg())
                     rows.append(res)
+                    if partial is not None:  # survives an interrupted run (--from-raw rebuilds the report)
+                        _atomic_write_text(partial, json.dumps(rows))
                     d0 = res["decode"].get("0")
                     pl = plan["prompts"][-1]
                     log(f"  rep {rep} {s:>8} t{t} {e:>9}: prefill{pl} {pl / res['prefill'][str(pl)]:7.1f} tok/s"
@@ -507,9 +509,9 @@ def report_text(agg, sizes, threads, engines, prompts, contexts, bw, info, repea
              f"warm-up: prefill of prompts of {' and '.join(map(str, prompts))} tokens (one batched eval each, "
              f"empty cache); decode of N new tokens at context {' and '.join(map(str, contexts))} (after an "
              "untimed prefill of that context), single-token evals, teacher-forced fixed random ids. Engines are interleaved (order alternates per repeat); medians over "
-             "repeats; ratios are computed pair by pair (same repeat), then the median. llama.cpp runs a GGUF Q4_0 "
-             "written by `mobile/gguf_export.py` in our INT4 format (every matrix Q4_0 incl. the tied embedding/"
-             "head, router and norms F32: the same weight bytes as our .mmoe); same thread count, n_batch 512, "
+             "repeats; ratios are computed pair by pair (same repeat), then the median. llama.cpp runs the same .mmoe "
+             "converted to GGUF Q4_0 by `mobile/gguf_export.py --from-mmoe` (bit-identical INT4 weights: every "
+             "matrix Q4_0 incl. the tied embedding/head, router and norms F32); same thread count, n_batch 512, "
              "context 2048. Peak RSS = the worker process's VmHWM (Python interpreter included, mmap'd weights "
              "counted as touched).\n")
     L.append("| model | repeats | decode tokens N | INT4 weight bytes (config) | .mmoe file | .gguf file | "
@@ -701,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {t} thread(s): {bw[t]['best_gbs']:.1f} GB/s")
         plan = dict(prompts=prompts, decode_contexts=contexts, seed=a.seed)
         log(f"[bench.mobile] measuring {sizes} x threads {threads} x {engines}")
-        rows = run_matrix(models, sizes, threads, repeats, plan, decode_tokens, engines, log, a.timeout)
+        rows = run_matrix(models, sizes, threads, repeats, plan, decode_tokens, engines, log, a.timeout,
+                          partial=out / "mobile_rows.partial.json")
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

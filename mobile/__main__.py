@@ -5,6 +5,8 @@
   generate --model F.mmoe --prompt "..." --max-new-tokens N [--greedy] [--threads T] [--chat] [--temperature X]
            [--top-p P] [--seed S] [--prompt-ids 1,2,3] [--ids] [--profile] [--float]
   info     --model F.mmoe      (header, tensor table summary)
+  export --format gguf (--ckpt DIR | --random-init --size S | --from-mmoe F.mmoe) --out F.gguf --type f32|f16|q4_0
+           llama.cpp GGUF (mobile/gguf_export.py)
 
 generate prints the text, then prefill and decode tokens/s and peak RSS (lines starting "-- "). Errors: one line, exit status 1/2.
 """
@@ -86,7 +88,28 @@ def _info(a) -> int:
     return 0
 
 
+def _gguf_hook(argv: list[str]) -> list[str] | int:
+    """`export --format gguf ...` goes to mobile/gguf_export.py (llama.cpp GGUF, the bench engineer's module);
+    `--format mmoe` (the default) continues here. Returns the argv to parse, or an exit status."""
+    if argv[:1] != ["export"] or "--format" not in argv:
+        return argv
+    i = argv.index("--format")
+    fmt = argv[i + 1] if i + 1 < len(argv) else ""
+    rest = argv[1:i] + argv[i + 2:]
+    if fmt == "gguf":
+        from mobile.gguf_export import main as gguf_main  # noqa: PLC0415
+
+        return gguf_main(rest)
+    if fmt != "mmoe":
+        print(f"error: --format must be mmoe or gguf, got {fmt!r}", file=sys.stderr)
+        return 2
+    return ["export", *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _gguf_hook(list(sys.argv[1:] if argv is None else argv))
+    if isinstance(argv, int):
+        return argv
     p = argparse.ArgumentParser(prog="python -m mobile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -280,21 +280,15 @@ def arch_name(cfg: ModelConfig) -> str:
     return "ernie4_5-moe" if cfg.is_moe else "ernie4_5"
 
 
-def write_gguf(cfg: ModelConfig, params: Callable[[], Iterator[tuple[str, torch.Tensor]]], out: str | os.PathLike,
-               qtype: str = "f16", tokenizer_json: str | os.PathLike | None = None,
-               buffers: dict[str, torch.Tensor] | None = None, name: str | None = None) -> Path:
-    """Write the GGUF atomically. `params()` streams (name, fp32 tensor) in MobileMoE parameter order (the
-    order of the tensor table, which is built from the config's shapes)."""
+def _writer_with_metadata(cfg: ModelConfig, qtype: str, tokenizer_json, name: str):
+    """A GGUFWriter holding every key (architecture hyper-parameters, tokenizer); no tensors yet."""
     gguf = _gguf()
     if qtype not in TYPES:
         raise ValueError(f"unknown GGUF type {qtype!r}; choose one of {TYPES}")
     _check_supported(cfg)
-    buffers = buffers or {}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     arch = arch_name(cfg)
     w = gguf.GGUFWriter(None, arch)
-    w.add_string("general.name", name or f"mobilemoe-{cfg.name}")
+    w.add_string("general.name", name)
     w.add_uint32("general.file_type", {"f32": 0, "f16": 1, "q4_0": 2}[qtype])
     w.add_uint32("general.quantization_version", 2)
     w.add_uint32(f"{arch}.context_length", cfg.max_seq_len)
@@ -324,20 +318,21 @@ def write_gguf(cfg: ModelConfig, params: Callable[[], Iterator[tuple[str, torch.
     w.add_bool("tokenizer.ggml.add_bos_token", False)
     if tok["eos"] is not None:
         w.add_uint32("tokenizer.ggml.eos_token_id", tok["eos"])
+    return w
 
-    # pass 1: the tensor table from shapes alone (meta tensors); pass 2 streams the data in the same order
-    meta_params = [(n, torch.empty(s, device="meta")) for n, s in _param_shapes(cfg)]
-    for gname, t, kind in _gguf_tensors(cfg, iter(meta_params), buffers):
-        shape, dtype, nbytes, raw = _info(t, kind, qtype)
-        w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=raw)
+
+def _stream_out(w, out: Path, arrays: Iterator[np.ndarray]) -> Path:
+    """Header, keys and tensor table (already added), then each array in table order, into a temp file in
+    the destination folder that is fsynced and renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     try:
         w.write_header_to_file(path=Path(tmp))
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for _gname, t, kind in _gguf_tensors(cfg, params(), buffers):
-            w.write_tensor_data(_encode(t, kind, qtype))
+        for arr in arrays:
+            w.write_tensor_data(np.ascontiguousarray(arr))
         w.flush()
         for f in w.fout or []:
             os.fsync(f.fileno())
@@ -350,9 +345,26 @@ def write_gguf(cfg: ModelConfig, params: Callable[[], Iterator[tuple[str, torch.
     return out
 
 
+def write_gguf(cfg: ModelConfig, params: Callable[[], Iterator[tuple[str, torch.Tensor]]], out: str | os.PathLike,
+               qtype: str = "f16", tokenizer_json: str | os.PathLike | None = None,
+               buffers: dict[str, torch.Tensor] | None = None, name: str | None = None) -> Path:
+    """Write the GGUF atomically. `params()` streams (name, fp32 tensor) in MobileMoE parameter order (the
+    order of the tensor table, which is built from the config's shapes)."""
+    buffers = buffers or {}
+    w = _writer_with_metadata(cfg, qtype, tokenizer_json, name or f"mobilemoe-{cfg.name}")
+    # pass 1: the tensor table from shapes alone (meta tensors); pass 2 streams the data in the same order
+    meta_params = [(n, torch.empty(s, device="meta")) for n, s in _param_shapes(cfg)]
+    for gname, t, kind in _gguf_tensors(cfg, iter(meta_params), buffers):
+        shape, dtype, nbytes, raw = _info(t, kind, qtype)
+        w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=raw)
+    return _stream_out(w, Path(out), (_encode(t, kind, qtype) for _g, t, kind in _gguf_tensors(cfg, params(), buffers)))
+
+
 def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, qtype: str = "f16") -> Path:
+    from mobile.export import find_model_dir  # noqa: PLC0415  (a run directory -> its model directory)
     from model.io import load_model_dir, tokenizer_path  # noqa: PLC0415
 
+    model_dir = find_model_dir(model_dir)
     model, _meta = load_model_dir(model_dir)
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     buffers = {n: b.detach() for n, b in model.named_buffers() if n.endswith("expert_bias")}
@@ -365,13 +377,137 @@ def export_random_init(cfg: ModelConfig, out: str | os.PathLike, qtype: str = "q
                       name=f"mobilemoe-{cfg.name}-random-init")
 
 
+# ---- from a .mmoe file: the phone engine's exact INT4 weights, re-laid out as Q4_0 (no requantization) ------
+def _q4g32_to_q4_0(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A .mmoe q4g32 block (rows*cols/2 nibble bytes, then rows*cols/32 fp16 scales; mobile/FORMAT.md) ->
+    (rows, cols/32*18) ggml block_q4_0 rows. Both use pack_int4's nibble order, so only the scales move."""
+    nb = cols // Q4_0_BLOCK
+    nib = buf[: rows * cols // 2].reshape(rows, nb, 16)
+    sc = buf[rows * cols // 2: rows * cols // 2 + rows * nb * 2].reshape(rows, nb, 2)
+    return np.concatenate([sc, nib], axis=-1).reshape(rows, nb * Q4_0_BLOCK_BYTES)
+
+
+def _permute_rows(a_RX: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """rope_neox_to_norm on encoded rows (a row permutation commutes with any per-row encoding)."""
+    X = a_RX.shape[-1]
+    return a_RX.reshape(n_heads, 2, head_dim // 2, X).transpose(0, 2, 1, 3).reshape(n_heads * head_dim, X)
+
+
+def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str | None = None) -> Path:
+    """Convert a .mmoe file (mobile/export.py) into a GGUF Q4_0 holding bit-identical INT4 weights, so llama.cpp
+    and our engine run exactly the same model. The tokenizer goes out as raw bytes (benchmarks feed ids)."""
+    import mmap  # noqa: PLC0415
+
+    from mobile.format import DT_F32, DT_Q4, DT_Q4_EXPERTS, align_up, q4_bytes, read_header, read_table  # noqa: PLC0415
+
+    gguf = _gguf()
+    Q40 = gguf.GGMLQuantizationType.Q4_0
+    with open(mmoe_path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        views = {"buf": np.frombuffer(mm, dtype=np.uint8)}
+        h = read_header(mm)
+        cj = bytes(mm[h["config_json_offset"]: h["config_json_offset"] + h["config_json_size"]])
+        cfg = ModelConfig.from_dict(json.loads(cj))
+        _check_supported(cfg)
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        table = {e.name: e for e in read_table(mm)}
+
+        def raw(e):
+            return views["buf"][e.offset: e.offset + e.size]
+
+        plan: list[tuple[str, tuple[int, ...], object, Callable[[], np.ndarray]]] = []
+
+        def add_q4(gname, e, perm_heads=0):
+            rows, cols = e.shape
+            def make(e=e, rows=rows, cols=cols, perm_heads=perm_heads):
+                a = _q4g32_to_q4_0(raw(e), rows, cols)
+                return _permute_rows(a, perm_heads, hd) if perm_heads else a
+            plan.append((gname, (rows, cols // 32 * 18), Q40, make))
+
+        def add_f32(gname, e):
+            plan.append((gname, tuple(e.shape), None, lambda e=e: raw(e).view("<f4").reshape(e.shape)))
+
+        def get(n, dtype):
+            if n not in table:
+                raise ValueError(f"{mmoe_path}: tensor {n!r} missing")
+            if table[n].dtype != dtype:
+                raise ValueError(f"{mmoe_path}: tensor {n!r} has dtype {table[n].dtype}, expected {dtype}")
+            return table[n]
+
+        add_q4("token_embd.weight", get("tok_emb", DT_Q4))
+        if not cfg.tie_embeddings:
+            add_q4("output.weight", get("lm_head", DT_Q4))
+        add_f32("output_norm.weight", get("norm", DT_F32))
+        for i in range(cfg.n_layers):
+            p, b = f"layers.{i}.", f"blk.{i}."
+            add_f32(b + "attn_norm.weight", get(p + "attn_norm", DT_F32))
+            add_f32(b + "ffn_norm.weight", get(p + "ffn_norm", DT_F32))
+            add_q4(b + "attn_q.weight", get(p + "attn.wq", DT_Q4), H)
+            add_q4(b + "attn_k.weight", get(p + "attn.wk", DT_Q4), KV)
+            add_q4(b + "attn_v.weight", get(p + "attn.wv", DT_Q4))
+            add_q4(b + "attn_output.weight", get(p + "attn.wo", DT_Q4))
+            if cfg.layer_is_moe(i):
+                add_f32(b + "ffn_gate_inp.weight", get(p + "moe.router", DT_F32))
+                if p + "moe.expert_bias" in table and cfg.router_bias_coeff > 0:
+                    eb = table[p + "moe.expert_bias"]
+                    if np.any(raw(eb).view("<f4") != 0):
+                        add_f32(b + "exp_probs_b.bias", eb)
+                ex = get(p + "moe.experts", DT_Q4_EXPERTS)
+                E, F_, D = ex.shape
+                gu_b, dn_b = q4_bytes(2 * F_, D), q4_bytes(D, F_)
+                rec = align_up(gu_b) + align_up(dn_b)
+
+                def experts(part, ex=ex, E=E, F_=F_, D=D, gu_b=gu_b, dn_b=dn_b, rec=rec):
+                    r = raw(ex).reshape(E, rec)
+                    if part == "down":
+                        return np.stack([_q4g32_to_q4_0(r[k, align_up(gu_b): align_up(gu_b) + dn_b], D, F_)
+                                         for k in range(E)])
+                    gu = np.stack([_q4g32_to_q4_0(r[k, :gu_b], 2 * F_, D) for k in range(E)])
+                    return np.ascontiguousarray(gu[:, :F_] if part == "gate" else gu[:, F_:])
+                plan.append((b + "ffn_gate_exps.weight", (E, F_, D // 32 * 18), Q40, lambda f=experts: f("gate")))
+                plan.append((b + "ffn_up_exps.weight", (E, F_, D // 32 * 18), Q40, lambda f=experts: f("up")))
+                plan.append((b + "ffn_down_exps.weight", (E, D, F_ // 32 * 18), Q40, lambda f=experts: f("down")))
+                if cfg.n_shared_experts:
+                    _split_gate_up(plan, b, "shexp", get(p + "moe.shared.w_gate_up", DT_Q4), raw, Q40)
+                    add_q4(b + "ffn_down_shexp.weight", get(p + "moe.shared.w_down", DT_Q4))
+            else:
+                _split_gate_up(plan, b, "", get(p + "ffn.w_gate_up", DT_Q4), raw, Q40)
+                add_q4(b + "ffn_down.weight", get(p + "ffn.w_down", DT_Q4))
+        w = _writer_with_metadata(cfg, "q4_0", None, name or f"mobilemoe-{cfg.name}-from-mmoe")
+        for gname, shape, rawt, _make in plan:
+            dt = np.dtype(np.uint8) if rawt is not None else np.dtype(np.float32)
+            w.add_tensor_info(gname, shape, dt, int(np.prod(shape)) * dt.itemsize, raw_dtype=rawt)
+        return _stream_out(w, Path(out), (make() for _g, _s, _r, make in plan))
+    finally:
+        views.clear()
+        try:
+            mm.close()
+        except BufferError:  # a view still alive somewhere: the mapping goes with it at garbage collection
+            pass
+
+
+def _split_gate_up(plan, b, suffix, e, raw, Q40) -> None:
+    rows, cols = e.shape
+    half = rows // 2
+    sfx = f"_{suffix}" if suffix else ""
+
+    def part(which, e=e, rows=rows, cols=cols, half=half):
+        a = _q4g32_to_q4_0(raw(e), rows, cols)
+        return np.ascontiguousarray(a[:half] if which == "gate" else a[half:])
+    plan.append((f"{b}ffn_gate{sfx}.weight", (half, cols // 32 * 18), Q40, lambda: part("gate")))
+    plan.append((f"{b}ffn_up{sfx}.weight", (half, cols // 32 * 18), Q40, lambda: part("up")))
+
+
 # ---- CLI ---------------------------------------------------------------------------------------------------
 def build_parser(prog: str = "python -m mobile.gguf_export") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Export a MobileMoE model directory (or a random-init "
                                 "preset) as a llama.cpp GGUF file.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model directory (config.json + model.safetensors [+ tokenizer.json])")
+    src.add_argument("--model", "--ckpt", dest="model",
+                     help="model directory (config.json + model.safetensors [+ tokenizer.json]) or a run directory")
     src.add_argument("--random-init", action="store_true", help="random weights of a preset (benchmarks)")
+    src.add_argument("--from-mmoe", help="a .mmoe file: the engine's exact INT4 weights as Q4_0 (benchmarks)")
     p.add_argument("--size", default="S", help=f"preset for --random-init: {', '.join(PRESETS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .gguf path")
@@ -382,7 +518,11 @@ def build_parser(prog: str = "python -m mobile.gguf_export") -> argparse.Argumen
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        if a.random_init:
+        if a.from_mmoe:
+            if a.type != "q4_0":
+                raise ValueError("--from-mmoe writes Q4_0 only (the .mmoe holds INT4 weights)")
+            out = mmoe_to_gguf(a.from_mmoe, a.out)
+        elif a.random_init:
             out = export_random_init(get_config(a.size), a.out, a.type, a.seed)
         else:
             out = export_model_dir(a.model, a.out, a.type)

@@ -237,3 +237,29 @@ def test_llama_cpp_q4_0_matches_our_int4_weights(tmp_path):
     assert _rel_err(got, ref) < 0.1, _rel_err(got, ref)
     corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
     assert corr > 0.995 and not math.isnan(corr)
+
+
+@pytest.mark.optional_env
+@needs_llama
+def test_llama_cpp_runs_the_engines_mmoe_file(tmp_path):
+    """--from-mmoe: the phone engine's .mmoe, re-laid out as Q4_0 without requantizing, gives llama.cpp the
+    same model: its logits match our engine's (int8 per-token activations vs llama.cpp's Q8_0 per 32, so a
+    loose tolerance; measured max rel. error 1.0e-2, top-1 agreement 100%)."""
+    from mobile.engine import Engine, default_lib_path
+    from mobile.export import export_random
+    from mobile.gguf_export import mmoe_to_gguf
+
+    if not default_lib_path().is_file():
+        pytest.skip("the C engine is not built (make mobile)")
+    mm = export_random("tiny", tmp_path / "t.mmoe", seed=1)
+    gg = mmoe_to_gguf(mm, tmp_path / "t.gguf")
+    ids = IDS[:12]
+    got = llama_logits(gg, ids, exact=True)
+    eng = Engine(str(mm), threads=1)
+    try:
+        ours = np.stack([eng.eval([t]) for t in ids]).astype(np.float64)
+    finally:
+        eng.close()
+    assert ours.std() > 0.1
+    assert _rel_err(got, ours) < 0.05, _rel_err(got, ours)
+    assert (got.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
