@@ -227,7 +227,7 @@ class DataCache:
         if src == "shakespeare:sft":
             return self._cached(src, lambda: self._pairs(build_pairs(self.splits()[0], seed=0)))
         if src == "shakespeare:sft_heldout":
-            return self._cached(src, lambda: self._pairs(build_pairs(self.splits()[1], seed=0, max_pairs_per_play=100)))
+            return self._cached(src, lambda: self._pairs(build_pairs(self.splits()[1], seed=0, max_pairs_per_play=60)))
         limit = int(spec.get("max_rows", 200_000))
 
         def build():
@@ -324,9 +324,9 @@ def eval_suite(rec, data: DataCache, mcfg, device, micro_batch: int):
                             data.eos)
         s_uni = unigram_entropy(sx, sm, mcfg.vocab_size)
 
-    def fn(model) -> dict:
+    def fn(model, sft: bool = True) -> dict:
         out = dict(heldout_loss=evaluate(model, hx, hm, micro_batch, device), unigram=uni)
-        if sx is not None:
+        if sx is not None and sft:
             out.update(sft_loss=evaluate(model, sx, sm, micro_batch, device), sft_unigram=s_uni)
         return out
 
@@ -416,7 +416,9 @@ def run(args) -> int:
             tracker = Tracker(run_dir, group=run_dir.name, stage=st.name,
                               config=dict(stage=stage_dict(st), model=mcfg.to_dict(), recipe=rec["_path"], world=world))
         try:
-            res = train_stage(model, st, batcher, stage_dir=sdir, eval_fn=eval_fn, tracker=tracker,
+            # the SFT-pair held-out loss is measured from the SFT stage on (it means little before)
+            stage_eval = (lambda m, _sft=st.kind in ("sft", "qat"): eval_fn(m, sft=_sft))
+            res = train_stage(model, st, batcher, stage_dir=sdir, eval_fn=stage_eval, tracker=tracker,
                               resume=resume_ck if resume_stage == st.name else "auto", fingerprint=fp,
                               tokenizer_json=tok_path, progress=rank == 0, device=device, seed=seed,
                               max_steps=args.max_steps)
@@ -542,8 +544,8 @@ def generate_sample(run_dir: Path, model, tok) -> None:
         r = subprocess.run([py, "-m", "mobile", "export", "--ckpt", str(run_dir / "final"), "--out", str(out)],
                            capture_output=True, text=True)
         if r.returncode == 0:
-            g = subprocess.run([py, "-m", "mobile", "generate", "--model", str(out), "--prompt", prompt,
-                                "--max-new-tokens", "64"], capture_output=True, text=True)
+            g = subprocess.run([py, "-m", "mobile", "generate", "--model", str(out), "--prompt", prompt, "--chat",
+                                "--greedy", "--max-new-tokens", "64"], capture_output=True, text=True)
             if g.returncode == 0:
                 print("[phone engine, INT4]")
                 print(g.stdout.rstrip())

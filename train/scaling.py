@@ -58,6 +58,7 @@ class GridPoint:
     X: float
     G: float
     holdout: bool = False
+    seed: int = 0  # data order (model init comes from overrides["seed"], default 0)
     meta: dict = field(default_factory=dict)
 
     def config(self):
@@ -101,7 +102,7 @@ class GridSpec:
 
 
 def cpu_grid(token_ratio: float = 1.0, seq_len: int = 64, batch_size: int = 16) -> GridSpec:
-    """17 points sized for a shared, busy 2-core CPU (~40 min): a size ladder d 32/64/96 (3 layers) with dense
+    """18 points sized for a shared, busy 2-core CPU (~40 min): a size ladder d 32/64/96 (3 layers) with dense
     + the default MoE (X=8, G=4, one shared expert) at each width; sparsity, granularity and shared-expert
     variants at fixed active size (d=64); token-budget variants at d=32 (they separate the law's N and D
     terms, which a tokens-proportional-to-size ladder alone cannot). The largest size (d=96, dense and MoE)
@@ -130,6 +131,10 @@ def cpu_grid(token_ratio: float = 1.0, seq_len: int = 64, batch_size: int = 16) 
     add("d64-X8-G4-s0", 64, 8, 4, 0)
     add("d64-X8-G1-s0", 64, 8, 1, 0)
     add("d64-X8-G8-s1", 64, 8, 8, 1)
+    # a seed replicate (init and data order) of the centre's dense point: the run-to-run noise floor
+    add("d64-dense-seed1", 64)
+    pts[-1].overrides["seed"] = 1
+    pts[-1].seed = 1
     return GridSpec("cpu", pts, seq_len, batch_size, lr=5e-3, tokenizer="bytes")
 
 
@@ -168,7 +173,7 @@ def point_row(p: GridPoint, spec: GridSpec) -> dict:
         expert_ffn_dim=cfg.expert_ffn_dim, n_shared_experts=cfg.n_shared_experts, X=p.X, G=p.G,
         active_params=active, total_params=total, active_nonemb=active - b["embedding"] - b["lm_head"],
         flops_per_token=flops_per_token(cfg, 0), int4_bytes=int4_weight_bytes(cfg)["total"], tokens=p.tokens,
-        tokenizer=spec.tokenizer, seq_len=spec.seq_len, batch_size=spec.batch_size, lr=spec.lr, seed=0,
+        tokenizer=spec.tokenizer, seq_len=spec.seq_len, batch_size=spec.batch_size, lr=spec.lr, seed=p.seed,
         base=p.base, overrides=json.dumps(p.overrides, sort_keys=True),
     )
 
@@ -276,7 +281,7 @@ def run_sweep(spec: GridSpec, out_csv: str | os.PathLike, corpus: str = "shakesp
             f"{row['active_nonemb'] / 1e3:.0f}K), total {row['total_params'] / 1e3:.0f}K, {p.tokens / 1e3:.0f}K tokens")
         model = MobileMoE(cfg)
         res = quick_pretrain(model, train_ids, val_ids, tokens=p.tokens, seq_len=spec.seq_len,
-                             batch_size=spec.batch_size, lr=spec.lr, seed=0, progress=False)
+                             batch_size=spec.batch_size, lr=spec.lr, seed=p.seed, progress=False)
         if not math.isfinite(res["val_loss"]):
             raise RuntimeError(f"{p.name}: non-finite validation loss {res['val_loss']}")
         row.update(val_loss=f"{res['val_loss']:.5f}", train_loss=f"{res['train_loss']:.5f}", tokens=int(res["tokens"]),
@@ -302,9 +307,10 @@ def rows_to_arrays(rows: list[dict]):
     return N, D, X, G, S, y
 
 
-def fit_csv(csv_path: str | os.PathLike, n_boot: int = 100, seed: int = 0, log=print) -> dict:
-    """Fit on the non-held-out finished rows, predict the held-out ones. Returns a JSON-able dict."""
-    from train.scaling_law import fit_law, predict  # noqa: PLC0415
+def fit_csv(csv_path: str | os.PathLike, n_boot: int = 100, seed: int = 0, n_starts: int = 64, log=print) -> dict:
+    """Fit on the non-held-out finished rows, predict the held-out ones. Returns a JSON-able dict.
+    n_starts: how many of the 64 grid starts to use (evenly subsampled; fewer = faster on a busy machine)."""
+    from train.scaling_law import default_starts, fit_law, predict  # noqa: PLC0415
 
     rows = [r for r in read_csv(csv_path) if r.get("val_loss")]
     if not rows:
@@ -313,14 +319,17 @@ def fit_csv(csv_path: str | os.PathLike, n_boot: int = 100, seed: int = 0, log=p
     held = [r for r in rows if r["holdout"] in ("1", "True", "true")]
     N, D, X, G, S, y = rows_to_arrays(train)
     t = time.time()
-    res = fit_law(N, D, X, G, S, y, n_boot=n_boot, seed=seed)
+    grid = default_starts()
+    starts = grid[::max(1, len(grid) // max(1, n_starts))]
+    res = fit_law(N, D, X, G, S, y, starts=starts, n_boot=n_boot, seed=seed)
     log(f"fit: {len(train)} points, {res.starts} starts, {n_boot} bootstrap refits, {time.time() - t:.0f}s")
     p = res.params
     pred_train = predict(p, N, D, X, G, S)
     out = dict(
         form="L = E0 + A * N^-alpha * X^-delta * rho^[s>0] * (1 + g*G^-gamma) + B * D^-beta "
              "(N active non-embedding params / 1e6, D tokens / 1e6)",
-        params=p.as_dict(), ci95=res.ci, n_points=len(train), n_boot=res.n_boot, huber_loss=res.loss,
+        params=p.as_dict(), ci95=res.ci, n_points=len(train), n_boot=res.n_boot, n_starts=res.starts,
+        huber_loss=res.loss,
         train_rmse_rel=float(np.sqrt(np.mean((pred_train / y - 1) ** 2))),
         train=[dict(name=r["name"], measured=float(r["val_loss"]), predicted=float(pp))
                for r, pp in zip(train, pred_train)],
@@ -380,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fit", help="fit the law to a sweep CSV")
     f.add_argument("csv", nargs="?", default=str(DEFAULT_CSV))
     f.add_argument("--n-boot", type=int, default=100)
+    f.add_argument("--starts", type=int, default=64, help="L-BFGS starts taken from the 64-point grid")
     f.add_argument("--out", default=str(DEFAULT_FIT), help="fitted-law JSON (read by optimize/report)")
     o = sub.add_parser("optimize", help="best architecture under phone memory/compute budgets")
     from train.scaling_opt import add_optimize_args  # noqa: PLC0415
@@ -392,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("all", help="sweep + fit + report")
     sweep_args(a)
     a.add_argument("--n-boot", type=int, default=100)
+    a.add_argument("--starts", type=int, default=64, help="L-BFGS starts taken from the 64-point grid")
     args = ap.parse_args(argv)
     try:
         if args.cmd in ("sweep", "all"):
@@ -406,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(spec, args.out, args.corpus, args.val_tokens, only, args.limit, args.threads)
             if args.cmd == "sweep":
                 return 0
-            fit = fit_csv(args.out, n_boot=args.n_boot)
+            fit = fit_csv(args.out, n_boot=args.n_boot, n_starts=args.starts)
             save_json_atomic(DEFAULT_FIT, fit)
             print_fit(fit)
             from train.scaling_report import make_report  # noqa: PLC0415
@@ -414,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             make_report(args.out, DEFAULT_FIT, RESULTS)
             return 0
         if args.cmd == "fit":
-            fit = fit_csv(args.csv, n_boot=args.n_boot)
+            fit = fit_csv(args.csv, n_boot=args.n_boot, n_starts=args.starts)
             save_json_atomic(args.out, fit)
             print_fit(fit)
             print(f"wrote {args.out}")

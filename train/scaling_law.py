@@ -156,18 +156,18 @@ def _fit_once(feats, logy, starts, h, fixed: dict[int, float] | None = None):
     for x0 in starts:
         x0 = np.array([min(max(x, lo), hi) for x, (lo, hi) in zip(x0, bounds)])
         res = minimize(_objective, x0, args=(feats, logy, h), jac=True, method="L-BFGS-B", bounds=bounds,
-                       options=dict(maxiter=500, ftol=1e-12, gtol=1e-8))
+                       options=dict(maxiter=500, ftol=1e-10, gtol=1e-7))
         ranked.append((float(res.fun), res.x))
         if best is None or res.fun < best.fun:
             best = res
     ranked.sort(key=lambda t: t[0])
-    return best, [x for _, x in ranked[:4]]
+    return best, [x for _, x in ranked[:2]]
 
 
 def fit_law(N, D, X, G, S, loss, *, starts: list[np.ndarray] | None = None, n_boot: int = 100, seed: int = 0,
             huber_delta: float = HUBER_DELTA, fix_shared: bool | None = None) -> FitResult:
     """Fit the law to measured losses. fix_shared: pin rho = 1 (auto: when no point or every point has a shared
-    expert, rho is not identifiable). Bootstrap: n_boot resamples refit from the 4 best full-data starts."""
+    expert, rho is not identifiable). Bootstrap: n_boot resamples refit from the 2 best full-data starts."""
     feats = _features(N, D, X, G, S)
     y = np.asarray(loss, dtype=np.float64)
     if y.ndim != 1 or len(y) != len(feats[0]):

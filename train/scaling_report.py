@@ -161,8 +161,10 @@ def plot_frontier(results, path: Path) -> None:
     ax.set_xlabel("INT4 weights + fp16 KV cache (GB)")
     ax.set_ylabel("predicted loss (CPU-sweep law, extrapolated)")
     ax.set_title(f"Optimizer frontier: {b['label']}", fontsize=9)
-    lo = np.percentile(loss, 0.5)
-    ax.set_ylim(lo - 0.02 * abs(lo), np.percentile(loss, 60))
+    lo, hi = np.percentile(loss, 0.5), np.percentile(loss, 60)
+    if dense:
+        hi = max(hi, bd.loss + 0.1 * (bd.loss - lo))
+    ax.set_ylim(lo - 0.02 * abs(lo), hi)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save_fig(fig, path)
@@ -210,7 +212,8 @@ def make_report(csv_path, fit_path, out_dir) -> Path:
                  f"{float(r['G']):g} | {int(r['active_nonemb']):,} | {int(r['total_params']):,} | {int(r['tokens']):,} | "
                  f"{float(r['val_loss']):.4f} | {q:.4f} | {float(r['seconds']):.0f} |")
     L += ["", "## Fitted law", "", f"`{fit['form']}`", "",
-          f"Huber (delta 1e-3) on log residuals, L-BFGS-B from a 64-point start grid, {fit['n_points']} points "
+          f"Huber (delta 1e-3) on log residuals, L-BFGS-B from {fit.get('n_starts', 64)} starts of a 64-point grid, "
+          f"{fit['n_points']} points "
           f"(held-out excluded), {fit['n_boot']} bootstrap refits for the 95% intervals. "
           f"Relative RMSE on the fit points: {fit['train_rmse_rel'] * 100:.2f}%.", "",
           "| constant | value | 95% CI |", "|---|---|---|"]
