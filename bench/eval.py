@@ -122,7 +122,15 @@ def preflight(specs: tuple[TaskSpec, ...], allow_code: bool) -> None:
     code = [s.task for s in specs if s.executes_code]
     if code and not allow_code:
         raise EvalError(f"{', '.join(code)} execute model-written Python code; rerun with --allow-code-execution "
-                        f"(make eval ... ALLOW_CODE=1) to accept that, ideally in a sandbox")
+                        f"(make eval ... ALLOW_CODE=1) to accept that, ideally in a sandbox, or --skip-code-tasks")
+    datasets_ = sorted({d for s in specs for d in s.datasets})
+    if datasets_ and not hub_reachable():
+        missing = [d for d in datasets_ if not dataset_cached(d)]
+        if missing:
+            raise EvalError(f"the Hugging Face hub ({hub_endpoint()}) is unreachable and these datasets are not "
+                            f"cached locally: {', '.join(missing)}")
+        os.environ["HF_DATASETS_OFFLINE"] = "1"  # everything is cached: do not let `datasets` try the network
+        os.environ["HF_HUB_OFFLINE"] = "1"
     for s in specs:
         if s.needs:
             try:
@@ -130,16 +138,6 @@ def preflight(specs: tuple[TaskSpec, ...], allow_code: bool) -> None:
             except ImportError as e:
                 raise EvalError(f"{s.task} needs the '{s.needs}' package: "
                                 f"pip install -c constraints-cpu.txt -e '.[eval]' ({e})") from e
-    datasets_ = sorted({d for s in specs for d in s.datasets})
-    if not datasets_:
-        return
-    if not hub_reachable():
-        missing = [d for d in datasets_ if not dataset_cached(d)]
-        if missing:
-            raise EvalError(f"the Hugging Face hub ({hub_endpoint()}) is unreachable and these datasets are not "
-                            f"cached locally: {', '.join(missing)}")
-        os.environ["HF_DATASETS_OFFLINE"] = "1"  # everything is cached: do not let `datasets` try the network
-        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                    "default <model dir>/model.mmoe, exported when missing or older than the weights")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run humaneval/mbpp, which execute model-written code")
+    p.add_argument("--skip-code-tasks", action="store_true", help="leave humaneval/mbpp out of the suite")
     p.add_argument("--out", default=None, help="output directory (default <run>/eval)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
@@ -268,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
         specs, limit = suite_specs(a.suite)
+        if a.skip_code_tasks:
+            specs = tuple(s for s in specs if not s.executes_code)
         if a.limit is not None:
             limit = int(a.limit) if a.limit >= 1 else a.limit
         engines = parse_list([a.engine])
