@@ -71,8 +71,8 @@ bench: bench-kernels bench-mobile ## all benchmarks
 scaling-law: install data ## CPU scaling-law sweep + fit + report -> bench/results/scaling.md
 	$(PY) -m train.scaling all --grid cpu
 
-eval: install ## lm-eval on a checkpoint: make eval CKPT=runs/tiny SUITE=local ENGINE=torch|mobile
-	$(PY) -m bench.eval --ckpt $(CKPT) --suite $(or $(SUITE),local) --engine $(or $(ENGINE),torch)
+eval: install mobile ## lm-eval: make eval [CKPT=runs/tiny] [SUITE=local|quick|paper] [ENGINE=all|float|torch|int4] [STAGES=1] [ALLOW_CODE=1]
+	$(PY) -m bench.eval --ckpt $(or $(CKPT),$(RUN)) --suite $(or $(SUITE),local) --engine $(or $(ENGINE),all) --threads $(THREADS) $(if $(STAGES),--stages,) $(if $(ALLOW_CODE),--allow-code-execution,) $(if $(LIMIT),--limit $(LIMIT),)
 
 clean: ## remove build outputs (keeps .venv, data and runs)
 	rm -rf mobile/build .pytest_cache

@@ -152,17 +152,27 @@ def open_mobile_engine(ckpt: str | os.PathLike, mmoe: str | os.PathLike | None =
         from mobile import Engine  # noqa: PLC0415
     except ImportError as e:
         raise RuntimeError(f"engine=mobile needs the phone engine's Python binding (mobile.Engine): {e}") from e
-    path = Path(mmoe) if mmoe else Path(ckpt) / "model.mmoe"
-    if mmoe is None:
-        src = Path(ckpt) / "model.safetensors"
-        if not path.is_file() or path.stat().st_mtime < src.stat().st_mtime:
-            from mobile.export import export_model_dir  # noqa: PLC0415
+    def open_(p: Path):
+        return Engine(str(p), threads=threads) if threads else Engine(str(p))
 
-            log.info("exporting %s -> %s", ckpt, path)
-            export_model_dir(ckpt, path)
-    elif not path.is_file():
-        raise FileNotFoundError(f"{path}: no such .mmoe file")
-    return Engine(str(path), threads=threads) if threads else Engine(str(path))
+    if mmoe is not None:
+        if not Path(mmoe).is_file():
+            raise FileNotFoundError(f"{mmoe}: no such .mmoe file")
+        return open_(Path(mmoe))
+    from mobile.export import export_model_dir  # noqa: PLC0415
+
+    path = Path(ckpt) / "model.mmoe"
+    src = Path(ckpt) / "model.safetensors"
+    if not path.is_file() or path.stat().st_mtime < src.stat().st_mtime:
+        log.info("exporting %s -> %s", ckpt, path)
+        export_model_dir(ckpt, path)
+        return open_(path)
+    try:
+        return open_(path)
+    except ValueError as e:  # a cached export from an older format version: export again once
+        log.warning("re-exporting %s (%s)", path, e)
+        export_model_dir(ckpt, path)
+        return open_(path)
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
