@@ -39,40 +39,139 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return resolved
 
 
+def _select_rows(x, idx, pad: bool):
+    """x[idx]; with pad, idx == len(x) selects a zero row (padding slots)."""
+    if pad:
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])], 0)
+    return x.index_select(0, idx)
+
+
+class _RowGather(torch.autograd.Function):
+    """out = x[idx] (idx == len(x) -> zero row when pad_fwd), with a gather-based backward
+    dx[t] = sum_{j<k} dout[inv[t*k + j]] (j in slot order; inv == len(out) -> zero when pad_bwd).
+
+    Autograd's default backward for x[idx] is a scatter-add (index_put_ with accumulate): slow on CPU and
+    summed in an unspecified order. Every row index here is a permutation of the token-slots (plus padding),
+    so its inverse turns the backward into a gather + a fixed-order sum over the k slots: deterministic, and
+    the PyTorch twin of the Triton combine kernel."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv, k: int, pad_fwd: bool, pad_bwd: bool):
+        ctx.save_for_backward(inv)
+        ctx.k, ctx.n, ctx.pad_bwd = k, x.shape[0], pad_bwd
+        return _select_rows(x, idx, pad_fwd)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (inv,) = ctx.saved_tensors
+        d = _select_rows(dout, inv, ctx.pad_bwd)
+        return (d.view(ctx.n, ctx.k, -1).sum(1) if ctx.k > 1 else d), None, None, None, None, None
+
+
+def _gather_rows(x, idx, inv, k: int = 1, pad_fwd: bool = False, pad_bwd: bool = False):
+    return _RowGather.apply(x, idx, inv, k, pad_fwd, pad_bwd)
+
+
 def moe_experts_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
                           w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
-                          act_fq: Callable | None = None) -> torch.Tensor:
-    """Dropless routed SwiGLU experts in plain PyTorch.
+                          act_fq: Callable | None = None, method: str = "auto") -> torch.Tensor:
+    """Dropless routed SwiGLU experts in plain PyTorch (the CPU path).
 
     x_TD (T, D); ids_TK, gates_TK (T, K); w_gate_up_EFD (E, 2F, D) = [gate; up] rows; w_down_EDF (E, D, F).
-    Sort token-slots by expert (stable), run each expert on its contiguous slice, weight, and sum each
-    token's K slots back in slot order (deterministic: no atomics, no index_add).
-    act_fq: optional per-row activation fake-quant applied to the down projection's input (QAT); the
-    caller applies it to x_TD itself.
+    Token-slots are ordered by expert (stable sort); each expert multiplies its rows; each token's K slots are
+    weighted and summed back in slot order. Deterministic: no atomics / index_add in forward or backward.
+    act_fq: optional per-row activation fake-quant applied to the down projection's input (QAT); the caller
+    applies it to x_TD itself. Zero padding rows stay zero under a per-row quantiser.
+    method (bench/results/kernels.md compares them on CPU, forward + backward):
+      "slices"  one torch.mm per non-empty expert on its contiguous rows, with a hand-written backward
+                (_SlicedGemm): no padding, no per-expert zero gradients. Fastest measured; "auto" uses it.
+      "padded"  rows scattered into an (E, C, D) buffer, C = max rows per expert, two torch.bmm calls per
+                pass: pays for the padding (and E x C memory when the router is unbalanced).
+      "grouped_mm"  torch._grouped_mm: on CPU in torch 2.13 a per-expert loop with autograd's slicing
+                backward, slower than both; needs 16-byte row strides.
     """
     T, K = ids_TK.shape
     E = w_gate_up_EFD.shape[0]
+    S = T * K
     flat_S = ids_TK.reshape(-1)
     order_S = torch.argsort(flat_S, stable=True)
-    counts = torch.bincount(flat_S, minlength=E).tolist()
-    x_SD = x_TD[order_S // K]
-    outs = []
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        xe = x_SD[start:start + n]
-        g, u = (xe @ w_gate_up_EFD[e].t()).chunk(2, dim=-1)
-        h = F.silu(g) * u
-        if act_fq is not None:
-            h = act_fq(h)
-        outs.append(h @ w_down_EDF[e].t())
-        start += n
-    y_SD = torch.cat(outs, dim=0) if outs else x_SD.new_zeros(0, w_down_EDF.shape[1])
-    y_SD = y_SD * gates_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
     inv_S = torch.empty_like(order_S)
-    inv_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    return y_SD[inv_S].reshape(T, K, w_down_EDF.shape[1]).sum(dim=1)
+    inv_S[order_S] = torch.arange(S, device=order_S.device)
+    counts_E = torch.bincount(flat_S, minlength=E)
+    if method == "auto":
+        method = "slices"
+    if method == "padded":
+        C = int(counts_E.max()) if S else 0
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        e_S = flat_S[order_S]  # expert of each sorted row
+        pad_of_sorted = e_S * C + (torch.arange(S, device=flat_S.device) - starts_E[e_S])
+        pad_of_slot = pad_of_sorted[inv_S]  # token-slot -> padded row
+        slot_of_pad = torch.full((E * C,), S, dtype=torch.long, device=flat_S.device)  # S = padding
+        slot_of_pad[pad_of_slot] = torch.arange(S, device=flat_S.device)
+        tok_of_pad = torch.where(slot_of_pad < S, slot_of_pad // K, T)  # T = the zero row
+        x_ECD = _gather_rows(x_TD, tok_of_pad, pad_of_slot, K, pad_fwd=True).view(E, C, -1)
+        g_ECF, u_ECF = torch.bmm(x_ECD, w_gate_up_EFD.transpose(1, 2)).chunk(2, dim=-1)
+        h_ECF = F.silu(g_ECF) * u_ECF
+        if act_fq is not None:
+            h_ECF = act_fq(h_ECF.reshape(E * C, -1)).view(E, C, -1)
+        y_ECD = torch.bmm(h_ECF, w_down_EDF.transpose(1, 2))
+        y_SD = _gather_rows(y_ECD.reshape(E * C, -1), pad_of_slot, slot_of_pad, 1, pad_bwd=True)  # slot order
+    elif method in ("slices", "grouped_mm"):
+        x_sorted = _gather_rows(x_TD, order_S // K, inv_S, K)
+        if method == "grouped_mm":
+            offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+            gemm = lambda a, w: torch._grouped_mm(a, w.transpose(1, 2), offs=offs_E)
+        else:
+            bounds = torch.cumsum(counts_E, 0).tolist()
+            gemm = lambda a, w: _slices_gemm(a, w, bounds)
+        g_SF, u_SF = gemm(x_sorted, w_gate_up_EFD).chunk(2, dim=-1)
+        h_SF = F.silu(g_SF) * u_SF
+        if act_fq is not None:
+            h_SF = act_fq(h_SF)
+        y_SD = _gather_rows(gemm(h_SF, w_down_EDF), inv_S, order_S)  # back to slot order
+    else:
+        raise ValueError(f"moe_experts_reference: method must be auto|padded|slices|grouped_mm, got {method!r}")
+    y_SD = y_SD * gates_TK.reshape(-1, 1).to(y_SD.dtype)
+    return y_SD.view(T, K, -1).sum(dim=1)
+
+
+class _SlicedGemm(torch.autograd.Function):
+    """Y = X_e @ W_e^T on each expert's contiguous rows, one torch.mm per non-empty expert, written in place.
+
+    A hand-written backward (dX_e = dY_e @ W_e, dW_e = dY_e^T @ X_e into one (E, N, Kd) buffer): autograd's own
+    backward of w[e] slicing would materialise a full-size zero gradient per expert (O(E^2) memory traffic)."""
+
+    @staticmethod
+    def forward(ctx, x_SK, w_ENK, bounds: list[int]):
+        ctx.save_for_backward(x_SK, w_ENK)
+        ctx.bounds = bounds
+        y = x_SK.new_empty(x_SK.shape[0], w_ENK.shape[1])
+        a = 0
+        for e, b in enumerate(bounds):
+            if b > a:
+                torch.mm(x_SK[a:b], w_ENK[e].t(), out=y[a:b])
+            a = b
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_SN):
+        x_SK, w_ENK = ctx.saved_tensors
+        dy_SN = dy_SN.contiguous()
+        dx = torch.zeros_like(x_SK) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(w_ENK) if ctx.needs_input_grad[1] else None
+        a = 0
+        for e, b in enumerate(ctx.bounds):
+            if b > a:
+                if dx is not None:
+                    torch.mm(dy_SN[a:b], w_ENK[e], out=dx[a:b])
+                if dw is not None:
+                    torch.mm(dy_SN[a:b].t(), x_SK[a:b], out=dw[e])
+            a = b
+        return dx, dw, None
+
+
+def _slices_gemm(x_SD, w_ENK, bounds: list[int]):
+    return _SlicedGemm.apply(x_SD, w_ENK, bounds)
 
 
 def moe_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend: str = "auto",

@@ -73,26 +73,42 @@ def test_moe_reference_matches_naive_loop_values_and_grads(E, K):
               torch.randn(E, 2 * Fh, D, generator=g) * 0.3, torch.randn(E, D, Fh, generator=g) * 0.3]
     a = [t.clone().requires_grad_() for t in leaves]
     b = [t.clone().requires_grad_() for t in leaves]
-    ya = moe_experts_reference(a[0], ids, a[1], a[2], a[3])
     yb = _naive_moe(b[0], ids, b[1], b[2], b[3])
-    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
-    dy = torch.randn(ya.shape, generator=g)
-    ya.backward(dy)
+    dy = torch.randn(yb.shape, generator=g)
     yb.backward(dy)
-    for ga, gb in zip(a, b):
-        torch.testing.assert_close(ga.grad, gb.grad, atol=1e-4, rtol=1e-4)
-    assert torch.equal(moe_experts_reference(*leaves[:1], ids, *leaves[1:]), ya.detach())  # deterministic
+    for method in ("auto", "padded", "slices", "grouped_mm"):
+        a = [t.clone().requires_grad_() for t in leaves]
+        ya = moe_experts_reference(a[0], ids, a[1], a[2], a[3], method=method)
+        torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5, msg=lambda m, k=method: f"{k}: {m}")
+        ya.backward(dy)
+        for ga, gb in zip(a, b):
+            torch.testing.assert_close(ga.grad, gb.grad, atol=1e-4, rtol=1e-4, msg=lambda m, k=method: f"{k}: {m}")
+        again = moe_experts_reference(leaves[0], ids, leaves[1], leaves[2], leaves[3], method=method)
+        assert torch.equal(again, ya.detach())  # deterministic
+
+
+def test_moe_reference_collapsed_router_does_not_pad():
+    T, K, E, D, Fh = 40, 1, 8, 4, 2
+    ids = torch.zeros(T, K, dtype=torch.long)  # a collapsed router: every token on expert 0 -> C = T
+    args = (torch.randn(T, D), ids, torch.ones(T, K), torch.randn(E, 2 * Fh, D), torch.randn(E, D, Fh))
+    shapes = []
+    moe_experts_reference(*args, act_fq=lambda h: (shapes.append(tuple(h.shape)), h)[1])
+    assert shapes == [(T * K, Fh)]  # slices, not an (E * T, F) padded buffer
+    torch.testing.assert_close(moe_experts_reference(*args), _naive_moe(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_moe_reference_applies_act_fq_to_down_proj_input():
     g = torch.Generator().manual_seed(3)
-    T, K, E, D, Fh = 5, 2, 4, 6, 4
+    T, K, E, D, Fh = 5, 2, 4, 8, 4  # grouped_mm needs 16-byte row strides
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     args = (torch.randn(T, D, generator=g), ids, torch.rand(T, K, generator=g),
             torch.randn(E, 2 * Fh, D, generator=g), torch.randn(E, D, Fh, generator=g))
-    seen = []
-    y0 = moe_experts_reference(*args, act_fq=lambda h: (seen.append(h.shape), h * 0)[1])
-    assert torch.count_nonzero(y0) == 0 and sum(s[0] for s in seen) == T * K and seen[0][1] == Fh
+    for method in ("slices", "padded", "grouped_mm"):
+        seen = []
+        y0 = moe_experts_reference(*args, act_fq=lambda h, seen=seen: (seen.append(h.shape), h * 0)[1], method=method)
+        assert torch.count_nonzero(y0) == 0 and seen and all(s[-1] == Fh for s in seen), method
+        rows = sum(s[0] for s in seen)
+        assert rows == T * K if method != "padded" else rows >= T * K, method
 
 
 def test_router_reference_bias_selects_but_does_not_scale():
