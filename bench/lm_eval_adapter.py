@@ -8,8 +8,9 @@ Two engines behind one adapter, so float, fake-quant and the shipped INT4 engine
     engine=mobile           the INT4 C phone engine through its Python binding (mobile.Engine): the weights and
                             arithmetic that ship; needs `engine.logits(token_ids) -> (T, V) float32`
 
-    lm_eval --model mobilemoe --model_args ckpt=runs/tiny/final,engine=mobile --tasks ...   (after `import bench`)
-    python -m bench.eval ...                                                                 (the project CLI)
+    python -m bench.eval ...                                   (the project CLI, `make eval`)
+    import bench.lm_eval_adapter, lm_eval                      (from Python: the import registers the model)
+    lm_eval.simple_evaluate(model="mobilemoe", model_args="ckpt=runs/tiny/final,engine=mobile", tasks=[...])
 
 Tokenization is always done here in Python with the checkpoint's tokenizer.json (raw bytes when absent), so
 every engine sees identical token ids and only the compute path differs.
