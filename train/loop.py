@@ -336,6 +336,9 @@ def train_stage(model, cfg: StageConfig, batcher: Batcher, *, stage_dir: str | o
         is_last = step == steps - 1
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not is_last:
             ev = eval_fn(model)
+            if rank == 0:
+                msg = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float))
+                (bar.write if bar is not None else print)(f"[{cfg.name}] step {step + 1}: {msg}")
             if tracker is not None and rank == 0:
                 tracker.log_eval(ev, step)
         if sdir is not None and ((step + 1) % cfg.ckpt_every == 0 or is_last):
