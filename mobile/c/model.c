@@ -9,9 +9,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "attention.h"
 #include "internal.h"
 
-#define MMOE_BATCH 32
+#define MMOE_BATCH 128
 
 const char *const mmoe_timer_names[MMOE_T_COUNT] = {"attention", "router", "experts", "shared", "lm_head", "other"};
 
@@ -23,7 +24,7 @@ struct mmoe_ctx {
     int D, H, KV, hd, QD, KVD, E, K, Fmax, Kmax;
     uint16_t *kc, *vc;   /* [layer][max_ctx][KVD] fp16 */
     float *rope_inv;     /* hd / 2 */
-    float *x, *xn, *q, *k, *v, *att, *tmp, *y, *gu, *hid, *rlog, *slot, *scores;
+    float *x, *xn, *q, *k, *v, *att, *tmp, *y, *gu, *hid, *rlog, *scores;
     int8_t *xq, *hq;
     float *xs, *hs, *gates;
     int32_t *ids;
@@ -31,25 +32,11 @@ struct mmoe_ctx {
     int8_t *gxq, *ghq;
     float *gxs, *ghs, *ggu, *ghid, *gout;
     int *gslot;
+    int *slot_row;        /* slot (t * K + k) -> its row in the gathered expert buffers */
+    struct mm_item *items; /* E + 4 matmuls of one batched job */
+    int att_impl;          /* MMOE_ATT_SCALAR / MMOE_ATT_SIMD (same values either way) */
     double t[MMOE_T_COUNT];
 };
-
-/* Exact fp16 -> fp32 (same values as mmoe_fp16_to_f32; inlined for the attention inner loops). */
-static inline float h2f(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, u;
-    float f;
-    if (exp == 0) {
-        f = (float)mant * 0x1p-24f;
-        memcpy(&u, &f, 4);
-        u |= sign;
-    } else if (exp == 31) {
-        u = sign | 0x7f800000u | (mant << 13);
-    } else {
-        u = sign | ((exp + 112u) << 23) | (mant << 13);
-    }
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static double now(void) {
     struct timespec ts;
@@ -57,14 +44,25 @@ static double now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* ---- matmul over threads ------------------------------------------------------------------------------- */
-typedef struct {
-    const mmoe_ctx *c;
-    const mmoe_q4_matrix *W;
+/* ---- matmuls over threads ------------------------------------------------------------------------------
+ * One pool job runs a list of matmuls (q/k/v of a layer; every selected expert's gate_up plus the shared
+ * expert's): their rows, in blocks of 8, are split across the threads by cost (rows x (tokens + 1): the +1 is
+ * the weight streaming a row costs even for one token), so a decode step pays one wakeup per list instead of
+ * one per matrix, and small matrices (one expert's 320 x 1280) no longer leave a thread idle. The kernels'
+ * results depend only on (row, token), never on how rows are split, so this changes no bits. */
+typedef struct mm_item {
+    mmoe_q4_matrix W;
     const int8_t *Xq;
     const float *xs;
     int M, ldy;
     float *Y;
+} mm_item;
+
+typedef struct {
+    const mmoe_ctx *c;
+    const mm_item *it;
+    int n;
+    long total; /* sum of item costs */
 } mm_job;
 
 /* Debug path: dequantized weights x fake-quantized activations in plain fp32 (the PyTorch QAT arithmetic). */
@@ -85,27 +83,50 @@ static void float_rows(const mmoe_q4_matrix *W, const int8_t *xq, float xs, floa
     }
 }
 
+static void mm_rows(const mmoe_ctx *c, const mm_item *j, int r0, int r1) {
+    if (c->float_path) {
+        for (int m = 0; m < j->M; m++)
+            float_rows(&j->W, j->Xq + (size_t)m * j->W.cols, j->xs[m], j->Y + (size_t)m * j->ldy + r0, r0, r1);
+    } else if (j->M == 1) {
+        c->ks->gemv(&j->W, j->Xq, j->xs[0], j->Y + r0, r0, r1);
+    } else {
+        c->ks->gemm(&j->W, j->Xq, j->xs, j->M, j->Y + r0, j->ldy, r0, r1);
+    }
+}
+
 static void mm_task(void *arg, int t, int nt) {
     const mm_job *j = arg;
-    int R = j->W->rows;
-    int r0 = (int)((long)R * t / nt) & ~7, r1 = t == nt - 1 ? R : (int)((long)R * (t + 1) / nt) & ~7;
-    if (r1 <= r0) return;
-    if (j->c->float_path) {
-        for (int m = 0; m < j->M; m++)
-            float_rows(j->W, j->Xq + (size_t)m * j->W->cols, j->xs[m], j->Y + (size_t)m * j->ldy + r0, r0, r1);
-    } else if (j->M == 1) {
-        j->c->ks->gemv(j->W, j->Xq, j->xs[0], j->Y + r0, r0, r1);
-    } else {
-        j->c->ks->gemm(j->W, j->Xq, j->xs, j->M, j->Y + r0, j->ldy, r0, r1);
+    long lo = j->total * t / nt, hi = j->total * (t + 1) / nt, base = 0;
+    for (int i = 0; i < j->n; i++) {
+        const mm_item *it = &j->it[i];
+        long nb = (it->W.rows + 7) / 8, cb = 8L * (it->M + 1);
+        /* this thread takes the blocks b whose start cost base + b * cb lies in [lo, hi) */
+        long b0 = lo <= base ? 0 : (lo - base + cb - 1) / cb, b1 = hi <= base ? 0 : (hi - base + cb - 1) / cb;
+        if (b1 > nb) b1 = nb;
+        if (b0 < b1) {
+            int r0 = (int)(b0 * 8), r1 = (int)(b1 * 8) < it->W.rows ? (int)(b1 * 8) : it->W.rows;
+            mm_rows(j->c, it, r0, r1);
+        }
+        base += nb * cb;
     }
+}
+
+static void matmul_multi(mmoe_ctx *c, const mm_item *it, int n) {
+    mm_job j = {c, it, n, 0};
+    long rows = 0;
+    for (int i = 0; i < n; i++) {
+        j.total += (long)((it[i].W.rows + 7) / 8) * 8L * (it[i].M + 1);
+        rows += it[i].W.rows;
+    }
+    int nt = mmoe_pool_size(c->pool);
+    if (rows < 64L * nt) nt = rows / 64 > 0 ? (int)(rows / 64) : 1; /* tiny matrices: fewer threads */
+    mmoe_pool_run(c->pool, mm_task, &j, nt);
 }
 
 /* Y[m * ldy + r] = W row r . dequant(Xq row m) for m < M */
 static void matmul(mmoe_ctx *c, const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy) {
-    mm_job j = {c, W, Xq, xs, M, ldy, Y};
-    int nt = mmoe_pool_size(c->pool);
-    if (W->rows < 64 * nt) nt = W->rows / 64 > 0 ? W->rows / 64 : 1; /* tiny matrices: fewer threads */
-    mmoe_pool_run(c->pool, mm_task, &j, nt);
+    mm_item it = {*W, Xq, xs, M, ldy, Y};
+    matmul_multi(c, &it, 1);
 }
 
 static void quantize_rows(const float *x, int8_t *q, float *s, int M, int K) {
@@ -154,42 +175,29 @@ static void rope(const mmoe_ctx *c, float *x, int n_heads, int p) {
 }
 
 /* ---- attention over the KV cache, parallel over (token, head) ---------------------------------------------- */
+/* Work unit: the query heads of one KV head that share each fp16 K/V row conversion (GQA), up to
+ * MMOE_ATT_GROUP at a time; 2 when that leaves too few units to keep the threads busy (decode). The chunking
+ * changes no value (mmoe_att_group == mmoe_att_head per head). */
+#define MMOE_ATT_GROUP 4
 typedef struct {
     mmoe_ctx *c;
-    int layer, n;
+    int layer, n, cs;
 } att_job;
 
 static void att_task(void *arg, int t, int nt) {
     const att_job *j = arg;
     mmoe_ctx *c = j->c;
-    int H = c->H, hd = c->hd, grp = c->H / c->KV, total = j->n * H;
-    float *sc = c->scores + (size_t)t * c->max_ctx;
+    int hd = c->hd, grp = c->H / c->KV, cs = j->cs, nch = (grp + cs - 1) / cs, total = j->n * c->KV * nch;
+    float *sc = c->scores + (size_t)t * MMOE_ATT_GROUP * c->max_ctx;
     const uint16_t *kc = c->kc + (size_t)j->layer * c->max_ctx * c->KVD;
     const uint16_t *vc = c->vc + (size_t)j->layer * c->max_ctx * c->KVD;
     float scale = 1.0f / sqrtf((float)hd);
-    for (int w = total * t / nt; w < total * (t + 1) / nt; w++) {
-        int tok = w / H, h = w % H, p = c->pos + tok, kvh = h / grp;
-        const float *q = c->q + (size_t)tok * c->QD + (size_t)h * hd;
-        float mx = -INFINITY;
-        for (int s = 0; s <= p; s++) {
-            const uint16_t *kr = kc + (size_t)s * c->KVD + (size_t)kvh * hd;
-            float dot = 0.0f;
-            for (int d = 0; d < hd; d++) dot += q[d] * h2f(kr[d]);
-            sc[s] = dot * scale;
-            if (sc[s] > mx) mx = sc[s];
-        }
-        float sum = 0.0f;
-        for (int s = 0; s <= p; s++) {
-            sc[s] = expf(sc[s] - mx);
-            sum += sc[s];
-        }
-        float *o = c->att + (size_t)tok * c->QD + (size_t)h * hd;
-        for (int d = 0; d < hd; d++) o[d] = 0.0f;
-        for (int s = 0; s <= p; s++) {
-            const uint16_t *vr = vc + (size_t)s * c->KVD + (size_t)kvh * hd;
-            float pr = sc[s] / sum;
-            for (int d = 0; d < hd; d++) o[d] += pr * h2f(vr[d]);
-        }
+    for (int w = total * t / nt; w < total * (t + 1) / nt; w++) { /* unit = (token, kv head, chunk of its heads) */
+        int tok = w / (c->KV * nch), kvh = w / nch % c->KV, ci = w % nch, p = c->pos + tok;
+        int h = kvh * grp + ci * cs, ng = grp - ci * cs < cs ? grp - ci * cs : cs;
+        mmoe_att_group(c->q + (size_t)tok * c->QD + (size_t)h * hd, ng, kc + (size_t)kvh * hd,
+                       vc + (size_t)kvh * hd, (size_t)c->KVD, p + 1, hd, scale, sc,
+                       c->att + (size_t)tok * c->QD + (size_t)h * hd, c->att_impl);
     }
 }
 
@@ -201,10 +209,7 @@ static void route(mmoe_ctx *c, const mmoe_layer *L, int n) {
         const float *x = c->xn + (size_t)t * D;
         float *lg = c->rlog + (size_t)t * E;
         for (int e = 0; e < E; e++) {
-            const float *w = L->router + (size_t)e * D;
-            float acc = 0.0f;
-            for (int i = 0; i < D; i++) acc += x[i] * w[i];
-            lg[e] = acc;
+            lg[e] = mmoe_dot_f32(x, L->router + (size_t)e * D, D, c->att_impl);
         }
         if (cf->router_score == 0) { /* softmax */
             float mx = lg[0], sum = 0.0f;
@@ -246,34 +251,53 @@ static mmoe_q4_matrix expert_mat(const mmoe_experts *x, int e, int down) {
     return m;
 }
 
-/* Routed experts: for each expert, gather the token-slots that picked it and run it as one small batch. */
+/* Routed experts plus the shared expert(s): gather, per expert, the token-slots that picked it (a small batch),
+ * then run every selected expert's gate_up and the shared gate_up as one threaded job, SwiGLU + quantize, and
+ * every down projection as a second job. Result (sum of the K slots in slot order, then + shared) in c->y. */
 static void experts(mmoe_ctx *c, const mmoe_layer *L, int n) {
-    int D = c->D, K = c->K, F = L->experts.F;
+    int D = c->D, K = c->K, F = L->experts.F, S = L->has_shared ? L->sh_down.cols : 0, ni = 0, rows = 0;
+    mm_item *it = c->items;
     for (int e = 0; e < c->E; e++) {
         int cnt = 0;
         for (int s = 0; s < n * K; s++)
             if (c->ids[s] == e) {
                 int t = s / K;
-                memcpy(c->gxq + (size_t)cnt * D, c->xq + (size_t)t * D, (size_t)D);
-                c->gxs[cnt] = c->xs[t];
-                c->gslot[cnt++] = s;
+                memcpy(c->gxq + (size_t)(rows + cnt) * D, c->xq + (size_t)t * D, (size_t)D);
+                c->gxs[rows + cnt] = c->xs[t];
+                c->slot_row[s] = rows + cnt++;
             }
         if (!cnt) continue;
-        mmoe_q4_matrix gu = expert_mat(&L->experts, e, 0), dn = expert_mat(&L->experts, e, 1);
-        matmul(c, &gu, c->gxq, c->gxs, cnt, c->ggu, 2 * F);
-        for (int i = 0; i < cnt; i++) swiglu(c->ggu + (size_t)i * 2 * F, c->ghid + (size_t)i * F, F);
-        quantize_rows(c->ghid, c->ghq, c->ghs, cnt, F);
-        matmul(c, &dn, c->ghq, c->ghs, cnt, c->gout, D);
-        for (int i = 0; i < cnt; i++) memcpy(c->slot + (size_t)c->gslot[i] * D, c->gout + (size_t)i * D, sizeof(float) * D);
+        c->gslot[ni] = e; /* the expert of item ni */
+        it[ni++] = (mm_item){expert_mat(&L->experts, e, 0), c->gxq + (size_t)rows * D, c->gxs + rows, cnt, 2 * F,
+                             c->ggu + (size_t)rows * 2 * F};
+        rows += cnt;
     }
+    if (S) it[ni++] = (mm_item){L->sh_gate_up, c->xq, c->xs, n, 2 * S, c->gu};
+    matmul_multi(c, it, ni);
+    for (int i = 0; i < rows; i++) swiglu(c->ggu + (size_t)i * 2 * F, c->ghid + (size_t)i * F, F);
+    quantize_rows(c->ghid, c->ghq, c->ghs, rows, F);
+    if (S) {
+        for (int t = 0; t < n; t++) swiglu(c->gu + (size_t)t * 2 * S, c->hid + (size_t)t * S, S);
+        quantize_rows(c->hid, c->hq, c->hs, n, S);
+    }
+    /* second job: the same experts in the same order, now their down projections */
+    for (int i = 0; i < ni - (S ? 1 : 0); i++) {
+        int r0 = (int)(it[i].xs - c->gxs);
+        it[i] = (mm_item){expert_mat(&L->experts, c->gslot[i], 1), c->ghq + (size_t)r0 * F, c->ghs + r0, it[i].M, D,
+                          c->gout + (size_t)r0 * D};
+    }
+    if (S) it[ni - 1] = (mm_item){L->sh_down, c->hq, c->hs, n, D, c->tmp};
+    matmul_multi(c, it, ni);
     for (int t = 0; t < n; t++) { /* sum the K slots in slot order, as the PyTorch reference does */
         float *y = c->y + (size_t)t * D;
         for (int i = 0; i < D; i++) y[i] = 0.0f;
         for (int k = 0; k < K; k++) {
-            const float *o = c->slot + ((size_t)t * K + k) * D;
+            const float *o = c->gout + (size_t)c->slot_row[t * K + k] * D;
             float g = c->gates[(size_t)t * K + k];
             for (int i = 0; i < D; i++) y[i] += o[i] * g;
         }
+        if (S)
+            for (int i = 0; i < D; i++) y[i] += c->tmp[(size_t)t * D + i];
     }
 }
 
@@ -298,9 +322,10 @@ static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits,
         t0 = now();
         for (int t = 0; t < n; t++) rmsnorm(c->x + (size_t)t * D, L->attn_norm, c->xn + (size_t)t * D, D, cf->norm_eps);
         quantize_rows(c->xn, c->xq, c->xs, n, D);
-        matmul(c, &L->wq, c->xq, c->xs, n, c->q, c->QD);
-        matmul(c, &L->wk, c->xq, c->xs, n, c->k, c->KVD);
-        matmul(c, &L->wv, c->xq, c->xs, n, c->v, c->KVD);
+        mm_item qkv[3] = {{L->wq, c->xq, c->xs, n, c->QD, c->q},
+                          {L->wk, c->xq, c->xs, n, c->KVD, c->k},
+                          {L->wv, c->xq, c->xs, n, c->KVD, c->v}};
+        matmul_multi(c, qkv, 3);
         for (int t = 0; t < n; t++) {
             rope(c, c->q + (size_t)t * c->QD, c->H, c->pos + t);
             rope(c, c->k + (size_t)t * c->KVD, c->KV, c->pos + t);
@@ -310,7 +335,9 @@ static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits,
                 c->vc[at + i] = mmoe_f32_to_fp16(c->v[(size_t)t * c->KVD + i]);
             }
         }
-        att_job aj = {c, (int)l, n};
+        int grp = c->H / c->KV, nt = mmoe_pool_size(c->pool);
+        att_job aj = {c, (int)l, n, grp < MMOE_ATT_GROUP ? grp : MMOE_ATT_GROUP};
+        if (nt > 1 && (long)n * c->KV * ((grp + aj.cs - 1) / aj.cs) < 4L * nt) aj.cs = aj.cs >= 2 ? 2 : 1;
         mmoe_pool_run(c->pool, att_task, &aj, mmoe_pool_size(c->pool));
         quantize_rows(c->att, c->xq, c->xs, n, c->QD);
         matmul(c, &L->wo, c->xq, c->xs, n, c->tmp, D);
@@ -325,16 +352,9 @@ static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits,
             t1 = now();
             c->t[MMOE_T_ROUTER] += t1 - t0;
             t0 = t1;
-            experts(c, L, n);
-            t1 = now();
-            c->t[MMOE_T_EXPERTS] += t1 - t0;
-            t0 = t1;
-            if (L->has_shared) {
-                ffn(c, &L->sh_gate_up, &L->sh_down, n);
-                for (size_t i = 0; i < (size_t)n * D; i++) c->y[i] += c->tmp[i];
-            }
+            experts(c, L, n); /* routed + shared, one job each for gate_up and down: timed as "experts" */
             for (size_t i = 0; i < (size_t)n * D; i++) c->x[i] += c->y[i];
-            c->t[MMOE_T_SHARED] += now() - t0;
+            c->t[MMOE_T_EXPERTS] += now() - t0;
         } else { /* a dense layer's FFN counts as "experts" (the FFN the routed experts replace) */
             ffn(c, &L->sh_gate_up, &L->sh_down, n);
             for (size_t i = 0; i < (size_t)n * D; i++) c->x[i] += c->tmp[i];
@@ -382,8 +402,8 @@ void mmoe_ctx_free(mmoe_ctx *c) {
     if (!c) return;
     if (c->pool) mmoe_pool_free(c->pool);
     void *bufs[] = {c->kc, c->vc, c->rope_inv, c->x, c->xn, c->q, c->k, c->v, c->att, c->tmp, c->y, c->gu, c->hid,
-                    c->rlog, c->slot, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
-                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot};
+                    c->rlog, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
+                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->slot_row, c->items};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
@@ -407,6 +427,8 @@ mmoe_ctx *mmoe_ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flag
         free(c);
         return NULL;
     }
+    /* the scalar kernel set also takes the scalar attention (bit-identical anyway: see attention.c) */
+    c->att_impl = strcmp(c->ks->name, "scalar") ? mmoe_att_best_impl() : MMOE_ATT_SCALAR;
     c->max_ctx = max_ctx;
     c->D = (int)cf->d_model;
     c->H = (int)cf->n_heads;
@@ -442,8 +464,7 @@ mmoe_ctx *mmoe_ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flag
     c->gu = malloc(sizeof(float) * B * 2 * F);
     c->hid = malloc(sizeof(float) * B * F);
     c->rlog = malloc(sizeof(float) * B * EK);
-    c->slot = malloc(sizeof(float) * B * KK * D);
-    c->scores = malloc(sizeof(float) * (size_t)n_threads * (size_t)max_ctx);
+    c->scores = malloc(sizeof(float) * MMOE_ATT_GROUP * (size_t)n_threads * (size_t)max_ctx);
     c->xq = malloc(B * (size_t)c->Kmax);
     c->hq = malloc(B * F);
     c->xs = malloc(sizeof(float) * B);
@@ -458,9 +479,11 @@ mmoe_ctx *mmoe_ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flag
     c->ghid = malloc(sizeof(float) * B * KK * F);
     c->gout = malloc(sizeof(float) * B * KK * D);
     c->gslot = malloc(sizeof(int) * B * KK);
+    c->slot_row = malloc(sizeof(int) * B * KK);
+    c->items = malloc(sizeof(mm_item) * (EK + 4));
     void *bufs[] = {c->pool, c->kc, c->vc, c->rope_inv, c->x, c->xn, c->q, c->k, c->v, c->att, c->tmp, c->y, c->gu,
-                    c->hid, c->rlog, c->slot, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
-                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot};
+                    c->hid, c->rlog, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
+                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->slot_row, c->items};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (!bufs[i]) goto oom;
     /* inv_freq = 1 / theta^(2i / hd) in fp32, as torch computes it */

@@ -1,0 +1,332 @@
+/* Attention over the fp16 KV cache and the fp32 router dot product, with one fixed arithmetic order that a
+ * scalar reference, AVX2+F16C and NEON all reproduce bit for bit (no FMA: mul then add, -ffp-contract=off):
+ *
+ *   dot(a, b, n): 8 lane accumulators, lane l sums a[i]*b[i] for i = l, l+8, ... over the first n8 = n & ~7
+ *   elements in order; then ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)) — the AVX2 / NEON horizontal-sum tree —
+ *   then the tail i = n8 .. n-1 added one by one.
+ *   head attention: sc[s] = dot(q, K[s]) * scale; max; sc[s] = expf(sc[s] - max) summed in s order;
+ *   o[d] = sum over s in order of (sc[s] / sum) * V[s][d]   (element-wise, so SIMD over d changes nothing).
+ *
+ * Because every implementation computes the same values, the results do not depend on the kernel set, the ISA
+ * or the thread split: x86 and ARM engines stay token-identical, and the scalar set stays a bit-exact reference. */
+#include <math.h>
+#include <string.h>
+
+#include "attention.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define MMOE_ATT_X86 1
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define MMOE_ATT_NEON 1
+#endif
+
+/* Exact fp16 -> fp32 (same values as mmoe_fp16_to_f32 / F16C / FCVTL). */
+static inline float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, u;
+    float f;
+    if (exp == 0) {
+        f = (float)mant * 0x1p-24f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (mant << 13);
+    } else {
+        u = sign | ((exp + 112u) << 23) | (mant << 13);
+    }
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float reduce8(const float l[8]) { return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])); }
+
+/* ---- scalar reference ------------------------------------------------------------------------------------ */
+static float dot_f32_scalar(const float *a, const float *b, int n) {
+    float l[8] = {0};
+    int n8 = n & ~7, i;
+    for (i = 0; i < n8; i += 8)
+        for (int j = 0; j < 8; j++) l[j] = l[j] + a[i + j] * b[i + j];
+    float acc = reduce8(l);
+    for (; i < n; i++) acc = acc + a[i] * b[i];
+    return acc;
+}
+
+static float dot_f16_scalar(const float *q, const uint16_t *k, int n) {
+    float l[8] = {0};
+    int n8 = n & ~7, i;
+    for (i = 0; i < n8; i += 8)
+        for (int j = 0; j < 8; j++) l[j] = l[j] + q[i + j] * h2f(k[i + j]);
+    float acc = reduce8(l);
+    for (; i < n; i++) acc = acc + q[i] * h2f(k[i]);
+    return acc;
+}
+
+static void axpy_f16_scalar(float *o, float p, const uint16_t *v, int n) {
+    for (int d = 0; d < n; d++) o[d] = o[d] + p * h2f(v[d]);
+}
+
+/* ---- x86 AVX2 + F16C ------------------------------------------------------------------------------------- */
+#ifdef MMOE_ATT_X86
+#define AVX_FN __attribute__((target("avx2,f16c")))
+
+AVX_FN static inline float hsum256(__m256 v) { /* ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)) */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); /* l0+l4 .. l3+l7 */
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                          /* (0+2), (1+3) */
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+AVX_FN static float dot_f32_avx2(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int n8 = n & ~7, i;
+    for (i = 0; i < n8; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    float r = hsum256(acc);
+    for (; i < n; i++) r = r + a[i] * b[i];
+    return r;
+}
+
+AVX_FN static inline __m256 ld_h8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p)); }
+
+AVX_FN static float dot_f16_avx2(const float *q, const uint16_t *k, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int n8 = n & ~7, i;
+    for (i = 0; i < n8; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + i), ld_h8(k + i)));
+    float r = hsum256(acc);
+    for (; i < n; i++) r = r + q[i] * h2f(k[i]);
+    return r;
+}
+
+AVX_FN static void axpy_f16_avx2(float *o, float p, const uint16_t *v, int n) {
+    __m256 pv = _mm256_set1_ps(p);
+    int n8 = n & ~7, d;
+    for (d = 0; d < n8; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_add_ps(_mm256_loadu_ps(o + d), _mm256_mul_ps(pv, ld_h8(v + d))));
+    for (; d < n; d++) o[d] = o[d] + p * h2f(v[d]);
+}
+
+/* Scores of NH query heads (GQA: they share one KV head) against one key row: the key is converted from fp16
+ * once for all NH heads; each head's lanes and reduction are exactly dot_f16_avx2's. */
+#define AVX_DOTS(NH)                                                                                              \
+    AVX_FN static void dots##NH##_avx2(const float *q, int hd, const uint16_t *k, float *r) {                    \
+        __m256 acc[NH];                                                                                           \
+        for (int j = 0; j < NH; j++) acc[j] = _mm256_setzero_ps();                                                \
+        int n8 = hd & ~7, i;                                                                                      \
+        for (i = 0; i < n8; i += 8) {                                                                             \
+            __m256 kv = ld_h8(k + i);                                                                             \
+            for (int j = 0; j < NH; j++)                                                                          \
+                acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_loadu_ps(q + (size_t)j * hd + i), kv));     \
+        }                                                                                                         \
+        for (int j = 0; j < NH; j++) {                                                                            \
+            float t = hsum256(acc[j]);                                                                            \
+            for (int d = n8; d < hd; d++) t = t + q[(size_t)j * hd + d] * h2f(k[d]);                             \
+            r[j] = t;                                                                                             \
+        }                                                                                                         \
+    }                                                                                                             \
+    AVX_FN static void axpys##NH##_avx2(float *o, int hd, const float *p, const uint16_t *v) {                   \
+        int n8 = hd & ~7, d;                                                                                      \
+        for (d = 0; d < n8; d += 8) {                                                                             \
+            __m256 vv = ld_h8(v + d);                                                                             \
+            for (int j = 0; j < NH; j++) {                                                                        \
+                float *oj = o + (size_t)j * hd + d;                                                               \
+                _mm256_storeu_ps(oj, _mm256_add_ps(_mm256_loadu_ps(oj), _mm256_mul_ps(_mm256_set1_ps(p[j]), vv))); \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; d < hd; d++)                                                                                       \
+            for (int j = 0; j < NH; j++) o[(size_t)j * hd + d] = o[(size_t)j * hd + d] + p[j] * h2f(v[d]);      \
+    }
+AVX_DOTS(2)
+AVX_DOTS(4)
+
+static int have_avx2_f16c(void) { /* cpuid + xgetbv (clang's __builtin_cpu_supports has no "f16c") */
+    unsigned a, b, c, d, lo, hi;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    if (!((c >> 29) & 1u) || !((c >> 28) & 1u) || !((c >> 27) & 1u)) return 0; /* F16C, AVX, OSXSAVE */
+    __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    if ((lo & 6u) != 6u) return 0; /* the OS saves XMM and YMM state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b >> 5) & 1u; /* AVX2 */
+}
+#endif
+
+/* ---- ARM NEON (baseline ARMv8.0: fp16 <-> fp32 conversion is part of it) ---------------------------------- */
+#ifdef MMOE_ATT_NEON
+static inline float hsum_neon(float32x4_t lo, float32x4_t hi) { /* same tree as hsum256 */
+    float32x4_t s = vaddq_f32(lo, hi);
+    float32x2_t t = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+    return vget_lane_f32(t, 0) + vget_lane_f32(t, 1);
+}
+
+static float dot_f32_neon(const float *a, const float *b, int n) {
+    float32x4_t lo = vdupq_n_f32(0.0f), hi = vdupq_n_f32(0.0f);
+    int n8 = n & ~7, i;
+    for (i = 0; i < n8; i += 8) {
+        lo = vaddq_f32(lo, vmulq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
+        hi = vaddq_f32(hi, vmulq_f32(vld1q_f32(a + i + 4), vld1q_f32(b + i + 4)));
+    }
+    float r = hsum_neon(lo, hi);
+    for (; i < n; i++) r = r + a[i] * b[i];
+    return r;
+}
+
+static inline float16x8_t ld_h8n(const uint16_t *p) { return vreinterpretq_f16_u16(vld1q_u16(p)); }
+
+static float dot_f16_neon(const float *q, const uint16_t *k, int n) {
+    float32x4_t lo = vdupq_n_f32(0.0f), hi = vdupq_n_f32(0.0f);
+    int n8 = n & ~7, i;
+    for (i = 0; i < n8; i += 8) {
+        float16x8_t h = ld_h8n(k + i);
+        lo = vaddq_f32(lo, vmulq_f32(vld1q_f32(q + i), vcvt_f32_f16(vget_low_f16(h))));
+        hi = vaddq_f32(hi, vmulq_f32(vld1q_f32(q + i + 4), vcvt_high_f32_f16(h)));
+    }
+    float r = hsum_neon(lo, hi);
+    for (; i < n; i++) r = r + q[i] * h2f(k[i]);
+    return r;
+}
+
+static void axpy_f16_neon(float *o, float p, const uint16_t *v, int n) {
+    float32x4_t pv = vdupq_n_f32(p);
+    int n8 = n & ~7, d;
+    for (d = 0; d < n8; d += 8) {
+        float16x8_t h = ld_h8n(v + d);
+        vst1q_f32(o + d, vaddq_f32(vld1q_f32(o + d), vmulq_f32(pv, vcvt_f32_f16(vget_low_f16(h)))));
+        vst1q_f32(o + d + 4, vaddq_f32(vld1q_f32(o + d + 4), vmulq_f32(pv, vcvt_high_f32_f16(h))));
+    }
+    for (; d < n; d++) o[d] = o[d] + p * h2f(v[d]);
+}
+#endif
+
+#ifdef MMOE_ATT_NEON
+#define NEON_DOTS(NH)                                                                                             \
+    static void dots##NH##_neon(const float *q, int hd, const uint16_t *k, float *r) {                           \
+        float32x4_t lo[NH], hi[NH];                                                                               \
+        for (int j = 0; j < NH; j++) lo[j] = hi[j] = vdupq_n_f32(0.0f);                                           \
+        int n8 = hd & ~7, i;                                                                                      \
+        for (i = 0; i < n8; i += 8) {                                                                             \
+            float16x8_t h = ld_h8n(k + i);                                                                        \
+            float32x4_t kl = vcvt_f32_f16(vget_low_f16(h)), kh = vcvt_high_f32_f16(h);                           \
+            for (int j = 0; j < NH; j++) {                                                                        \
+                lo[j] = vaddq_f32(lo[j], vmulq_f32(vld1q_f32(q + (size_t)j * hd + i), kl));                      \
+                hi[j] = vaddq_f32(hi[j], vmulq_f32(vld1q_f32(q + (size_t)j * hd + i + 4), kh));                  \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int j = 0; j < NH; j++) {                                                                            \
+            float t = hsum_neon(lo[j], hi[j]);                                                                    \
+            for (int d = n8; d < hd; d++) t = t + q[(size_t)j * hd + d] * h2f(k[d]);                             \
+            r[j] = t;                                                                                             \
+        }                                                                                                         \
+    }                                                                                                             \
+    static void axpys##NH##_neon(float *o, int hd, const float *p, const uint16_t *v) {                          \
+        int n8 = hd & ~7, d;                                                                                      \
+        for (d = 0; d < n8; d += 8) {                                                                             \
+            float16x8_t h = ld_h8n(v + d);                                                                        \
+            float32x4_t vl = vcvt_f32_f16(vget_low_f16(h)), vh = vcvt_high_f32_f16(h);                           \
+            for (int j = 0; j < NH; j++) {                                                                        \
+                float *oj = o + (size_t)j * hd + d;                                                               \
+                float32x4_t pv = vdupq_n_f32(p[j]);                                                               \
+                vst1q_f32(oj, vaddq_f32(vld1q_f32(oj), vmulq_f32(pv, vl)));                                       \
+                vst1q_f32(oj + 4, vaddq_f32(vld1q_f32(oj + 4), vmulq_f32(pv, vh)));                               \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; d < hd; d++)                                                                                       \
+            for (int j = 0; j < NH; j++) o[(size_t)j * hd + d] = o[(size_t)j * hd + d] + p[j] * h2f(v[d]);      \
+    }
+NEON_DOTS(2)
+NEON_DOTS(4)
+#endif
+
+/* ---- dispatch ------------------------------------------------------------------------------------------- */
+int mmoe_att_best_impl(void) {
+#ifdef MMOE_ATT_X86
+    return have_avx2_f16c() ? MMOE_ATT_SIMD : MMOE_ATT_SCALAR;
+#elif defined(MMOE_ATT_NEON)
+    return MMOE_ATT_SIMD;
+#else
+    return MMOE_ATT_SCALAR;
+#endif
+}
+
+float mmoe_dot_f32(const float *a, const float *b, int n, int impl) {
+#ifdef MMOE_ATT_X86
+    if (impl == MMOE_ATT_SIMD) return dot_f32_avx2(a, b, n);
+#elif defined(MMOE_ATT_NEON)
+    if (impl == MMOE_ATT_SIMD) return dot_f32_neon(a, b, n);
+#endif
+    return dot_f32_scalar(a, b, n);
+}
+
+void mmoe_att_head(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride, int n_keys, int hd,
+                   float scale, float *sc, float *o, int impl) {
+    float (*dot)(const float *, const uint16_t *, int) = dot_f16_scalar;
+    void (*axpy)(float *, float, const uint16_t *, int) = axpy_f16_scalar;
+#ifdef MMOE_ATT_X86
+    if (impl == MMOE_ATT_SIMD) {
+        dot = dot_f16_avx2;
+        axpy = axpy_f16_avx2;
+    }
+#elif defined(MMOE_ATT_NEON)
+    if (impl == MMOE_ATT_SIMD) {
+        dot = dot_f16_neon;
+        axpy = axpy_f16_neon;
+    }
+#else
+    (void)impl;
+#endif
+    float mx = -INFINITY;
+    for (int s = 0; s < n_keys; s++) {
+        sc[s] = dot(q, kc + (size_t)s * stride, hd) * scale;
+        if (sc[s] > mx) mx = sc[s];
+    }
+    float sum = 0.0f;
+    for (int s = 0; s < n_keys; s++) {
+        sc[s] = expf(sc[s] - mx);
+        sum += sc[s];
+    }
+    for (int d = 0; d < hd; d++) o[d] = 0.0f;
+    for (int s = 0; s < n_keys; s++) axpy(o, sc[s] / sum, vc + (size_t)s * stride, hd);
+}
+
+/* ng query heads (consecutive, hd apart in q and o) sharing one KV head: the same values as mmoe_att_head on each
+ * head, with each fp16 key/value row converted once per 4 (or 2) heads instead of once per head. */
+void mmoe_att_group(const float *q, int ng, const uint16_t *kc, const uint16_t *vc, size_t stride, int n_keys,
+                    int hd, float scale, float *sc, float *o, int impl) {
+    void (*dots)(const float *, int, const uint16_t *, float *) = NULL;
+    void (*axpys)(float *, int, const float *, const uint16_t *) = NULL;
+#ifdef MMOE_ATT_X86
+    if (impl == MMOE_ATT_SIMD && ng == 4) dots = dots4_avx2, axpys = axpys4_avx2;
+    if (impl == MMOE_ATT_SIMD && ng == 2) dots = dots2_avx2, axpys = axpys2_avx2;
+#elif defined(MMOE_ATT_NEON)
+    if (impl == MMOE_ATT_SIMD && ng == 4) dots = dots4_neon, axpys = axpys4_neon;
+    if (impl == MMOE_ATT_SIMD && ng == 2) dots = dots2_neon, axpys = axpys2_neon;
+#endif
+    if (!dots) {
+        for (int j = 0; j < ng; j++)
+            mmoe_att_head(q + (size_t)j * hd, kc, vc, stride, n_keys, hd, scale, sc, o + (size_t)j * hd, impl);
+        return;
+    }
+    float r[4], mx[4], sum[4], p[4];
+    for (int j = 0; j < ng; j++) mx[j] = -INFINITY;
+    for (int s = 0; s < n_keys; s++) {
+        dots(q, hd, kc + (size_t)s * stride, r);
+        for (int j = 0; j < ng; j++) {
+            float v = r[j] * scale;
+            sc[(size_t)j * n_keys + s] = v;
+            if (v > mx[j]) mx[j] = v;
+        }
+    }
+    for (int j = 0; j < ng; j++) {
+        float *scj = sc + (size_t)j * n_keys, acc = 0.0f;
+        for (int s = 0; s < n_keys; s++) {
+            scj[s] = expf(scj[s] - mx[j]);
+            acc += scj[s];
+        }
+        sum[j] = acc;
+    }
+    for (size_t i = 0; i < (size_t)ng * hd; i++) o[i] = 0.0f;
+    for (int s = 0; s < n_keys; s++) {
+        for (int j = 0; j < ng; j++) p[j] = sc[(size_t)j * n_keys + s] / sum[j];
+        axpys(o, hd, p, vc + (size_t)s * stride);
+    }
+}

@@ -1,0 +1,26 @@
+/* Attention over the fp16 KV cache and the router's fp32 dot product (attention.c): one fixed arithmetic order,
+ * reproduced exactly by the scalar reference and the SIMD versions (AVX2+F16C on x86, NEON on aarch64). */
+#ifndef MMOE_ATTENTION_H
+#define MMOE_ATTENTION_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum { MMOE_ATT_SCALAR = 0, MMOE_ATT_SIMD = 1 };
+
+/* MMOE_ATT_SIMD when this CPU/build has it, else MMOE_ATT_SCALAR. */
+int mmoe_att_best_impl(void);
+
+/* sum a[i] * b[i] in the canonical 8-lane order (see attention.c) */
+float mmoe_dot_f32(const float *a, const float *b, int n, int impl);
+
+/* One query head against keys/values s = 0 .. n_keys-1 at kc + s * stride, vc + s * stride (fp16, hd each):
+ * softmax(q . K[s] * scale) weighted sum of V[s] into o[hd]; sc is scratch of n_keys floats. */
+void mmoe_att_head(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride, int n_keys, int hd,
+                   float scale, float *sc, float *o, int impl);
+
+/* ng consecutive query heads sharing one KV head (GQA): exactly mmoe_att_head on each; sc holds ng * n_keys. */
+void mmoe_att_group(const float *q, int ng, const uint16_t *kc, const uint16_t *vc, size_t stride, int n_keys,
+                    int hd, float scale, float *sc, float *o, int impl);
+
+#endif

@@ -1,0 +1,83 @@
+/* attention.c: the SIMD attention / router dot (AVX2+F16C or NEON) must equal the scalar reference bit for bit.
+ * Build: cc -std=c11 -O2 -ffp-contract=off -I.. test_attention.c ../attention.c -lm   (any ISA; static for qemu)
+ * Prints "attention: ok (<cases> cases, impl simd|scalar-only)" and exits 0, or names the first mismatch, exit 1. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention.h"
+
+static unsigned long long rng = 88172645463325252ull;
+static unsigned next(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (unsigned)(rng >> 11);
+}
+static float unif(void) { return (float)(next() & 0xffffff) / 16777216.0f * 2.0f - 1.0f; }
+
+/* random fp16 bits: mostly normal values of moderate size, some subnormals, zeros and large values */
+static uint16_t rand_h(void) {
+    unsigned r = next() % 100, sign = (next() & 1u) << 15, mant = next() & 0x3ffu;
+    if (r < 5) return (uint16_t)(sign | mant);                        /* subnormal / zero */
+    if (r < 8) return (uint16_t)(sign | (28u << 10) | mant);          /* large (~2^13) */
+    return (uint16_t)(sign | ((unsigned)(10 + next() % 8) << 10) | mant); /* 2^-5 .. 2^2 */
+}
+
+static int same(float a, float b) { return memcmp(&a, &b, sizeof a) == 0 || (isnan(a) && isnan(b)); }
+
+int main(void) {
+    int simd = mmoe_att_best_impl(), cases = 0;
+    static float q[256], a[1024], b[1024], sc0[600], sc1[600], o0[256], o1[256];
+    static uint16_t kc[600 * 256], vc[600 * 256];
+    for (int n = 1; n <= 1024; n += (n < 40 ? 1 : 37)) { /* router-style dots, every tail length */
+        for (int i = 0; i < n; i++) {
+            a[i] = unif() * 3.0f;
+            b[i] = unif() * 0.05f;
+        }
+        float r0 = mmoe_dot_f32(a, b, n, MMOE_ATT_SCALAR), r1 = mmoe_dot_f32(a, b, n, simd);
+        if (!same(r0, r1)) {
+            printf("dot_f32 mismatch n=%d: scalar %.9g simd %.9g\n", n, r0, r1);
+            return 1;
+        }
+        cases++;
+    }
+    int hds[] = {8, 16, 24, 32, 64, 72, 128, 6, 10};
+    for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++) {
+        int hd = hds[hi];
+        for (int keys = 1; keys <= 600; keys = keys * 3 + 1) {
+            size_t stride = (size_t)hd * 2 + (hd & 7); /* a KV row holding more than one head */
+            for (size_t i = 0; i < (size_t)keys * stride; i++) {
+                kc[i] = rand_h();
+                vc[i] = rand_h();
+            }
+            for (int d = 0; d < hd; d++) q[d] = unif() * 2.0f;
+            float scale = 1.0f / sqrtf((float)hd);
+            mmoe_att_head(q, kc + hd, vc + hd, stride, keys, hd, scale, sc0, o0, MMOE_ATT_SCALAR);
+            mmoe_att_head(q, kc + hd, vc + hd, stride, keys, hd, scale, sc1, o1, simd);
+            for (int d = 0; d < hd; d++)
+                if (!same(o0[d], o1[d])) {
+                    printf("attention mismatch hd=%d keys=%d d=%d: scalar %.9g simd %.9g\n", hd, keys, d, o0[d], o1[d]);
+                    return 1;
+                }
+            cases++;
+            /* GQA groups of ng heads sharing the KV head: each head equals the single-head scalar result */
+            static float qg[5 * 256], og[5 * 256], o1h[256], scg[5 * 600];
+            for (int ng = 1; ng <= 5; ng++) {
+                for (int i = 0; i < ng * hd; i++) qg[i] = unif() * 2.0f;
+                mmoe_att_group(qg, ng, kc + hd, vc + hd, stride, keys, hd, scale, scg, og, simd);
+                for (int j = 0; j < ng; j++) {
+                    mmoe_att_head(qg + j * hd, kc + hd, vc + hd, stride, keys, hd, scale, sc0, o1h, MMOE_ATT_SCALAR);
+                    if (memcmp(o1h, og + j * hd, sizeof(float) * (size_t)hd)) {
+                        printf("group mismatch hd=%d keys=%d ng=%d head=%d\n", hd, keys, ng, j);
+                        return 1;
+                    }
+                }
+                cases++;
+            }
+        }
+    }
+    printf("attention: ok (%d cases, impl %s)\n", cases, simd == MMOE_ATT_SIMD ? "simd" : "scalar-only");
+    return 0;
+}
