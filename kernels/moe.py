@@ -128,7 +128,11 @@ def moe_experts_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: to
         h_SF = F.silu(g_SF) * u_SF
         if act_fq is not None:
             h_SF = act_fq(h_SF)
-        y_SD = _gather_rows(gemm(h_SF, w_down_EDF), inv_S, order_S)  # back to slot order
+        # Router weights scale the down projection's *input* rows (F wide) instead of its output (D wide):
+        # W2 (g h) = g (W2 h), and with fine-grained experts F << D, so the (S, D) multiply disappears.
+        g_S1 = _gather_rows(gates_TK.reshape(-1, 1).to(h_SF.dtype), order_S, inv_S)
+        y_SD = _gather_rows(gemm(h_SF * g_S1, w_down_EDF), inv_S, order_S)  # back to slot order
+        return y_SD.view(T, K, -1).sum(dim=1)
     else:
         raise ValueError(f"moe_experts_reference: method must be auto|padded|slices|grouped_mm, got {method!r}")
     y_SD = y_SD * gates_TK.reshape(-1, 1).to(y_SD.dtype)
@@ -157,8 +161,8 @@ class _SlicedGemm(torch.autograd.Function):
     def backward(ctx, dy_SN):
         x_SK, w_ENK = ctx.saved_tensors
         dy_SN = dy_SN.contiguous()
-        dx = torch.zeros_like(x_SK) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(w_ENK) if ctx.needs_input_grad[1] else None
+        dx = torch.empty_like(x_SK) if ctx.needs_input_grad[0] else None  # every row belongs to one expert
+        dw = torch.empty_like(w_ENK) if ctx.needs_input_grad[1] else None
         a = 0
         for e, b in enumerate(ctx.bounds):
             if b > a:
@@ -166,6 +170,8 @@ class _SlicedGemm(torch.autograd.Function):
                     torch.mm(dy_SN[a:b], w_ENK[e], out=dx[a:b])
                 if dw is not None:
                     torch.mm(dy_SN[a:b].t(), x_SK[a:b], out=dw[e])
+            elif dw is not None:
+                dw[e].zero_()  # an expert with no rows gets an exact zero gradient
             a = b
         return dx, dw, None
 
