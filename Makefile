@@ -53,7 +53,7 @@ ifeq ($(SIZE)$(DRY_RUN),tiny)
 TRAIN_DEPS += data mobile
 endif
 train: $(TRAIN_DEPS) ## four-stage training (SIZE=tiny on CPU by default; DRY_RUN=1 prints the plan)
-	$(PY) -m train --size $(SIZE) --out $(RUN) $(if $(DRY_RUN),--dry-run,) $(if $(RESUME),--resume $(RESUME),)
+	$(PY) -m train --size $(SIZE) --out $(RUN) --threads $(THREADS) $(if $(DRY_RUN),--dry-run,) $(if $(RESUME),--resume $(RESUME),)
 
 bench-kernels: install ## MoE kernel microbenchmarks -> bench/results/kernels.{md,png}
 	$(PY) -m bench.kernels

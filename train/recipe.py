@@ -571,10 +571,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=None, help="comma-separated stages to run (earlier ones must be done)")
     p.add_argument("--data-root", default="data/shakespeare", help="the offline corpus (make data)")
     p.add_argument("--no-generate", action="store_true", help="skip the export + generation at the end")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps of the current stage (testing)")
     a = p.parse_args(argv)
     if a.out is None:
         a.out = f"runs/{a.size}"
+    if a.threads is not None:
+        if a.threads < 1:
+            print(f"error: --threads must be >= 1, got {a.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(a.threads)
     try:
         return run(a)
     except (UsageError, DataError, ck.CheckpointError, TrainingDiverged, FileNotFoundError) as e:
