@@ -140,7 +140,7 @@ def test_batches_are_a_pure_function_of_step():
     assert px.tolist() == [[1, 2, 3, 0, 0]] and pm.tolist() == [[1, 1, 0, 0]]
 
 
-def test_iter_source_bad_input(tmp_path):
+def test_iter_source_bad_input(tmp_path, monkeypatch):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "good one"}\nnot json\n{"other": 1}\n{"text": 5}\n{"text": "good two"}\n')
     st: dict = {}
@@ -148,8 +148,8 @@ def test_iter_source_bad_input(tmp_path):
     assert st == {"rows": 2, "skipped": 3}  # malformed rows are skipped and counted
     with pytest.raises(DataError, match="data file not found: .*missing.txt"):
         list(iter_source(str(tmp_path / "missing.txt")))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="hub dataset nonexistent-org/nonexistent-ds"):
         list(iter_source("hf:nonexistent-org/nonexistent-ds"))
 
@@ -213,3 +213,27 @@ def test_stage_config_errors():
         stage_config_from_dict({"name": "x", "bogus": 1})
     with pytest.raises(ValueError, match="tokens must be > 0"):
         StageConfig(tokens=0)
+
+
+def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+    from model.config import get_config
+    from model.model import MobileMoE
+    from train.loop import TrainingDiverged, train_stage
+
+    model = MobileMoE(get_config("tiny", vocab_size=64, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                                 n_experts=4, top_k=2, expert_ffn_dim=32, shared_ffn_dim=32, max_seq_len=16))
+
+    class Poisoned(Batcher):
+        def get(self, step):
+            if step == 3:  # something upstream went wrong: the weights blow up
+                with torch.no_grad():
+                    model.norm.weight.fill_(float("nan"))
+            return super().get(step)
+
+    st = StageConfig(tokens=6 * 4 * 16, seq_len=16, global_batch=4, micro_batch=4, lr=1e-3, ckpt_every=1)
+    with pytest.raises(TrainingDiverged, match="at step 3; last good checkpoint: .*step_00000003"):
+        train_stage(model, st, Poisoned([LMSource(torch.arange(200) % 64)], [1.0], 16, 4), stage_dir=tmp_path,
+                    resume=None, progress=False)
+    assert ck.latest_checkpoint(tmp_path).name == "step_00000003"
+    ms, _, _ = ck.load_checkpoint(ck.latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(v).all() for v in ms.values())
