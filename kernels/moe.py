@@ -82,13 +82,14 @@ def moe_experts_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: to
     weighted and summed back in slot order. Deterministic: no atomics / index_add in forward or backward.
     act_fq: optional per-row activation fake-quant applied to the down projection's input (QAT); the caller
     applies it to x_TD itself. Zero padding rows stay zero under a per-row quantiser.
-    method (bench/results/kernels.md compares them on CPU, forward + backward):
+    method (bench/results/kernels.md compares them on CPU, forward + backward, 1 thread):
       "slices"  one torch.mm per non-empty expert on its contiguous rows, with a hand-written backward
-                (_SlicedGemm): no padding, no per-expert zero gradients. Fastest measured; "auto" uses it.
+                (_SlicedGemm): no padding, no per-expert zero gradients. "auto" uses it.
+      "grouped_mm"  torch._grouped_mm: on CPU ahead of slices in 16 of 24 measured rows, by at most 1.25x;
+                not the default because it needs 16-byte row strides and its autograd backward rejects
+                expanded (stride-0) gradients (e.g. y.sum().backward()).
       "padded"  rows scattered into an (E, C, D) buffer, C = max rows per expert, two torch.bmm calls per
-                pass: pays for the padding (and E x C memory when the router is unbalanced).
-      "grouped_mm"  torch._grouped_mm: on CPU in torch 2.13 a per-expert loop with autograd's slicing
-                backward, slower than both; needs 16-byte row strides.
+                pass: slowest of the three (pays for the padding; E x C memory on an unbalanced router).
     """
     T, K = ids_TK.shape
     E = w_gate_up_EFD.shape[0]
