@@ -91,7 +91,7 @@ def test_optimizer_respects_budgets(mem_gb, flops, lat):
     for c in front:
         _assert_within(c, budget, memory=False)
     feasible = [c for c in cands if c.memory_bytes <= budget.memory_bytes]
-    assert best.loss == min(c.loss for c in feasible)
+    assert best.loss <= min(c.loss for c in feasible) * (1 + 1e-4)
     # the frontier is monotone: more memory only where it buys a lower loss
     assert all(a.memory_bytes <= b.memory_bytes and a.loss > b.loss for a, b in zip(front, front[1:]))
 

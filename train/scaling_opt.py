@@ -9,7 +9,8 @@ Budgets:
              cache at --context (model.config.kv_cache_bytes) <= --memory-gb
     compute  forward FLOPs per token at --context (model.config.flops_per_token) <= --active-flops, and/or
              decode latency = INT4 bytes read per token / --bandwidth-gbs <= --latency-ms
-Objective: the fitted law's loss at --tokens training tokens. Prints the best as a preset (base + overrides
+Objective: the fitted law's loss at --tokens training tokens (losses within 1e-4 relative count as a tie,
+broken by the smaller memory, then FLOPs). Prints the best as a preset (base + overrides
 for get_config), and the Pareto frontier of memory vs predicted loss among candidates within the compute budget.
 """
 
@@ -171,7 +172,11 @@ def optimize(params: LawParams, budget: Budget, space: SearchSpace | None = None
     cands = [c for c in enumerate_candidates(space, budget) if within_compute(c, budget)]
     score(cands, params, budget.tokens)
     feasible = [c for c in cands if c.memory_bytes <= budget.memory_bytes]
-    best = min(feasible, key=lambda c: c.loss) if feasible else None
+    best = None
+    if feasible:
+        # predicted losses within 1e-4 (relative) are a tie the law cannot resolve: take the smallest memory
+        lo = min(c.loss for c in feasible)
+        best = min((c for c in feasible if c.loss <= lo * (1 + 1e-4)), key=lambda c: (c.memory_bytes, c.flops))
     return best, pareto_memory(cands), cands
 
 
