@@ -749,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = dict(info=info, stream=bw, rows=rows, sizes=sizes, threads=threads, engines=engines,
                repeats=repeats, decode_tokens=decode_tokens, read_bytes=read_bytes, weight_bytes=weight_bytes)
     _atomic_write_text(out / "mobile_raw.json", json.dumps(raw, indent=1))
+    (out / "mobile_rows.partial.json").unlink(missing_ok=True)  # the complete rows are in mobile_raw.json
     log(f"[bench.mobile] wrote {md} and {', '.join(plots)}")
     return 0
 
