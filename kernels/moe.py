@@ -65,7 +65,7 @@ class _RowGather(torch.autograd.Function):
     def backward(ctx, dout):
         (inv,) = ctx.saved_tensors
         d = _select_rows(dout, inv, ctx.pad_bwd)
-        return (d.view(ctx.n, ctx.k, -1).sum(1) if ctx.k > 1 else d), None, None, None, None, None
+        return (d.view(ctx.n, ctx.k, d.shape[-1]).sum(1) if ctx.k > 1 else d), None, None, None, None, None
 
 
 def _gather_rows(x, idx, inv, k: int = 1, pad_fwd: bool = False, pad_bwd: bool = False):
@@ -99,7 +99,8 @@ def moe_experts_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: to
     inv_S = torch.empty_like(order_S)
     inv_S[order_S] = torch.arange(S, device=order_S.device)
     counts_E = torch.bincount(flat_S, minlength=E)
-    if method == "auto":
+    D_out = w_down_EDF.shape[1]  # explicit sizes everywhere: with T = 0 a -1 in a reshape is ambiguous
+    if method == "auto" or S == 0:
         method = "slices"
     if method == "padded":
         C = int(counts_E.max()) if S else 0
@@ -110,13 +111,13 @@ def moe_experts_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: to
         slot_of_pad = torch.full((E * C,), S, dtype=torch.long, device=flat_S.device)  # S = padding
         slot_of_pad[pad_of_slot] = torch.arange(S, device=flat_S.device)
         tok_of_pad = torch.where(slot_of_pad < S, slot_of_pad // K, T)  # T = the zero row
-        x_ECD = _gather_rows(x_TD, tok_of_pad, pad_of_slot, K, pad_fwd=True).view(E, C, -1)
+        x_ECD = _gather_rows(x_TD, tok_of_pad, pad_of_slot, K, pad_fwd=True).view(E, C, x_TD.shape[1])
         g_ECF, u_ECF = torch.bmm(x_ECD, w_gate_up_EFD.transpose(1, 2)).chunk(2, dim=-1)
         h_ECF = F.silu(g_ECF) * u_ECF
         if act_fq is not None:
-            h_ECF = act_fq(h_ECF.reshape(E * C, -1)).view(E, C, -1)
+            h_ECF = act_fq(h_ECF.reshape(E * C, h_ECF.shape[-1])).view(E, C, h_ECF.shape[-1])
         y_ECD = torch.bmm(h_ECF, w_down_EDF.transpose(1, 2))
-        y_SD = _gather_rows(y_ECD.reshape(E * C, -1), pad_of_slot, slot_of_pad, 1, pad_bwd=True)  # slot order
+        y_SD = _gather_rows(y_ECD.reshape(E * C, D_out), pad_of_slot, slot_of_pad, 1, pad_bwd=True)  # slot order
     elif method in ("slices", "grouped_mm"):
         x_sorted = _gather_rows(x_TD, order_S // K, inv_S, K)
         if method == "grouped_mm":
@@ -133,11 +134,11 @@ def moe_experts_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: to
         # W2 (g h) = g (W2 h), and with fine-grained experts F << D, so the (S, D) multiply disappears.
         g_S1 = _gather_rows(gates_TK.reshape(-1, 1).to(h_SF.dtype), order_S, inv_S)
         y_SD = _gather_rows(gemm(h_SF * g_S1, w_down_EDF), inv_S, order_S)  # back to slot order
-        return y_SD.view(T, K, -1).sum(dim=1)
+        return y_SD.view(T, K, D_out).sum(dim=1)
     else:
         raise ValueError(f"moe_experts_reference: method must be auto|padded|slices|grouped_mm, got {method!r}")
     y_SD = y_SD * gates_TK.reshape(-1, 1).to(y_SD.dtype)
-    return y_SD.view(T, K, -1).sum(dim=1)
+    return y_SD.view(T, K, D_out).sum(dim=1)
 
 
 class _SlicedGemm(torch.autograd.Function):

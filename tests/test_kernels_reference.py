@@ -87,6 +87,17 @@ def test_moe_reference_matches_naive_loop_values_and_grads(E, K):
         assert torch.equal(again, ya.detach())  # deterministic
 
 
+@pytest.mark.parametrize("method", ["auto", "padded", "slices", "grouped_mm"])
+def test_moe_reference_handles_zero_tokens(method):
+    w13 = torch.randn(4, 8, 8, requires_grad=True)
+    w2 = torch.randn(4, 8, 4, requires_grad=True)
+    x = torch.zeros(0, 8, requires_grad=True)
+    y = moe_experts_reference(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), w13, w2, method=method)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert w13.grad is not None and torch.count_nonzero(w13.grad) == 0
+
+
 def test_moe_reference_collapsed_router_does_not_pad():
     T, K, E, D, Fh = 40, 1, 8, 4, 2
     ids = torch.zeros(T, K, dtype=torch.long)  # a collapsed router: every token on expert 0 -> C = T
