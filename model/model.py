@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.moe import moe_experts
+from kernels.moe import moe_experts, resolve_backend
 from kernels.router import load_balance_loss, route, z_loss
 from model.config import ModelConfig
 from model.quant import fake_quant_act_int8, fake_quant_int4
@@ -140,7 +140,9 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         bias = self.expert_bias if cfg.router_bias_coeff > 0 else None
-        ids_TK, gates_TK, scores_TE = route(logits_TE, cfg.top_k, cfg.router_score, cfg.norm_topk_prob, bias)
+        backend = resolve_backend(cfg.moe_backend, x_TD.device)
+        ids_TK, gates_TK, scores_TE = route(logits_TE, cfg.top_k, cfg.router_score, cfg.norm_topk_prob, bias,
+                                            backend="triton" if backend == "triton" else "reference")
         lb, counts_E = load_balance_loss(scores_TE, ids_TK, cfg.n_experts, cfg.router_score)
         self.last = dict(lb_loss=lb, z_loss=z_loss(logits_TE), counts=counts_E.detach(),
                          entropy=-(scores_TE * scores_TE.clamp_min(1e-20).log()).sum(-1).mean().detach()
@@ -152,7 +154,7 @@ class MoE(nn.Module):
             w13, w2, act_fq = fake_quant_int4(w13), fake_quant_int4(w2), fake_quant_act_int8
             xin = fake_quant_act_int8(x_TD)
         y_TD = moe_experts(xin, ids_TK, gates_TK.to(x_TD.dtype), w13.to(x_TD.dtype), w2.to(x_TD.dtype),
-                           backend=cfg.moe_backend, act_fq=act_fq)
+                           backend=backend, act_fq=act_fq)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.reshape(B, T, D)
