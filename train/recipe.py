@@ -350,9 +350,13 @@ def run(args) -> int:
     device = check_hardware(rec, mcfg, stages)
     rank, world = dist_info()
     if world == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import datetime  # noqa: PLC0415
+
         import torch.distributed as dist  # noqa: PLC0415
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # a stuck collective should fail within minutes, not hang for the default 30
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=int(os.environ.get("MMOE_DIST_TIMEOUT_MIN", 10))))
         rank, world = dist_info()
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
