@@ -472,36 +472,31 @@ def prepare_tokenizer(rec: dict, run_dir: Path, data_root: str):
     tk = rec.get("tokenizer", {})
     if path.is_file():
         return load_tokenizer(path), path
-    rank, world = dist_info()
+    # every rank builds the (deterministic, identical) tokenizer itself and writes it atomically: no collective
+    # here (a gloo barrier at this point was seen to hang intermittently)
     if tk.get("kind") == "bpe":
-        if rank == 0:
-            src = tk.get("train_on", "shakespeare:train")
-            if src == "shakespeare:train":
-                texts = shakespeare_splits(data_root)[0]
-            else:
-                texts = list(iter_source(src))
-            save_tokenizer(train_bpe(texts, int(tk.get("vocab_size", 2048)), SPECIAL_TOKENS), path)
+        src = tk.get("train_on", "shakespeare:train")
+        if src == "shakespeare:train":
+            texts = shakespeare_splits(data_root)[0]
+        else:
+            texts = list(iter_source(src))
+        save_tokenizer(train_bpe(texts, int(tk.get("vocab_size", 2048)), SPECIAL_TOKENS), path)
     elif tk.get("kind") == "pretrained":
-        if rank == 0:
-            if tk.get("file"):
-                from train.tokenizer import load_tokenizer as _lt  # noqa: PLC0415
+        if tk.get("file"):
+            from train.tokenizer import load_tokenizer as _lt  # noqa: PLC0415
 
-                t = _lt(tk["file"])
-            else:
-                from tokenizers import Tokenizer  # noqa: PLC0415
+            t = _lt(tk["file"])
+        else:
+            from tokenizers import Tokenizer  # noqa: PLC0415
 
-                try:
-                    t = Tokenizer.from_pretrained(tk["name"])
-                except Exception as e:  # noqa: BLE001
-                    raise DataError(f"pretrained tokenizer {tk.get('name')} is unreachable: {e}") from e
-            t.add_special_tokens(list(SPECIAL_TOKENS))
-            save_tokenizer(t, path)
+            try:
+                t = Tokenizer.from_pretrained(tk["name"])
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"pretrained tokenizer {tk.get('name')} is unreachable: {e}") from e
+        t.add_special_tokens(list(SPECIAL_TOKENS))
+        save_tokenizer(t, path)
     else:
         raise UsageError(f"tokenizer.kind must be 'bpe' or 'pretrained', got {tk.get('kind')!r}")
-    if world > 1:
-        import torch.distributed as dist  # noqa: PLC0415
-
-        dist.barrier()
     tok = load_tokenizer(path)
     special_ids(tok)
     return tok, path
