@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mobile.format import _bytes_to_unicode  # one copy of GPT-2's byte map
 from model.config import PRESETS, ModelConfig, get_config
 from model.quant import pack_int4, quantize_int4
 
@@ -215,19 +216,6 @@ def _encode(t: torch.Tensor, kind: str, qtype: str) -> np.ndarray:
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what byte-level BPE vocab strings are written in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
 
 
