@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.io import fsync_path
+
 
 class CheckpointError(ValueError):
     pass
@@ -33,14 +35,6 @@ class CheckpointError(ValueError):
 
 def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -79,7 +73,7 @@ def save_checkpoint(stage_dir: str | os.PathLike, step: int, model_state: dict, 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
