@@ -18,6 +18,19 @@ import resource
 import sys
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the address space, so it starts afresh at exec; ru_maxrss
+    survives exec on Linux and would report the parent's peak when a large process (make train) forks us."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _export(a) -> int:
     if a.random_init:
         from mobile.export import export_random  # noqa: PLC0415
@@ -61,7 +74,7 @@ def _generate(a) -> int:
         # stays alone on stdout so scripts can parse it, and the figures go to stderr
         stats = sys.stderr if a.ids else sys.stdout
         print(",".join(map(str, g.ids)) if a.ids else (prompt if isinstance(prompt, str) else "") + g.text)
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_mb = peak_rss_mb()
         print(f"-- kernels {eng.kernels}, threads {a.threads}", file=stats)
         print(f"-- prefill: {g.prompt_tokens} tokens, {g.prefill_tok_s:.1f} tok/s", file=stats)
         print(f"-- decode: {g.decode_tokens} tokens, {g.decode_tok_s:.1f} tok/s", file=stats)
