@@ -111,6 +111,7 @@ def test_engine_threads_spin_and_attention_impl_do_not_change_tokens(tmp_path):
     ref = _ids(path, 1, {})
     assert len(set(ref.split(","))) > 1  # a non-trivial sequence
     assert _ids(path, 1, {"MMOE_KERNELS": "scalar"}) == ref
-    assert _ids(path, 2, {}) == ref
+    assert _ids(path, 2, {}) == ref  # default: spin 50 us, then block
+    assert _ids(path, 2, {"MMOE_SPIN_US": "0"}) == ref  # always block
     assert _ids(path, 3, {"MMOE_SPIN_US": "300"}) == ref
     assert _ids(path, 2, {"MMOE_SPIN_US": "50", "MMOE_KERNELS": "scalar"}) == ref
