@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _require(device: torch.device):
+def require_megablocks(device: torch.device):
     if device.type != "cuda":
         raise RuntimeError("moe_backend='megablocks' needs a CUDA device (megablocks is CUDA-only)")
     try:
@@ -26,7 +26,7 @@ def _require(device: torch.device):
 
 def moe_experts_megablocks(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF,
                            act_fq: Callable | None = None) -> torch.Tensor:
-    gg_ops = _require(x_TD.device)
+    gg_ops = require_megablocks(x_TD.device)
     from kernels.permute import combine_weighted_triton, permute_triton  # noqa: PLC0415
     from kernels.routing import routing_triton  # noqa: PLC0415
 

@@ -22,13 +22,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     elif backend in ("reference", "triton"):
         resolved = backend
     elif backend == "megablocks":
-        if device.type != "cuda":
-            raise RuntimeError("moe_backend='megablocks' needs a CUDA device (megablocks is CUDA-only)")
-        try:
-            import megablocks  # noqa: F401, PLC0415
-        except ImportError as e:
-            raise RuntimeError("moe_backend='megablocks' but megablocks is not installed "
-                               "(pip install -e '.[cuda]' on a CUDA machine)") from e
+        from kernels.megablocks_adapter import require_megablocks  # noqa: PLC0415
+
+        require_megablocks(device)  # the adapter's own check: CUDA device, megablocks + grouped_gemm importable
         resolved = "megablocks"
     else:
         raise ValueError(f"unknown moe backend {backend!r}: auto|triton|reference|megablocks")
