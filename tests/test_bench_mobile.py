@@ -79,3 +79,43 @@ def test_stream_triad_runs_and_checks(tmp_path):
     assert out["threads"] == 1 and out["best_gbs"] > 0 and out["best_gbs"] >= out["median_gbs"]
     bad = subprocess.run([str(exe), "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+class _FakeRunner:
+    """Stands in for an engine: records the cache length each timed phase starts from."""
+
+    log: list = []
+
+    def __init__(self, path, threads):
+        self.kernels, self.pos = "fake", 0
+        _FakeRunner.log = []
+
+    def reset(self):
+        self.pos = 0
+
+    def eval(self, ids):
+        _FakeRunner.log.append((self.pos, len(ids)))
+        self.pos += len(ids)
+
+    def profile_reset(self):
+        _FakeRunner.log.append(("decode", self.pos))
+
+    def profile(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("prompts,contexts", [([512, 128], [0, 1024]), ([128], [0, 64]), ([], [1024, 0])])
+def test_worker_decodes_at_exactly_the_asked_context(monkeypatch, prompts, contexts):
+    import bench.mobile as bm
+
+    monkeypatch.setattr(bm, "OursRunner", _FakeRunner)
+    plan = dict(seed=0, id_range=[1, 200], prompts=prompts, decode_contexts=contexts, decode_tokens=3)
+    out = bm.worker("ours", "unused", 1, plan)
+    starts = [e[1] for e in _FakeRunner.log if e[0] == "decode"]
+    assert sorted(starts) == sorted(contexts)  # every decode starts with exactly ctx tokens cached
+    assert sorted(out["decode"]) == sorted(map(str, contexts))
+    prefills = [e for e in _FakeRunner.log if e[0] == 0 and e[1] in prompts]
+    assert sorted(n for _, n in prefills) == sorted(prompts)  # each timed prompt from an empty cache

@@ -38,10 +38,14 @@ typedef void (*mmoe_gemv_fn)(const mmoe_q4_matrix *W, const int8_t *xq, float xs
 typedef void (*mmoe_gemm_fn)(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M,
                              float *Y, int ldy, int r0, int r1);
 
+/* mmoe_quantize_row_q8's exact results (the scalar one, or a SIMD twin that gives the same bytes and scale) */
+typedef float (*mmoe_quant_fn)(const float *x, int8_t *q, int K);
+
 typedef struct {
     const char *name;      /* "scalar", "avx2", "avx512vnni", "neon", "dotprod", "i8mm" */
     mmoe_gemv_fn gemv;
     mmoe_gemm_fn gemm;
+    mmoe_quant_fn quantize;
 } mmoe_kernel_set;
 
 const mmoe_kernel_set *mmoe_kernels_scalar(void);

@@ -88,7 +88,9 @@ MMOE_INLINE int32x4_t tok4(int8x16_t l0, int8x16_t h0, int8x16_t l1, int8x16_t h
 
 /* 4 rows x 4 tokens: each unpacked weight group is used by four tokens (written out: no arrays / inner loops,
  * which GCC -O2 would keep and round-trip through the stack) */
-static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy) {
+static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, const int32_t *xo, float *Y,
+                     int ldy) {
+    (void)xo; /* sdot/smmla take the signed nibble directly */
     const int K = W->cols, G = K / 32;
     const size_t rowb = (size_t)K / 2;
     const uint8_t *q = W->qs + (size_t)r * rowb;
@@ -119,7 +121,7 @@ static void gemm_dotprod(const mmoe_q4_matrix *W, const int8_t *Xq, const float 
     mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, mmoe_gemv_dotprod);
 }
 
-static const mmoe_kernel_set dotprod_set = {"dotprod", mmoe_gemv_dotprod, gemm_dotprod};
+static const mmoe_kernel_set dotprod_set = {"dotprod", mmoe_gemv_dotprod, gemm_dotprod, mmoe_quantize_row_q8};
 
 const mmoe_kernel_set *mmoe_kernels_dotprod_set(void) { return &dotprod_set; }
 

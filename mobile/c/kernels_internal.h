@@ -3,6 +3,8 @@
 #ifndef MMOE_KERNELS_INTERNAL_H
 #define MMOE_KERNELS_INTERNAL_H
 
+#include <stdlib.h>
+
 #include "kernels.h"
 
 /* SIMD helpers must be inlined: GCC -O2 otherwise outlines the big ones (a call, vzeroupper and the accumulators
@@ -20,21 +22,41 @@ void mmoe_gemm_scalar(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs
 /* The blocking every SIMD gemm shares, around a 4-row x 4-token tile kernel:
  *   row blocks of ~128 KB of weights (stay in L2) > 4-token tiles (4 * K bytes of activations stay in L1) >
  *   4-row tiles, so each weight byte comes from memory once per call and each output row is written in order.
- * Rows and tokens that do not fill a tile go through the set's gemv (same arithmetic, hence same bits). */
-typedef void (*mmoe_tile4x4_fn)(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, float *Y, int ldy);
+ * Rows and tokens that do not fill a tile go through the set's gemv (same arithmetic, hence same bits).
+ * The tile also gets xo[(t * G + g) * 4 + j] = 8 * (sum of token t's 32 activations in group g), t < 4, stored
+ * 4 times (j < 4) so that [group g | group g + 1] for 4 rows is one 32-byte load: a set whose kernel uses the
+ * nibbles as unsigned w' = q + 8 subtracts it once per (token, group) instead of per element. */
+typedef void (*mmoe_tile4x4_fn)(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, const int32_t *xo,
+                                float *Y, int ldy);
+
+#define MMOE_TILE_XO_STACK 256 /* groups (K <= 8192) whose offsets live on the stack (16 KB); more: heap */
 
 static inline void mmoe_gemm_tiled(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y,
                                    int ldy, int r0, int r1, mmoe_tile4x4_fn tile, mmoe_gemv_fn gemv) {
-    const int K = W->cols;
-    const int mend = M / 4 * 4, rend = r0 + (r1 - r0) / 4 * 4;
+    const int K = W->cols, G = K / 32;
+    int mend = M / 4 * 4;
+    const int rend = r0 + (r1 - r0) / 4 * 4;
     int rb = K > 0 ? (int)((128u * 1024u) / ((unsigned)K / 2u)) / 4 * 4 : 4;
     if (rb < 4) rb = 4;
-    for (int b0 = r0; b0 < rend; b0 += rb) {
-        const int b1 = rend - b0 < rb ? rend : b0 + rb;
-        for (int m = 0; m < mend; m += 4)
-            for (int r = b0; r < b1; r += 4)
-                tile(W, r, Xq + (size_t)m * (size_t)K, xs + m, Y + (size_t)m * (size_t)ldy + (size_t)(r - r0), ldy);
+    int32_t xo_stack[16 * MMOE_TILE_XO_STACK], *xo = xo_stack, *xo_heap = NULL;
+    if (G > MMOE_TILE_XO_STACK) {
+        xo = xo_heap = (int32_t *)malloc(sizeof(int32_t) * 16 * (size_t)G);
+        if (!xo) mend = 0; /* no memory for the offsets: every token goes through the gemv below (same bits) */
     }
+    for (int b0 = r0; b0 < rend && mend > 0; b0 += rb) {
+        const int b1 = rend - b0 < rb ? rend : b0 + rb;
+        for (int m = 0; m < mend; m += 4) {
+            const int8_t *X = Xq + (size_t)m * (size_t)K;
+            for (int g = 0; g < 4 * G; g++) { /* 4 consecutive token rows: group index g runs over all four */
+                int32_t s = 0;
+                for (int i = 0; i < 32; i++) s += X[32 * (size_t)g + i];
+                xo[4 * g] = xo[4 * g + 1] = xo[4 * g + 2] = xo[4 * g + 3] = 8 * s;
+            }
+            for (int r = b0; r < b1; r += 4)
+                tile(W, r, X, xs + m, xo, Y + (size_t)m * (size_t)ldy + (size_t)(r - r0), ldy);
+        }
+    }
+    free(xo_heap);
     for (int m = 0; m < M; m++) {
         float *ym = Y + (size_t)m * (size_t)ldy;
         const int8_t *xm = Xq + (size_t)m * (size_t)K;

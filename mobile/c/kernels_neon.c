@@ -107,7 +107,7 @@ static void gemm_neon(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs
                              rend, r1);
 }
 
-static const mmoe_kernel_set neon_set = {"neon", gemv_neon, gemm_neon};
+static const mmoe_kernel_set neon_set = {"neon", gemv_neon, gemm_neon, mmoe_quantize_row_q8};
 
 const mmoe_kernel_set *mmoe_kernels_neon_set(void) { return &neon_set; }
 

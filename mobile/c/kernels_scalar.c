@@ -57,6 +57,6 @@ void mmoe_gemm_scalar(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs
             Y[(size_t)m * (size_t)ldy + (size_t)(r - r0)] = row_dot(W, r, Xq + (size_t)m * (size_t)W->cols) * xs[m];
 }
 
-static const mmoe_kernel_set scalar_set = {"scalar", mmoe_gemv_scalar, mmoe_gemm_scalar};
+static const mmoe_kernel_set scalar_set = {"scalar", mmoe_gemv_scalar, mmoe_gemm_scalar, mmoe_quantize_row_q8};
 
 const mmoe_kernel_set *mmoe_kernels_scalar(void) { return &scalar_set; }

@@ -22,7 +22,10 @@ struct mmoe_ctx {
     const mmoe_kernel_set *ks;
     int float_path, max_ctx, pos;
     int D, H, KV, hd, QD, KVD, E, K, Fmax, Kmax;
-    uint16_t *kc, *vc;   /* [layer][max_ctx][KVD] fp16 */
+    /* [layer][kv head][max_ctx][hd] fp16: each (layer, KV head) is one contiguous stream for attention. The
+     * position-major [layer][max_ctx][KVD] layout made a head's keys a 128-byte-out-of-640 strided read, which
+     * at context 1024 came from DRAM half-prefetched (S decode at context 1024, one thread, dev VM: 30 -> 37 tok/s). */
+    uint16_t *kc, *vc;
     float *rope_inv;     /* hd / 2 */
     float *x, *xn, *q, *k, *v, *att, *tmp, *y, *gu, *hid, *rlog, *scores;
     int8_t *xq, *hq;
@@ -129,8 +132,8 @@ static void matmul(mmoe_ctx *c, const mmoe_q4_matrix *W, const int8_t *Xq, const
     matmul_multi(c, &it, 1);
 }
 
-static void quantize_rows(const float *x, int8_t *q, float *s, int M, int K) {
-    for (int m = 0; m < M; m++) s[m] = mmoe_quantize_row_q8(x + (size_t)m * K, q + (size_t)m * K, K);
+static void quantize_rows(const mmoe_ctx *c, const float *x, int8_t *q, float *s, int M, int K) {
+    for (int m = 0; m < M; m++) s[m] = c->ks->quantize(x + (size_t)m * K, q + (size_t)m * K, K);
 }
 
 static void rmsnorm(const float *x, const float *w, float *out, int D, float eps) {
@@ -189,28 +192,44 @@ static void att_task(void *arg, int t, int nt) {
     mmoe_ctx *c = j->c;
     int hd = c->hd, grp = c->H / c->KV, cs = j->cs, nch = (grp + cs - 1) / cs, total = j->n * c->KV * nch;
     float *sc = c->scores + (size_t)t * MMOE_ATT_GROUP * c->max_ctx;
-    const uint16_t *kc = c->kc + (size_t)j->layer * c->max_ctx * c->KVD;
+    const uint16_t *kc = c->kc + (size_t)j->layer * c->max_ctx * c->KVD; /* this layer's KV heads */
     const uint16_t *vc = c->vc + (size_t)j->layer * c->max_ctx * c->KVD;
+    const size_t head = (size_t)c->max_ctx * (size_t)hd;                  /* one KV head's [max_ctx][hd] */
     float scale = 1.0f / sqrtf((float)hd);
     for (int w = total * t / nt; w < total * (t + 1) / nt; w++) { /* unit = (token, kv head, chunk of its heads) */
         int tok = w / (c->KV * nch), kvh = w / nch % c->KV, ci = w % nch, p = c->pos + tok;
         int h = kvh * grp + ci * cs, ng = grp - ci * cs < cs ? grp - ci * cs : cs;
-        mmoe_att_group(c->q + (size_t)tok * c->QD + (size_t)h * hd, ng, kc + (size_t)kvh * hd,
-                       vc + (size_t)kvh * hd, (size_t)c->KVD, p + 1, hd, scale, sc,
+        mmoe_att_group(c->q + (size_t)tok * c->QD + (size_t)h * hd, ng, kc + (size_t)kvh * head,
+                       vc + (size_t)kvh * head, (size_t)hd, p + 1, hd, scale, sc,
                        c->att + (size_t)tok * c->QD + (size_t)h * hd, c->att_impl);
     }
 }
 
 /* ---- router: scores, top-k with the selection bias, renormalised gates ----------------------------------- */
+/* The fp32 router logits, split over the threads by (token, expert): the router matrix (E x D fp32, 327 KB a
+ * layer for S) is streamed like any weight, and each logit is one dot whatever thread computes it. */
+typedef struct {
+    mmoe_ctx *c;
+    const mmoe_layer *L;
+    int n;
+} route_job;
+
+static void route_task(void *arg, int t, int nt) {
+    const route_job *j = arg;
+    mmoe_ctx *c = j->c;
+    long E = c->E, D = c->D, total = (long)j->n * E;
+    for (long w = total * t / nt; w < total * (t + 1) / nt; w++)
+        c->rlog[w] = mmoe_dot_f32(c->xn + (size_t)(w / E) * (size_t)D, j->L->router + (size_t)(w % E) * (size_t)D,
+                                  (int)D, c->att_impl);
+}
+
 static void route(mmoe_ctx *c, const mmoe_layer *L, int n) {
     const mmoe_config *cf = &c->m->cfg;
-    int E = c->E, K = c->K, D = c->D;
+    int E = c->E, K = c->K;
+    route_job rj = {c, L, n};
+    mmoe_pool_run(c->pool, route_task, &rj, (long)n * E >= 16 ? mmoe_pool_size(c->pool) : 1);
     for (int t = 0; t < n; t++) {
-        const float *x = c->xn + (size_t)t * D;
         float *lg = c->rlog + (size_t)t * E;
-        for (int e = 0; e < E; e++) {
-            lg[e] = mmoe_dot_f32(x, L->router + (size_t)e * D, D, c->att_impl);
-        }
         if (cf->router_score == 0) { /* softmax */
             float mx = lg[0], sum = 0.0f;
             for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
@@ -275,10 +294,10 @@ static void experts(mmoe_ctx *c, const mmoe_layer *L, int n) {
     if (S) it[ni++] = (mm_item){L->sh_gate_up, c->xq, c->xs, n, 2 * S, c->gu};
     matmul_multi(c, it, ni);
     for (int i = 0; i < rows; i++) swiglu(c->ggu + (size_t)i * 2 * F, c->ghid + (size_t)i * F, F);
-    quantize_rows(c->ghid, c->ghq, c->ghs, rows, F);
+    quantize_rows(c, c->ghid, c->ghq, c->ghs, rows, F);
     if (S) {
         for (int t = 0; t < n; t++) swiglu(c->gu + (size_t)t * 2 * S, c->hid + (size_t)t * S, S);
-        quantize_rows(c->hid, c->hq, c->hs, n, S);
+        quantize_rows(c, c->hid, c->hq, c->hs, n, S);
     }
     /* second job: the same experts in the same order, now their down projections */
     for (int i = 0; i < ni - (S ? 1 : 0); i++) {
@@ -306,7 +325,7 @@ static void ffn(mmoe_ctx *c, const mmoe_q4_matrix *gu, const mmoe_q4_matrix *dn,
     int F = dn->cols;
     matmul(c, gu, c->xq, c->xs, n, c->gu, 2 * F);
     for (int t = 0; t < n; t++) swiglu(c->gu + (size_t)t * 2 * F, c->hid + (size_t)t * F, F);
-    quantize_rows(c->hid, c->hq, c->hs, n, F);
+    quantize_rows(c, c->hid, c->hq, c->hs, n, F);
     matmul(c, dn, c->hq, c->hs, n, c->tmp, c->D);
 }
 
@@ -321,7 +340,7 @@ static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits,
         const mmoe_layer *L = &m->layers[l];
         t0 = now();
         for (int t = 0; t < n; t++) rmsnorm(c->x + (size_t)t * D, L->attn_norm, c->xn + (size_t)t * D, D, cf->norm_eps);
-        quantize_rows(c->xn, c->xq, c->xs, n, D);
+        quantize_rows(c, c->xn, c->xq, c->xs, n, D);
         mm_item qkv[3] = {{L->wq, c->xq, c->xs, n, c->QD, c->q},
                           {L->wk, c->xq, c->xs, n, c->KVD, c->k},
                           {L->wv, c->xq, c->xs, n, c->KVD, c->v}};
@@ -329,24 +348,28 @@ static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits,
         for (int t = 0; t < n; t++) {
             rope(c, c->q + (size_t)t * c->QD, c->H, c->pos + t);
             rope(c, c->k + (size_t)t * c->KVD, c->KV, c->pos + t);
-            size_t at = ((size_t)l * c->max_ctx + (size_t)(c->pos + t)) * c->KVD;
-            for (int i = 0; i < c->KVD; i++) {
-                c->kc[at + i] = mmoe_f32_to_fp16(c->k[(size_t)t * c->KVD + i]);
-                c->vc[at + i] = mmoe_f32_to_fp16(c->v[(size_t)t * c->KVD + i]);
+            for (int h = 0; h < c->KV; h++) {
+                size_t at = (((size_t)l * c->KV + h) * c->max_ctx + (size_t)(c->pos + t)) * c->hd;
+                const float *kh = c->k + (size_t)t * c->KVD + (size_t)h * c->hd;
+                const float *vh = c->v + (size_t)t * c->KVD + (size_t)h * c->hd;
+                for (int i = 0; i < c->hd; i++) {
+                    c->kc[at + i] = mmoe_f32_to_fp16(kh[i]);
+                    c->vc[at + i] = mmoe_f32_to_fp16(vh[i]);
+                }
             }
         }
         int grp = c->H / c->KV, nt = mmoe_pool_size(c->pool);
         att_job aj = {c, (int)l, n, grp < MMOE_ATT_GROUP ? grp : MMOE_ATT_GROUP};
         if (nt > 1 && (long)n * c->KV * ((grp + aj.cs - 1) / aj.cs) < 4L * nt) aj.cs = aj.cs >= 2 ? 2 : 1;
         mmoe_pool_run(c->pool, att_task, &aj, mmoe_pool_size(c->pool));
-        quantize_rows(c->att, c->xq, c->xs, n, c->QD);
+        quantize_rows(c, c->att, c->xq, c->xs, n, c->QD);
         matmul(c, &L->wo, c->xq, c->xs, n, c->tmp, D);
         for (size_t i = 0; i < (size_t)n * D; i++) c->x[i] += c->tmp[i];
         t1 = now();
         c->t[MMOE_T_ATTENTION] += t1 - t0;
         t0 = t1;
         for (int t = 0; t < n; t++) rmsnorm(c->x + (size_t)t * D, L->ffn_norm, c->xn + (size_t)t * D, D, cf->norm_eps);
-        quantize_rows(c->xn, c->xq, c->xs, n, D);
+        quantize_rows(c, c->xn, c->xq, c->xs, n, D);
         if (L->is_moe) {
             route(c, L, n);
             t1 = now();
@@ -364,7 +387,7 @@ static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits,
     t0 = now();
     int first = all_logits ? 0 : n - 1, cnt = n - first;
     for (int t = first; t < n; t++) rmsnorm(c->x + (size_t)t * D, m->norm, c->xn + (size_t)(t - first) * D, D, cf->norm_eps);
-    quantize_rows(c->xn, c->xq, c->xs, cnt, D);
+    quantize_rows(c, c->xn, c->xq, c->xs, cnt, D);
     t1 = now();
     c->t[MMOE_T_OTHER] += t1 - t0;
     if (logits) matmul(c, &m->lm_head, c->xq, c->xs, cnt, logits, (int)cf->vocab_size);

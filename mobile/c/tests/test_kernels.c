@@ -228,6 +228,30 @@ static void fill_x(int8_t *x, int n, int mode) {
 
 #define CANARY 0x7fc0dead /* a NaN bit pattern no kernel produces */
 
+/* every set's quantizer gives the scalar's bytes and scale: random rows with ties, zeros, NaN, inf, tails */
+static void test_set_quantize(const mmoe_kernel_set *k) {
+    static float x[1056];
+    static int8_t q0[1056], q1[1056];
+    for (int t = 0; t < 400; t++) {
+        int K = t < 300 ? 32 * rnd_int(1, 33) : rnd_int(1, 1056);
+        int mode = t % 5;
+        for (int i = 0; i < K; i++) {
+            x[i] = ldexpf((float)((int)(rnd() % 2000001) - 1000000), rnd_int(-30, 0));
+            if (mode == 1) x[i] = (float)((int)(rnd() % 255) - 127) + 0.5f; /* exact ties when amax gives s = 1 */
+            if (mode == 2 && rnd() % 7 == 0) x[i] = 0.0f;
+        }
+        if (mode == 1) x[rnd() % K] = 127.0f;
+        if (mode == 3) x[rnd() % K] = NAN;
+        if (mode == 4) x[rnd() % K] = (rnd() & 1) ? INFINITY : -INFINITY;
+        if (t == 7) memset(x, 0, sizeof(float) * (size_t)K);
+        float s0 = mmoe_quantize_row_q8(x, q0, K), s1 = k->quantize(x, q1, K);
+        CHECK(fbits(s0) == fbits(s1), "%s quantize scale K=%d mode %d", k->name, K, mode);
+        CHECK(memcmp(q0, q1, (size_t)K) == 0, "%s quantize bytes K=%d mode %d", k->name, K, mode);
+        if (g_fail) return;
+        g_cases++;
+    }
+}
+
 static void test_scalar_vs_ref(const owned_matrix *m, const int8_t *xq, float xs) {
     const mmoe_q4_matrix *W = &m->W;
     float *y = malloc(sizeof(float) * (size_t)(W->rows ? W->rows : 1));
@@ -380,6 +404,7 @@ int main(int argc, char **argv) {
     }
     test_fp16();
     if (!g_fail) test_quantize();
+    for (int i = 0; i < nsets && !g_fail; i++) test_set_quantize(sets[i]);
     if (!g_fail) test_matrices(sets, nsets, quick);
     if (g_fail) return 1;
     printf("OK: %ld cases, sets %s all equal to scalar, scalar equal to the reference\n", g_cases, got);
