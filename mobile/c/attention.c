@@ -67,6 +67,24 @@ static void axpy_f16_scalar(float *o, float p, const uint16_t *v, int n) {
     for (int d = 0; d < n; d++) o[d] = o[d] + p * h2f(v[d]);
 }
 
+/* ---- shared by the SIMD group kernels ---------------------------------------------------------------- */
+/* Prefetch the hd fp16 values of the key/value row ATT_PF_KEYS rows ahead: at context 1024 the cache (37 MB for
+ * S) comes from DRAM, and each row is used the moment it is loaded. asm, not _mm_prefetch (see kernels_avx2.c);
+ * integer addresses, because the row may lie past the cache (prefetch never faults). */
+#define ATT_PF_KEYS 16
+static inline void att_prefetch_row(uintptr_t p, int hd) {
+#if defined(MMOE_ATT_X86)
+    for (int b = 0; b < 2 * hd; b += 64) __asm__ volatile("prefetcht0 (%0)" : : "r"(p + (uintptr_t)b));
+#elif defined(MMOE_ATT_NEON)
+    for (int b = 0; b < 2 * hd; b += 64) __asm__ volatile("prfm pldl1keep, [%0]" : : "r"(p + (uintptr_t)b));
+#else
+    (void)p;
+    (void)hd;
+#endif
+}
+#define ATT_H2(X) X(0) X(1)
+#define ATT_H4(X) X(0) X(1) X(2) X(3)
+
 /* ---- x86 AVX2 + F16C ------------------------------------------------------------------------------------- */
 #ifdef MMOE_ATT_X86
 #define AVX_FN __attribute__((target("avx2,f16c")))
@@ -145,15 +163,6 @@ AVX_DOTS(4)
  * the weights (S decode 16.7 tok/s at context 1024 vs 60 at context 0, one thread, dev VM). Same values: each
  * head's score is the same 8-lane sum and tree, the softmax the same sequence, and each output element the same
  * in-order sum over keys of (sc / sum) * v; only the loop nesting differs (keys inside blocks of 16 dims). */
-/* Prefetch the hd fp16 values of the key/value row ATT_PF_KEYS rows ahead: at context 1024 the cache (37 MB for
- * S) comes from DRAM, and each row is used the moment it is loaded. asm, not _mm_prefetch (see kernels_avx2.c);
- * integer addresses, because the row may lie past the cache (prefetch never faults). */
-#define ATT_PF_KEYS 16
-static inline void att_prefetch_row(uintptr_t p, int hd) {
-    for (int b = 0; b < 2 * hd; b += 64) __asm__ volatile("prefetcht0 (%0)" : : "r"(p + (uintptr_t)b));
-}
-#define ATT_H2(X) X(0) X(1)
-#define ATT_H4(X) X(0) X(1) X(2) X(3)
 #define AVX_GROUP(NH)                                                                                             \
     AVX_FN static void att_group##NH##_avx2(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride, \
                                             int n_keys, int hd, float scale, float *sc, float *o) {              \
@@ -306,6 +315,73 @@ static void axpy_f16_neon(float *o, float p, const uint16_t *v, int n) {
     }
 NEON_DOTS(2)
 NEON_DOTS(4)
+
+/* The NEON twin of att_group*_avx2 (same loop nesting, accumulators in registers, same values). */
+#define NEON_GROUP(NH)                                                                                            \
+    static void att_group##NH##_neon(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride,      \
+                                     int n_keys, int hd, float scale, float *sc, float *o) {                     \
+        float mx[NH], sum[NH];                                                                                    \
+        for (int j = 0; j < NH; j++) mx[j] = -INFINITY;                                                           \
+        for (int s = 0; s < n_keys; s++) {                                                                        \
+            const uint16_t *k = kc + (size_t)s * stride;                                                          \
+            att_prefetch_row((uintptr_t)k + ATT_PF_KEYS * stride * 2, hd);                                        \
+            ATT_H##NH(NATT_DECL_ACC)                                                                              \
+            for (int i = 0; i < hd; i += 8) {                                                                     \
+                float16x8_t h = ld_h8n(k + i);                                                                    \
+                float32x4_t kl = vcvt_f32_f16(vget_low_f16(h)), kh = vcvt_high_f32_f16(h);                       \
+                ATT_H##NH(NATT_DOT_STEP)                                                                          \
+            }                                                                                                     \
+            ATT_H##NH(NATT_DOT_STORE)                                                                             \
+        }                                                                                                         \
+        for (int j = 0; j < NH; j++) {                                                                            \
+            float *scj = sc + (size_t)j * n_keys, acc = 0.0f;                                                     \
+            for (int s = 0; s < n_keys; s++) {                                                                    \
+                scj[s] = expf(scj[s] - mx[j]);                                                                    \
+                acc += scj[s];                                                                                    \
+            }                                                                                                     \
+            sum[j] = acc;                                                                                         \
+            for (int s = 0; s < n_keys; s++) scj[s] = scj[s] / sum[j];                                            \
+        }                                                                                                         \
+        for (int d = 0; d < hd; d += 16) {                                                                        \
+            ATT_H##NH(NATT_DECL_OUT)                                                                              \
+            const uint16_t *v = vc + d;                                                                           \
+            for (int s = 0; s < n_keys; s++, v += stride) {                                                       \
+                if (d == 0) att_prefetch_row((uintptr_t)v + ATT_PF_KEYS * stride * 2, hd);                        \
+                float16x8_t h0 = ld_h8n(v), h1 = ld_h8n(v + 8);                                                   \
+                float32x4_t v0 = vcvt_f32_f16(vget_low_f16(h0)), v1 = vcvt_high_f32_f16(h0);                     \
+                float32x4_t v2 = vcvt_f32_f16(vget_low_f16(h1)), v3 = vcvt_high_f32_f16(h1);                     \
+                ATT_H##NH(NATT_AXPY_STEP)                                                                         \
+            }                                                                                                     \
+            ATT_H##NH(NATT_OUT_STORE)                                                                             \
+        }                                                                                                         \
+    }
+#define NATT_DECL_ACC(j) float32x4_t a##j##l = vdupq_n_f32(0.0f), a##j##h = vdupq_n_f32(0.0f);
+#define NATT_DOT_STEP(j)                                                                                          \
+    a##j##l = vaddq_f32(a##j##l, vmulq_f32(vld1q_f32(q + (size_t)(j) * hd + i), kl));                             \
+    a##j##h = vaddq_f32(a##j##h, vmulq_f32(vld1q_f32(q + (size_t)(j) * hd + i + 4), kh));
+#define NATT_DOT_STORE(j)                                                                                         \
+    {                                                                                                             \
+        float r = hsum_neon(a##j##l, a##j##h) * scale;                                                            \
+        sc[(size_t)(j) * n_keys + s] = r;                                                                         \
+        if (r > mx[j]) mx[j] = r;                                                                                 \
+    }
+#define NATT_DECL_OUT(j)                                                                                          \
+    float32x4_t o##j##0 = vdupq_n_f32(0.0f), o##j##1 = o##j##0, o##j##2 = o##j##0, o##j##3 = o##j##0;
+#define NATT_AXPY_STEP(j)                                                                                         \
+    {                                                                                                             \
+        float32x4_t p = vdupq_n_f32(sc[(size_t)(j) * n_keys + s]);                                                \
+        o##j##0 = vaddq_f32(o##j##0, vmulq_f32(p, v0));                                                           \
+        o##j##1 = vaddq_f32(o##j##1, vmulq_f32(p, v1));                                                           \
+        o##j##2 = vaddq_f32(o##j##2, vmulq_f32(p, v2));                                                           \
+        o##j##3 = vaddq_f32(o##j##3, vmulq_f32(p, v3));                                                           \
+    }
+#define NATT_OUT_STORE(j)                                                                                         \
+    vst1q_f32(o + (size_t)(j) * hd + d, o##j##0);                                                                 \
+    vst1q_f32(o + (size_t)(j) * hd + d + 4, o##j##1);                                                             \
+    vst1q_f32(o + (size_t)(j) * hd + d + 8, o##j##2);                                                             \
+    vst1q_f32(o + (size_t)(j) * hd + d + 12, o##j##3);
+NEON_GROUP(2)
+NEON_GROUP(4)
 #endif
 
 /* ---- dispatch ------------------------------------------------------------------------------------------- */
@@ -374,6 +450,11 @@ void mmoe_att_group(const float *q, int ng, const uint16_t *kc, const uint16_t *
     if (impl == MMOE_ATT_SIMD && ng == 4) dots = dots4_avx2, axpys = axpys4_avx2;
     if (impl == MMOE_ATT_SIMD && ng == 2) dots = dots2_avx2, axpys = axpys2_avx2;
 #elif defined(MMOE_ATT_NEON)
+    if (impl == MMOE_ATT_SIMD && hd % 16 == 0 && (ng == 4 || ng == 2)) {
+        if (ng == 4) att_group4_neon(q, kc, vc, stride, n_keys, hd, scale, sc, o);
+        else att_group2_neon(q, kc, vc, stride, n_keys, hd, scale, sc, o);
+        return;
+    }
     if (impl == MMOE_ATT_SIMD && ng == 4) dots = dots4_neon, axpys = axpys4_neon;
     if (impl == MMOE_ATT_SIMD && ng == 2) dots = dots2_neon, axpys = axpys2_neon;
 #endif
