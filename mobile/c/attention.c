@@ -82,6 +82,18 @@ static inline void att_prefetch_row(uintptr_t p, int hd) {
     (void)hd;
 #endif
 }
+/* Each of nh score rows (n_keys apart) in place: expf(sc - max) summed in key order, then divided by that sum:
+ * the p = sc / sum of mmoe_att_head, the same value for every implementation. */
+static inline void att_softmax_rows(float *sc, int nh, int n_keys, const float *mx) {
+    for (int j = 0; j < nh; j++) {
+        float *scj = sc + (size_t)j * n_keys, sum = 0.0f;
+        for (int s = 0; s < n_keys; s++) {
+            scj[s] = expf(scj[s] - mx[j]);
+            sum += scj[s];
+        }
+        for (int s = 0; s < n_keys; s++) scj[s] = scj[s] / sum;
+    }
+}
 #define ATT_H2(X) X(0) X(1)
 #define ATT_H4(X) X(0) X(1) X(2) X(3)
 
@@ -166,7 +178,7 @@ AVX_DOTS(4)
 #define AVX_GROUP(NH)                                                                                             \
     AVX_FN static void att_group##NH##_avx2(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride, \
                                             int n_keys, int hd, float scale, float *sc, float *o) {              \
-        float mx[NH], sum[NH];                                                                                    \
+        float mx[NH];                                                                                             \
         for (int j = 0; j < NH; j++) mx[j] = -INFINITY;                                                           \
         for (int s = 0; s < n_keys; s++) {                                                                        \
             const uint16_t *k = kc + (size_t)s * stride;                                                          \
@@ -178,15 +190,7 @@ AVX_DOTS(4)
             }                                                                                                     \
             ATT_H##NH(ATT_DOT_STORE)                                                                              \
         }                                                                                                         \
-        for (int j = 0; j < NH; j++) {                                                                            \
-            float *scj = sc + (size_t)j * n_keys, acc = 0.0f;                                                     \
-            for (int s = 0; s < n_keys; s++) {                                                                    \
-                scj[s] = expf(scj[s] - mx[j]);                                                                    \
-                acc += scj[s];                                                                                    \
-            }                                                                                                     \
-            sum[j] = acc;                                                                                         \
-            for (int s = 0; s < n_keys; s++) scj[s] = scj[s] / sum[j];                                            \
-        }                                                                                                         \
+        att_softmax_rows(sc, NH, n_keys, mx);                                                                     \
         for (int d = 0; d < hd; d += 16) {                                                                        \
             ATT_H##NH(ATT_DECL_OUT)                                                                               \
             const uint16_t *v = vc + d;                                                                           \
@@ -320,7 +324,7 @@ NEON_DOTS(4)
 #define NEON_GROUP(NH)                                                                                            \
     static void att_group##NH##_neon(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride,      \
                                      int n_keys, int hd, float scale, float *sc, float *o) {                     \
-        float mx[NH], sum[NH];                                                                                    \
+        float mx[NH];                                                                                             \
         for (int j = 0; j < NH; j++) mx[j] = -INFINITY;                                                           \
         for (int s = 0; s < n_keys; s++) {                                                                        \
             const uint16_t *k = kc + (size_t)s * stride;                                                          \
@@ -333,15 +337,7 @@ NEON_DOTS(4)
             }                                                                                                     \
             ATT_H##NH(NATT_DOT_STORE)                                                                             \
         }                                                                                                         \
-        for (int j = 0; j < NH; j++) {                                                                            \
-            float *scj = sc + (size_t)j * n_keys, acc = 0.0f;                                                     \
-            for (int s = 0; s < n_keys; s++) {                                                                    \
-                scj[s] = expf(scj[s] - mx[j]);                                                                    \
-                acc += scj[s];                                                                                    \
-            }                                                                                                     \
-            sum[j] = acc;                                                                                         \
-            for (int s = 0; s < n_keys; s++) scj[s] = scj[s] / sum[j];                                            \
-        }                                                                                                         \
+        att_softmax_rows(sc, NH, n_keys, mx);                                                                     \
         for (int d = 0; d < hd; d += 16) {                                                                        \
             ATT_H##NH(NATT_DECL_OUT)                                                                              \
             const uint16_t *v = vc + d;                                                                           \
