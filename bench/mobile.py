@@ -9,15 +9,15 @@ engine runs the .mmoe file from `python -m mobile export --random-init`; llama.c
 converted to GGUF Q4_0 by mobile/gguf_export.py (`--from-mmoe`: our INT4 g32 blocks are bit-compatible with
 ggml's block_q4_0, so only the scales move): both engines run exactly the same weights and read the same bytes.
 
-Each measurement is a fresh process (the worker mode of this module) that loads the model and times:
-prefill of a 128- and a 512-token prompt (one batched eval each, empty cache), decode of N new tokens at
-context 1024 (the 512-token prompt's cache plus an untimed 512-token prefill) and at context 0 (N
-single-token evals from an empty cache). Token ids are fixed random ids, fed teacher-forced, so both engines do the same work. Engines are
-interleaved (their order alternates every repeat), every (size, threads) pair is repeated, medians are
-reported and engine ratios are computed pair by pair (ours_i / llama_i of the same repeat), then the median.
-A STREAM triad (bench/stream.c) measures memory bandwidth on the same machine; decode is reported as a
-fraction of the roofline  tok/s x (INT4 bytes read per token, model.config.int4_weight_bytes) / bandwidth.
-Our decode is profiled with the engine's per-op timers (mmoe_profile_get).
+Each measurement is a fresh process (the worker mode of this module) that loads the model and times: prefill
+of a 128- and a 512-token prompt (one batched eval each, empty cache), decode of N new tokens at context 1024
+(the 512-token prompt's cache plus an untimed 512-token prefill) and at context 0 (N single-token evals from
+an empty cache). Token ids are fixed random ids, fed teacher-forced, so both engines do the same work. Engines
+are interleaved (their order alternates every repeat), every (size, threads) pair is repeated, medians are
+reported and engine ratios are computed pair by pair (ours_i / llama_i of the same repeat), then the median. A
+STREAM triad (bench/stream.c) measures memory bandwidth on the same machine; decode is reported as a fraction
+of the roofline tok/s x (INT4 bytes read per token, model.config.int4_weight_bytes) / bandwidth. Our decode is
+profiled with the engine's per-op timers (mmoe_profile_get).
 
 Writes <out>/mobile.md, <out>/mobile_{decode,prefill,roofline,profile}.png and <out>/mobile_raw.json.
 """

@@ -173,7 +173,8 @@ static void gemv_avx2(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float
                 load_scales_8x8(d + g, G, sc);
                 for (int j = 0; j < 8; j += 2) {
                     __m256i a, b;
-                    dot8_g2(q + 16 * (size_t)(g + j), rowb, xq + 32 * (size_t)(g + j), &a, &b, pf + 128 * (size_t)(g + j));
+                    dot8_g2(q + 16 * (size_t)(g + j), rowb, xq + 32 * (size_t)(g + j), &a, &b,
+                            pf + 128 * (size_t)(g + j));
                     acc = step(acc, a, xoff[g + j - c0], _mm256_loadu_ps(sc[j]));
                     acc = step(acc, b, xoff[g + j + 1 - c0], _mm256_loadu_ps(sc[j + 1]));
                 }
@@ -183,7 +184,8 @@ static void gemv_avx2(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float
                 load_scales_8x4(d + g, G, sc);
                 for (int j = 0; j < 4; j += 2) {
                     __m256i a, b;
-                    dot8_g2(q + 16 * (size_t)(g + j), rowb, xq + 32 * (size_t)(g + j), &a, &b, pf + 128 * (size_t)(g + j));
+                    dot8_g2(q + 16 * (size_t)(g + j), rowb, xq + 32 * (size_t)(g + j), &a, &b,
+                            pf + 128 * (size_t)(g + j));
                     acc = step(acc, a, xoff[g + j - c0], _mm256_loadu_ps(sc[j]));
                     acc = step(acc, b, xoff[g + j + 1 - c0], _mm256_loadu_ps(sc[j + 1]));
                 }

@@ -24,7 +24,7 @@ struct mmoe_ctx {
     int D, H, KV, hd, QD, KVD, E, K, Fmax, Kmax;
     /* [layer][kv head][max_ctx][hd] fp16: each (layer, KV head) is one contiguous stream for attention. The
      * position-major [layer][max_ctx][KVD] layout made a head's keys a 128-byte-out-of-640 strided read, which
-     * at context 1024 came from DRAM half-prefetched (S decode at context 1024, one thread, dev VM: 30 -> 37 tok/s). */
+     * at context 1024 came from DRAM half-prefetched (S decode at context 1024, 1 thread: 30 -> 37 tok/s). */
     uint16_t *kc, *vc;
     float *rope_inv;     /* hd / 2 */
     float *x, *xn, *q, *k, *v, *att, *tmp, *y, *gu, *hid, *rlog, *scores;
