@@ -156,11 +156,7 @@ static void gemv_avx2(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float
     for (int c0 = 0; c0 < G; c0 += XOFF_CHUNK) {
         const int c1 = G - c0 < XOFF_CHUNK ? G : c0 + XOFF_CHUNK;
         int32_t xoff[XOFF_CHUNK];
-        for (int g = c0; g < c1; g++) {
-            int32_t s = 0;
-            for (int i = 0; i < 32; i++) s += xq[32 * g + i];
-            xoff[g - c0] = 8 * s;
-        }
+        for (int g = c0; g < c1; g++) xoff[g - c0] = mmoe_group_xoff(xq + 32 * (size_t)g);
         for (int r = r0; r < rend; r += 8) {
             /* between chunks the running fp32 sums wait in y: a store/load is exact */
             __m256 acc = c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + (r - r0));
@@ -297,7 +293,7 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
 
 static void gemm_avx2(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
                       int r1) {
-    mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, gemv_avx2);
+    mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, gemv_avx2, 1);
 }
 
 /* mmoe_quantize_row_q8 in AVX2, the same bytes and scale: max over |x| skipping NaN (maxps returns its second

@@ -15,7 +15,6 @@ MMOE_INLINE int32x4_t dot_group(int8x16_t wl, int8x16_t wh, int8x16_t xl, int8x1
 
 /* Decode keeps the weight nibbles unsigned (w' = q + 8 in [0, 15], valid int8 for sdot) and removes the offset
  * once per group for 4 rows: isum = sum(w' x) - 8 sum(x). Saves the two subtractions per row and group. */
-#define XOFF_CHUNK 256
 
 MMOE_INLINE void unpack_u4(const uint8_t *p, int8x16_t *lo, int8x16_t *hi) {
     uint8x16_t v = vld1q_u8(p);
@@ -58,24 +57,7 @@ static void gemv_dotprod_rows4(const mmoe_q4_matrix *W, const int8_t *x, const i
 }
 
 void mmoe_gemv_dotprod(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float *y, int r0, int r1) {
-    const int G = W->cols / 32;
-    const int rend = r0 + (r1 - r0) / 4 * 4;
-    if (G == 0) {
-        mmoe_gemv_scalar(W, xq, xs, y, r0, r1);
-        return;
-    }
-    for (int c0 = 0; c0 < G; c0 += XOFF_CHUNK) {
-        const int c1 = G - c0 < XOFF_CHUNK ? G : c0 + XOFF_CHUNK;
-        int32_t xoff[XOFF_CHUNK];
-        for (int g = c0; g < c1; g++) {
-            int16x8_t s = vpaddlq_s8(vld1q_s8(xq + 32 * g));
-            s = vpadalq_s8(s, vld1q_s8(xq + 32 * g + 16));
-            xoff[g - c0] = 8 * vaddlvq_s16(s);
-        }
-        for (int r = r0; r < rend; r += 4) gemv_dotprod_rows4(W, xq, xoff, c0, c1, y + (r - r0), r);
-    }
-    for (int r = r0; r < rend; r += 4) vst1q_f32(y + (r - r0), vmulq_n_f32(vld1q_f32(y + (r - r0)), xs));
-    if (rend < r1) mmoe_gemv_scalar(W, xq, xs, y + (rend - r0), rend, r1);
+    mmoe_gemv_arm(W, xq, xs, y, r0, r1, gemv_dotprod_rows4);
 }
 
 /* one token against 4 unpacked weight rows (one group): [row0 .. row3] */
@@ -90,7 +72,7 @@ MMOE_INLINE int32x4_t tok4(int8x16_t l0, int8x16_t h0, int8x16_t l1, int8x16_t h
  * which GCC -O2 would keep and round-trip through the stack) */
 static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, const int32_t *xo, float *Y,
                      int ldy) {
-    (void)xo; /* sdot/smmla take the signed nibble directly */
+    (void)xo; /* NULL: sdot/smmla take the signed nibble directly */
     const int K = W->cols, G = K / 32;
     const size_t rowb = (size_t)K / 2;
     const uint8_t *q = W->qs + (size_t)r * rowb;
@@ -118,7 +100,7 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
 
 static void gemm_dotprod(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
                       int r1) {
-    mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, mmoe_gemv_dotprod);
+    mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, mmoe_gemv_dotprod, 0);
 }
 
 static const mmoe_kernel_set dotprod_set = {"dotprod", mmoe_gemv_dotprod, gemm_dotprod, mmoe_quantize_row_q8};

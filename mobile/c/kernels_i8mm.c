@@ -48,7 +48,7 @@ MMOE_INLINE void store_pair(float *Y, int ldy, float32x4_t acc, float xs0, float
  * the low nibbles, 16..23, 24..31 from the high ones; lo64/hi64 put two rows' (or tokens') 8 elements side by side. */
 static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, const int32_t *xo, float *Y,
                      int ldy) {
-    (void)xo; /* sdot/smmla take the signed nibble directly */
+    (void)xo; /* NULL: sdot/smmla take the signed nibble directly */
     const int K = W->cols, G = K / 32;
     const size_t rowb = (size_t)K / 2;
     const uint8_t *q = W->qs + (size_t)r * rowb;
@@ -82,7 +82,7 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
 
 static void gemm_i8mm(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
                       int r1) {
-    mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, mmoe_gemv_dotprod);
+    mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, mmoe_gemv_dotprod, 0);
 }
 
 static const mmoe_kernel_set i8mm_set = {"i8mm", mmoe_gemv_dotprod, gemm_i8mm, mmoe_quantize_row_q8};

@@ -19,27 +19,36 @@ void mmoe_gemv_scalar(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float
 void mmoe_gemm_scalar(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy,
                       int r0, int r1);
 
+/* 8 * (sum of the 32 activations of one group): the offset of the unsigned nibbles w' = q + 8, removed once per
+ * (token, group) by the kernels that multiply w' instead of q. */
+MMOE_INLINE int32_t mmoe_group_xoff(const int8_t *x) {
+    int32_t s = 0;
+    for (int i = 0; i < 32; i++) s += x[i];
+    return 8 * s;
+}
+
 /* The blocking every SIMD gemm shares, around a 4-row x 4-token tile kernel:
  *   row blocks of ~128 KB of weights (stay in L2) > 4-token tiles (4 * K bytes of activations stay in L1) >
  *   4-row tiles, so each weight byte comes from memory once per call and each output row is written in order.
  * Rows and tokens that do not fill a tile go through the set's gemv (same arithmetic, hence same bits).
- * The tile also gets xo[(t * G + g) * 4 + j] = 8 * (sum of token t's 32 activations in group g), t < 4, stored
+ * With with_xo, the tile also gets xo[(t * G + g) * 4 + j] = mmoe_group_xoff of token t, group g (t < 4), stored
  * 4 times (j < 4) so that [group g | group g + 1] for 4 rows is one 32-byte load: a set whose kernel uses the
- * nibbles as unsigned w' = q + 8 subtracts it once per (token, group) instead of per element. */
+ * nibbles as unsigned w' = q + 8 subtracts it once per (token, group) instead of per element. Without, xo is
+ * NULL and nothing is computed (sets whose tile takes the signed nibble). */
 typedef void (*mmoe_tile4x4_fn)(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, const int32_t *xo,
                                 float *Y, int ldy);
 
 #define MMOE_TILE_XO_STACK 256 /* groups (K <= 8192) whose offsets live on the stack (16 KB); more: heap */
 
 static inline void mmoe_gemm_tiled(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y,
-                                   int ldy, int r0, int r1, mmoe_tile4x4_fn tile, mmoe_gemv_fn gemv) {
+                                   int ldy, int r0, int r1, mmoe_tile4x4_fn tile, mmoe_gemv_fn gemv, int with_xo) {
     const int K = W->cols, G = K / 32;
     int mend = M / 4 * 4;
     const int rend = r0 + (r1 - r0) / 4 * 4;
     int rb = K > 0 ? (int)((128u * 1024u) / ((unsigned)K / 2u)) / 4 * 4 : 4;
     if (rb < 4) rb = 4;
-    int32_t xo_stack[16 * MMOE_TILE_XO_STACK], *xo = xo_stack, *xo_heap = NULL;
-    if (G > MMOE_TILE_XO_STACK) {
+    int32_t xo_stack[16 * MMOE_TILE_XO_STACK], *xo = with_xo ? xo_stack : NULL, *xo_heap = NULL;
+    if (with_xo && G > MMOE_TILE_XO_STACK) {
         xo = xo_heap = (int32_t *)malloc(sizeof(int32_t) * 16 * (size_t)G);
         if (!xo) mend = 0; /* no memory for the offsets: every token goes through the gemv below (same bits) */
     }
@@ -47,10 +56,9 @@ static inline void mmoe_gemm_tiled(const mmoe_q4_matrix *W, const int8_t *Xq, co
         const int b1 = rend - b0 < rb ? rend : b0 + rb;
         for (int m = 0; m < mend; m += 4) {
             const int8_t *X = Xq + (size_t)m * (size_t)K;
-            for (int g = 0; g < 4 * G; g++) { /* 4 consecutive token rows: group index g runs over all four */
-                int32_t s = 0;
-                for (int i = 0; i < 32; i++) s += X[32 * (size_t)g + i];
-                xo[4 * g] = xo[4 * g + 1] = xo[4 * g + 2] = xo[4 * g + 3] = 8 * s;
+            for (int g = 0; xo && g < 4 * G; g++) { /* 4 consecutive token rows: g runs over all four */
+                int32_t o = mmoe_group_xoff(X + 32 * (size_t)g);
+                xo[4 * g] = xo[4 * g + 1] = xo[4 * g + 2] = xo[4 * g + 3] = o;
             }
             for (int r = b0; r < b1; r += 4)
                 tile(W, r, X, xs + m, xo, Y + (size_t)m * (size_t)ldy + (size_t)(r - r0), ldy);

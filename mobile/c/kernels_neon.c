@@ -35,7 +35,6 @@ MMOE_INLINE float32x4_t rows4(const mmoe_q4_matrix *W, int r, const int8_t *x) {
 
 /* Decode: nibbles stay unsigned (w' = q + 8 in [0, 15]; 4 products per int16 lane stay within 4 * 15 * 127 = 7620)
  * and the offset is removed once per group for 4 rows: isum = sum(w' x) - 8 sum(x). */
-#define XOFF_CHUNK 256
 
 MMOE_INLINE int32x4_t dot_group_u(const uint8_t *q, int8x16_t xl, int8x16_t xh) {
     uint8x16_t v = vld1q_u8(q);
@@ -73,24 +72,7 @@ static void gemv_rows4(const mmoe_q4_matrix *W, const int8_t *x, const int32_t *
 }
 
 static void gemv_neon(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float *y, int r0, int r1) {
-    const int G = W->cols / 32;
-    const int rend = r0 + (r1 - r0) / 4 * 4;
-    if (G == 0) {
-        mmoe_gemv_scalar(W, xq, xs, y, r0, r1);
-        return;
-    }
-    for (int c0 = 0; c0 < G; c0 += XOFF_CHUNK) {
-        const int c1 = G - c0 < XOFF_CHUNK ? G : c0 + XOFF_CHUNK;
-        int32_t xoff[XOFF_CHUNK];
-        for (int g = c0; g < c1; g++) {
-            int16x8_t s = vpaddlq_s8(vld1q_s8(xq + 32 * g));
-            s = vpadalq_s8(s, vld1q_s8(xq + 32 * g + 16));
-            xoff[g - c0] = 8 * vaddlvq_s16(s);
-        }
-        for (int r = r0; r < rend; r += 4) gemv_rows4(W, xq, xoff, c0, c1, y + (r - r0), r);
-    }
-    for (int r = r0; r < rend; r += 4) vst1q_f32(y + (r - r0), vmulq_n_f32(vld1q_f32(y + (r - r0)), xs));
-    if (rend < r1) mmoe_gemv_scalar(W, xq, xs, y + (rend - r0), rend, r1);
+    mmoe_gemv_arm(W, xq, xs, y, r0, r1, gemv_rows4);
 }
 
 static void gemm_neon(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
