@@ -97,6 +97,49 @@ static inline void att_softmax_rows(float *sc, int nh, int n_keys, const float *
 #define ATT_H2(X) X(0) X(1)
 #define ATT_H4(X) X(0) X(1) X(2) X(3)
 
+/* A whole GQA group of NH heads in one function, for hd % 16 == 0 (every real head size), with every accumulator
+ * in a register: the per-key dots4/axpys4 calls below kept theirs on the stack (GCC -O2 does not unroll the head
+ * loop) and paid a function-pointer call per key, which made attention at context 1024 cost more than streaming
+ * the weights (S decode 16.7 tok/s at context 1024 vs 60 at context 0, one thread, dev VM). Same values: each
+ * head's score is the same 8-lane sum and tree, the softmax the same sequence, and each output element the same
+ * in-order sum over keys of (sc / sum) * v; only the loop nesting differs (keys inside blocks of 16 dims).
+ * One skeleton for every ISA; P names the ISA's pieces: P##_DECL_ACC / P##_LOAD_K / P##_DOT_STEP / P##_DOT_STORE
+ * for the scores, P##_DECL_OUT / P##_LOAD_V / P##_AXPY_STEP / P##_OUT_STORE for the weighted sum of values. */
+#define ATT_GROUP(NAME, NH, ATTR, P)                                                                              \
+    ATTR static void NAME(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride, int n_keys,      \
+                          int hd, float scale, float *sc, float *o) {                                            \
+        float mx[NH];                                                                                             \
+        for (int j = 0; j < NH; j++) mx[j] = -INFINITY;                                                           \
+        for (int s = 0; s < n_keys; s++) {                                                                        \
+            const uint16_t *k = kc + (size_t)s * stride;                                                          \
+            att_prefetch_row((uintptr_t)k + ATT_PF_KEYS * stride * 2, hd);                                        \
+            ATT_H##NH(P##_DECL_ACC)                                                                               \
+            for (int i = 0; i < hd; i += 8) {                                                                     \
+                P##_LOAD_K(k + i)                                                                                 \
+                ATT_H##NH(P##_DOT_STEP)                                                                           \
+            }                                                                                                     \
+            ATT_H##NH(P##_DOT_STORE)                                                                              \
+        }                                                                                                         \
+        att_softmax_rows(sc, NH, n_keys, mx);                                                                     \
+        for (int d = 0; d < hd; d += 16) {                                                                        \
+            ATT_H##NH(P##_DECL_OUT)                                                                               \
+            const uint16_t *v = vc + d;                                                                           \
+            for (int s = 0; s < n_keys; s++, v += stride) {                                                       \
+                if (d == 0) att_prefetch_row((uintptr_t)v + ATT_PF_KEYS * stride * 2, hd);                        \
+                P##_LOAD_V(v)                                                                                     \
+                ATT_H##NH(P##_AXPY_STEP)                                                                          \
+            }                                                                                                     \
+            ATT_H##NH(P##_OUT_STORE)                                                                              \
+        }                                                                                                         \
+    }
+/* score of head j for key s: its lane sum SUM, scaled, stored, and the running maximum updated */
+#define ATT_STORE_SCORE(j, SUM)                                                                                   \
+    {                                                                                                             \
+        float r = (SUM) * scale;                                                                                  \
+        sc[(size_t)(j) * n_keys + s] = r;                                                                         \
+        if (r > mx[j]) mx[j] = r;                                                                                 \
+    }
+
 /* ---- x86 AVX2 + F16C ------------------------------------------------------------------------------------- */
 #ifdef MMOE_ATT_X86
 #define AVX_FN __attribute__((target("avx2,f16c")))
@@ -169,59 +212,24 @@ AVX_FN static void axpy_f16_avx2(float *o, float p, const uint16_t *v, int n) {
 AVX_DOTS(2)
 AVX_DOTS(4)
 
-/* A whole GQA group of NH heads in one function, for hd % 16 == 0 (every real head size), with every accumulator
- * in a register: the per-key dots4/axpys4 calls above kept theirs on the stack (GCC -O2 does not unroll the head
- * loop) and paid a function-pointer call per key, which made attention at context 1024 cost more than streaming
- * the weights (S decode 16.7 tok/s at context 1024 vs 60 at context 0, one thread, dev VM). Same values: each
- * head's score is the same 8-lane sum and tree, the softmax the same sequence, and each output element the same
- * in-order sum over keys of (sc / sum) * v; only the loop nesting differs (keys inside blocks of 16 dims). */
-#define AVX_GROUP(NH)                                                                                             \
-    AVX_FN static void att_group##NH##_avx2(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride, \
-                                            int n_keys, int hd, float scale, float *sc, float *o) {              \
-        float mx[NH];                                                                                             \
-        for (int j = 0; j < NH; j++) mx[j] = -INFINITY;                                                           \
-        for (int s = 0; s < n_keys; s++) {                                                                        \
-            const uint16_t *k = kc + (size_t)s * stride;                                                          \
-            att_prefetch_row((uintptr_t)k + ATT_PF_KEYS * stride * 2, hd);                                        \
-            ATT_H##NH(ATT_DECL_ACC)                                                                               \
-            for (int i = 0; i < hd; i += 8) {                                                                     \
-                __m256 kv = ld_h8(k + i);                                                                         \
-                ATT_H##NH(ATT_DOT_STEP)                                                                           \
-            }                                                                                                     \
-            ATT_H##NH(ATT_DOT_STORE)                                                                              \
-        }                                                                                                         \
-        att_softmax_rows(sc, NH, n_keys, mx);                                                                     \
-        for (int d = 0; d < hd; d += 16) {                                                                        \
-            ATT_H##NH(ATT_DECL_OUT)                                                                               \
-            const uint16_t *v = vc + d;                                                                           \
-            for (int s = 0; s < n_keys; s++, v += stride) {                                                       \
-                if (d == 0) att_prefetch_row((uintptr_t)v + ATT_PF_KEYS * stride * 2, hd);                        \
-                __m256 v0 = ld_h8(v), v1 = ld_h8(v + 8);                                                          \
-                ATT_H##NH(ATT_AXPY_STEP)                                                                          \
-            }                                                                                                     \
-            ATT_H##NH(ATT_OUT_STORE)                                                                              \
-        }                                                                                                         \
-    }
-#define ATT_DECL_ACC(j) __m256 a##j = _mm256_setzero_ps();
-#define ATT_DOT_STEP(j) a##j = _mm256_add_ps(a##j, _mm256_mul_ps(_mm256_loadu_ps(q + (size_t)(j) * hd + i), kv));
-#define ATT_DOT_STORE(j)                                                                                          \
-    {                                                                                                             \
-        float r = hsum256(a##j) * scale;                                                                          \
-        sc[(size_t)(j) * n_keys + s] = r;                                                                         \
-        if (r > mx[j]) mx[j] = r;                                                                                 \
-    }
-#define ATT_DECL_OUT(j) __m256 o##j##a = _mm256_setzero_ps(), o##j##b = _mm256_setzero_ps();
-#define ATT_AXPY_STEP(j)                                                                                          \
+/* ATT_GROUP's pieces for AVX2 (blocks of 16 dims = 2 ymm per head) */
+#define AVX_DECL_ACC(j) __m256 a##j = _mm256_setzero_ps();
+#define AVX_LOAD_K(p) __m256 kv = ld_h8(p);
+#define AVX_DOT_STEP(j) a##j = _mm256_add_ps(a##j, _mm256_mul_ps(_mm256_loadu_ps(q + (size_t)(j) * hd + i), kv));
+#define AVX_DOT_STORE(j) ATT_STORE_SCORE(j, hsum256(a##j))
+#define AVX_DECL_OUT(j) __m256 o##j##a = _mm256_setzero_ps(), o##j##b = _mm256_setzero_ps();
+#define AVX_LOAD_V(p) __m256 v0 = ld_h8(p), v1 = ld_h8((p) + 8);
+#define AVX_AXPY_STEP(j)                                                                                          \
     {                                                                                                             \
         __m256 p = _mm256_broadcast_ss(sc + (size_t)(j) * n_keys + s);                                            \
         o##j##a = _mm256_add_ps(o##j##a, _mm256_mul_ps(p, v0));                                                   \
         o##j##b = _mm256_add_ps(o##j##b, _mm256_mul_ps(p, v1));                                                   \
     }
-#define ATT_OUT_STORE(j)                                                                                          \
+#define AVX_OUT_STORE(j)                                                                                          \
     _mm256_storeu_ps(o + (size_t)(j) * hd + d, o##j##a);                                                          \
     _mm256_storeu_ps(o + (size_t)(j) * hd + d + 8, o##j##b);
-AVX_GROUP(2)
-AVX_GROUP(4)
+ATT_GROUP(att_group2_avx2, 2, AVX_FN, AVX)
+ATT_GROUP(att_group4_avx2, 4, AVX_FN, AVX)
 
 static int have_avx2_f16c(void) { /* cpuid + xgetbv (clang's __builtin_cpu_supports has no "f16c") */
     unsigned a, b, c, d, lo, hi;
@@ -320,47 +328,19 @@ static void axpy_f16_neon(float *o, float p, const uint16_t *v, int n) {
 NEON_DOTS(2)
 NEON_DOTS(4)
 
-/* The NEON twin of att_group*_avx2 (same loop nesting, accumulators in registers, same values). */
-#define NEON_GROUP(NH)                                                                                            \
-    static void att_group##NH##_neon(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride,      \
-                                     int n_keys, int hd, float scale, float *sc, float *o) {                     \
-        float mx[NH];                                                                                             \
-        for (int j = 0; j < NH; j++) mx[j] = -INFINITY;                                                           \
-        for (int s = 0; s < n_keys; s++) {                                                                        \
-            const uint16_t *k = kc + (size_t)s * stride;                                                          \
-            att_prefetch_row((uintptr_t)k + ATT_PF_KEYS * stride * 2, hd);                                        \
-            ATT_H##NH(NATT_DECL_ACC)                                                                              \
-            for (int i = 0; i < hd; i += 8) {                                                                     \
-                float16x8_t h = ld_h8n(k + i);                                                                    \
-                float32x4_t kl = vcvt_f32_f16(vget_low_f16(h)), kh = vcvt_high_f32_f16(h);                       \
-                ATT_H##NH(NATT_DOT_STEP)                                                                          \
-            }                                                                                                     \
-            ATT_H##NH(NATT_DOT_STORE)                                                                             \
-        }                                                                                                         \
-        att_softmax_rows(sc, NH, n_keys, mx);                                                                     \
-        for (int d = 0; d < hd; d += 16) {                                                                        \
-            ATT_H##NH(NATT_DECL_OUT)                                                                              \
-            const uint16_t *v = vc + d;                                                                           \
-            for (int s = 0; s < n_keys; s++, v += stride) {                                                       \
-                if (d == 0) att_prefetch_row((uintptr_t)v + ATT_PF_KEYS * stride * 2, hd);                        \
-                float16x8_t h0 = ld_h8n(v), h1 = ld_h8n(v + 8);                                                   \
-                float32x4_t v0 = vcvt_f32_f16(vget_low_f16(h0)), v1 = vcvt_high_f32_f16(h0);                     \
-                float32x4_t v2 = vcvt_f32_f16(vget_low_f16(h1)), v3 = vcvt_high_f32_f16(h1);                     \
-                ATT_H##NH(NATT_AXPY_STEP)                                                                         \
-            }                                                                                                     \
-            ATT_H##NH(NATT_OUT_STORE)                                                                             \
-        }                                                                                                         \
-    }
+/* ATT_GROUP's pieces for NEON (blocks of 16 dims = 4 q registers per head) */
 #define NATT_DECL_ACC(j) float32x4_t a##j##l = vdupq_n_f32(0.0f), a##j##h = vdupq_n_f32(0.0f);
+#define NATT_LOAD_K(p)                                                                                            \
+    float16x8_t h = ld_h8n(p);                                                                                    \
+    float32x4_t kl = vcvt_f32_f16(vget_low_f16(h)), kh = vcvt_high_f32_f16(h);
 #define NATT_DOT_STEP(j)                                                                                          \
     a##j##l = vaddq_f32(a##j##l, vmulq_f32(vld1q_f32(q + (size_t)(j) * hd + i), kl));                             \
     a##j##h = vaddq_f32(a##j##h, vmulq_f32(vld1q_f32(q + (size_t)(j) * hd + i + 4), kh));
-#define NATT_DOT_STORE(j)                                                                                         \
-    {                                                                                                             \
-        float r = hsum_neon(a##j##l, a##j##h) * scale;                                                            \
-        sc[(size_t)(j) * n_keys + s] = r;                                                                         \
-        if (r > mx[j]) mx[j] = r;                                                                                 \
-    }
+#define NATT_DOT_STORE(j) ATT_STORE_SCORE(j, hsum_neon(a##j##l, a##j##h))
+#define NATT_LOAD_V(p)                                                                                            \
+    float16x8_t h0 = ld_h8n(p), h1 = ld_h8n((p) + 8);                                                             \
+    float32x4_t v0 = vcvt_f32_f16(vget_low_f16(h0)), v1 = vcvt_high_f32_f16(h0);                                 \
+    float32x4_t v2 = vcvt_f32_f16(vget_low_f16(h1)), v3 = vcvt_high_f32_f16(h1);
 #define NATT_DECL_OUT(j)                                                                                          \
     float32x4_t o##j##0 = vdupq_n_f32(0.0f), o##j##1 = o##j##0, o##j##2 = o##j##0, o##j##3 = o##j##0;
 #define NATT_AXPY_STEP(j)                                                                                         \
@@ -376,8 +356,8 @@ NEON_DOTS(4)
     vst1q_f32(o + (size_t)(j) * hd + d + 4, o##j##1);                                                             \
     vst1q_f32(o + (size_t)(j) * hd + d + 8, o##j##2);                                                             \
     vst1q_f32(o + (size_t)(j) * hd + d + 12, o##j##3);
-NEON_GROUP(2)
-NEON_GROUP(4)
+ATT_GROUP(att_group2_neon, 2, , NATT)
+ATT_GROUP(att_group4_neon, 4, , NATT)
 #endif
 
 /* ---- dispatch ------------------------------------------------------------------------------------------- */
