@@ -25,7 +25,6 @@ Writes <out>/mobile.md, <out>/mobile_{decode,prefill,roofline,profile}.png and <
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -38,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mobile.engine import TIMERS, Engine
+
 REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "mobile" / "build" / "libmmoe.so"
 ALL_SIZES = ("S", "dense-1B", "M", "L")
 ENGINES = ("ours", "llama.cpp")
 MAX_CTX = 2048
-TIMERS = ("attention", "router", "experts", "shared", "lm_head", "other")
 
 
 # ================================================================================================
@@ -57,61 +57,26 @@ def _peak_rss_mb() -> float:
 
 
 class OursRunner:
-    """Our engine through its C API (mobile/c/mmoe.h) with ctypes."""
+    """Our engine through mobile.engine.Engine (the ctypes binding of mobile/c/mmoe.h that `mobile generate` uses)."""
 
     def __init__(self, path: str, threads: int):
-        lib = ctypes.CDLL(str(LIB))
-        c = ctypes
-        lib.mmoe_model_open.restype = c.c_void_p
-        lib.mmoe_model_open.argtypes = [c.c_char_p, c.c_char_p, c.c_size_t]
-        lib.mmoe_model_info.restype = c.c_int64
-        lib.mmoe_model_info.argtypes = [c.c_void_p, c.c_char_p]
-        lib.mmoe_ctx_new.restype = c.c_void_p
-        lib.mmoe_ctx_new.argtypes = [c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_char_p, c.c_size_t]
-        lib.mmoe_ctx_reset.argtypes = [c.c_void_p]
-        lib.mmoe_ctx_kernels.restype = c.c_char_p
-        lib.mmoe_ctx_kernels.argtypes = [c.c_void_p]
-        lib.mmoe_eval.restype = c.c_int
-        lib.mmoe_eval.argtypes = [c.c_void_p, c.POINTER(c.c_int32), c.c_int, c.POINTER(c.c_float), c.c_int,
-                                  c.c_char_p, c.c_size_t]
-        lib.mmoe_profile_get.argtypes = [c.c_void_p, c.POINTER(c.c_double)]
-        lib.mmoe_profile_reset.argtypes = [c.c_void_p]
-        lib.mmoe_ctx_free.argtypes = [c.c_void_p]
-        lib.mmoe_model_close.argtypes = [c.c_void_p]
-        self.lib = lib
-        self.err = c.create_string_buffer(512)
-        self.model = lib.mmoe_model_open(path.encode(), self.err, 512)
-        if not self.model:
-            raise RuntimeError(f"mmoe_model_open: {self.err.value.decode()}")
-        self.vocab = int(lib.mmoe_model_info(self.model, b"vocab_size"))
-        self.ctx = lib.mmoe_ctx_new(self.model, threads, MAX_CTX, 0, self.err, 512)
-        if not self.ctx:
-            raise RuntimeError(f"mmoe_ctx_new: {self.err.value.decode()}")
-        self.kernels = (lib.mmoe_ctx_kernels(self.ctx) or b"").decode()
-        self.logits = (c.c_float * self.vocab)()
-        self.pos = 0
+        self.engine = Engine(path, threads=threads, max_ctx=MAX_CTX, lib=LIB)
+        self.kernels = self.engine.kernels
 
     def reset(self) -> None:
-        self.lib.mmoe_ctx_reset(self.ctx)
-        self.pos = 0
+        self.engine.reset()
 
     def eval(self, ids: list[int]) -> None:
-        arr = (ctypes.c_int32 * len(ids))(*ids)
-        if self.lib.mmoe_eval(self.ctx, arr, len(ids), self.logits, 0, self.err, 512) != 0:
-            raise RuntimeError(f"mmoe_eval: {self.err.value.decode()}")
-        self.pos += len(ids)
+        self.engine.eval(ids)
 
     def profile_reset(self) -> None:
-        self.lib.mmoe_profile_reset(self.ctx)
+        self.engine.profile_reset()
 
     def profile(self) -> dict[str, float]:
-        buf = (ctypes.c_double * len(TIMERS))()
-        self.lib.mmoe_profile_get(self.ctx, buf)
-        return dict(zip(TIMERS, list(buf)))
+        return self.engine.profile()
 
     def close(self) -> None:
-        self.lib.mmoe_ctx_free(self.ctx)
-        self.lib.mmoe_model_close(self.model)
+        self.engine.close()
 
 
 class LlamaRunner:
