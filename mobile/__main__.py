@@ -49,11 +49,10 @@ def _export(a) -> int:
 
 
 def render_chat(prompt: str) -> str:
-    """train/chat.py's single-turn generation prompt (the SFT/QAT models are trained on it)."""
-    try:
-        from train.chat import render_prompt  # noqa: PLC0415  (plain Python + tokenizers, no torch)
-    except ImportError:  # the phone side may ship without train/: the same template, spelled out
-        return f"<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
+    """The single-turn generation prompt the SFT/QAT models are trained on (model/chat_template.py, plain
+    Python: the phone side needs neither torch nor tokenizers nor train/)."""
+    from model.chat_template import render_prompt  # noqa: PLC0415
+
     return render_prompt(prompt)
 
 
@@ -136,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="run the C engine through ctypes")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", default="")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (train/chat.py)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the chat template (model/chat_template.py)")
     g.add_argument("--prompt-ids", help="comma-separated token ids (skips the tokenizer)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--greedy", action="store_true")

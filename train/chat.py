@@ -1,37 +1,17 @@
-"""The chat template and special tokens: the ONE definition that train/, eval and the phone engine use.
+"""The tokenizer side of the chat template: special-token ids and (ids, loss_mask) encoding for SFT.
 
-Special tokens (ids 0..3 in every tokenizer the embedded default trains, in this order):
-    <|endoftext|>   0   document separator in pre-training; generation also stops on it
-    <|user|>        1   starts a user turn
-    <|assistant|>   2   starts an assistant turn
-    <|end|>         3   ends a turn (the assistant's <|end|> is the stop token)
-
-A single-turn conversation renders as (newlines literal):
-
-    <|user|>\\n{prompt}<|end|>\\n<|assistant|>\\n{response}<|end|>\\n
-
-and a generation prompt is everything up to and including "<|assistant|>\\n". In SFT the loss covers the
-response tokens and the closing <|end|> only (the model must learn to stop), never the prompt.
+The template itself (special-token strings, render_prompt, render) is model/chat_template.py, plain Python
+so the phone-side CLI can use it without torch or tokenizers; it is re-exported here for train/ callers.
 """
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer
 
-EOS = "<|endoftext|>"
-USER = "<|user|>"
-ASSISTANT = "<|assistant|>"
-END = "<|end|>"
-SPECIAL_TOKENS = (EOS, USER, ASSISTANT, END)
+from model.chat_template import ASSISTANT, END, EOS, SPECIAL_TOKENS, USER, render, render_prompt
 
-
-def render_prompt(prompt: str) -> str:
-    """The generation prompt for one user message."""
-    return f"{USER}\n{prompt}{END}\n{ASSISTANT}\n"
-
-
-def render(prompt: str, response: str) -> str:
-    return f"{render_prompt(prompt)}{response}{END}\n"
+__all__ = ["ASSISTANT", "END", "EOS", "SPECIAL_TOKENS", "USER", "encode_chat", "encode_chat_batch", "render",
+           "render_prompt", "special_ids"]
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
