@@ -2,8 +2,9 @@
 
 The first tests need only torch: the Q4_0 byte layout against ggml's block_q4_0 decode rule, the RoPE row
 permutation, and the exporter's refusals. The parity tests run llama.cpp (llama-cpp-python, the `bench`
-extra) on exported tiny models and compare its logits with our float PyTorch model; they are
-optional_env: they skip where llama-cpp-python is not installed (`make bench-mobile` installs it).
+extra) on exported tiny models and compare its logits with our float PyTorch model; they are the allow-listed
+optional tests of tests/conftest.py: they skip where llama-cpp-python is not installed (`make bench-mobile` installs
+it). tests/test_gguf_convert.py checks the converted bytes themselves without llama.cpp, in CI.
 """
 
 from __future__ import annotations
@@ -196,7 +197,6 @@ def _rel_err(a, b):
 IDS = [int(x) for x in np.random.default_rng(0).integers(0, 2048, 24)]
 
 
-@pytest.mark.optional_env
 @needs_llama
 @pytest.mark.parametrize("dense", [False, True], ids=["moe", "dense"])
 def test_llama_cpp_parity_f32_and_f16(tmp_path, dense):
@@ -218,7 +218,6 @@ def test_llama_cpp_parity_f32_and_f16(tmp_path, dense):
     assert (got16.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
 
 
-@pytest.mark.optional_env
 @needs_llama
 def test_llama_cpp_q4_0_matches_our_int4_weights(tmp_path):
     """Q4_0 carries our INT4 weights exactly; llama.cpp then quantizes activations to Q8_0 per 32 (we use
@@ -239,7 +238,6 @@ def test_llama_cpp_q4_0_matches_our_int4_weights(tmp_path):
     assert corr > 0.995 and not math.isnan(corr)
 
 
-@pytest.mark.optional_env
 @needs_llama
 def test_llama_cpp_runs_the_engines_mmoe_file(tmp_path):
     """--from-mmoe: the phone engine's .mmoe, re-laid out as Q4_0 without requantizing, gives llama.cpp the
