@@ -63,15 +63,12 @@ def test_grouped_gemm_reference_matches_per_row_products():
         torch.testing.assert_close(y[s], w[flat[slot]] @ x[slot // K])
 
 
-@pytest.mark.parametrize("E,K", [(1, 1), (8, 2), (16, 8)])
-def test_moe_reference_matches_naive_loop_values_and_grads(E, K):
-    g = torch.Generator().manual_seed(E * 10 + K)
-    T, D, Fh = 17, 12, 8
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    ids[ids == E - 1] = 0 if E > 1 and K == 1 else ids[ids == E - 1]  # an empty expert when possible
+def _check_moe_reference_against_naive(ids, E, K, g):
+    """moe_experts_reference (every method) vs _naive_moe: values, all four grads, determinism. Returns the
+    leaf grads of the last method."""
+    T, D, Fh = ids.shape[0], 12, 8
     leaves = [torch.randn(T, D, generator=g), torch.rand(T, K, generator=g),
               torch.randn(E, 2 * Fh, D, generator=g) * 0.3, torch.randn(E, D, Fh, generator=g) * 0.3]
-    a = [t.clone().requires_grad_() for t in leaves]
     b = [t.clone().requires_grad_() for t in leaves]
     yb = _naive_moe(b[0], ids, b[1], b[2], b[3])
     dy = torch.randn(yb.shape, generator=g)
@@ -85,6 +82,32 @@ def test_moe_reference_matches_naive_loop_values_and_grads(E, K):
             torch.testing.assert_close(ga.grad, gb.grad, atol=1e-4, rtol=1e-4, msg=lambda m, k=method: f"{k}: {m}")
         again = moe_experts_reference(leaves[0], ids, leaves[1], leaves[2], leaves[3], method=method)
         assert torch.equal(again, ya.detach())  # deterministic
+    return [t.grad for t in a]
+
+
+# each set leaves some experts with zero tokens: the first, the last, and runs in the middle, where an
+# off-by-one in the offsets or an empty slice/padded group would show
+@pytest.mark.parametrize("E,K,empty", [(2, 1, (0,)), (8, 2, (3, 7)), (16, 8, (0, 5, 6, 15)), (16, 1, (1, 2, 3, 9))])
+def test_moe_reference_matches_naive_loop_with_empty_experts(E, K, empty):
+    g = torch.Generator().manual_seed(E * 10 + K)
+    T = 17
+    live = torch.tensor([e for e in range(E) if e not in empty])
+    # token t takes K consecutive experts of a shuffled cycle over the live ones, in shuffled slot order: K
+    # distinct ids per token, as the router gives, and every live expert is reached since T * K >= len(live)
+    cycle = live[torch.randperm(len(live), generator=g)]
+    ids = torch.stack([cycle.roll(-t * K)[:K][torch.randperm(K, generator=g)] for t in range(T)])
+    counts_E = torch.bincount(ids.reshape(-1), minlength=E)
+    assert tuple((counts_E == 0).nonzero().flatten().tolist()) == empty  # exactly these experts get no token
+    assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct experts per token, as the router gives
+    _, _, dw13, dw2 = _check_moe_reference_against_naive(ids, E, K, g)
+    idle = list(empty)
+    assert not dw13[idle].any() and not dw2[idle].any()  # an expert no token reached gets no gradient
+    assert dw13[live].abs().sum(dim=(1, 2)).gt(0).all()
+
+
+def test_moe_reference_single_expert_matches_naive_loop():
+    g = torch.Generator().manual_seed(11)
+    _check_moe_reference_against_naive(torch.zeros(17, 1, dtype=torch.long), 1, 1, g)
 
 
 @pytest.mark.parametrize("method", ["auto", "padded", "slices", "grouped_mm"])

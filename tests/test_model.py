@@ -108,20 +108,50 @@ def test_qat_changes_outputs_slightly_and_trains():
         assert torch.equal(m(ids), ref)
 
 
-def test_router_bias_changes_selection_not_gates():
-    m = MobileMoE(_cfg(router_bias_coeff=1e-3, n_layers=1)).eval()
-    ids = _ids(1, 32)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_router_bias_changes_selection_not_gates(score, monkeypatch):
+    import model.model as mm  # noqa: PLC0415
+
+    m = MobileMoE(_cfg(router_bias_coeff=1e-3, n_layers=1, router_score=score)).eval()
+    moe, ids = m.layers[0].moe, _ids(1, 32)
+    seen = {}
+
+    def route_spy(logits_TE, *a, **kw):
+        seen["logits"] = logits_TE.detach().clone()
+        return mm_route(logits_TE, *a, **kw)
+
+    def experts_spy(x_TD, ids_TK, gates_TK, *a, **kw):
+        seen["ids"], seen["gates"] = ids_TK.clone(), gates_TK.detach().clone()
+        return mm_experts(x_TD, ids_TK, gates_TK, *a, **kw)
+
+    mm_route, mm_experts = mm.route, mm.moe_experts
+    monkeypatch.setattr(mm, "route", route_spy)
+    monkeypatch.setattr(mm, "moe_experts", experts_spy)
     with torch.no_grad():
         m(ids)
         before = m.aux["expert_counts"].clone()
-        m.layers[0].moe.expert_bias[3] = 10.0  # expert 3 now wins every selection
+        moe.expert_bias[3] = 10.0  # expert 3 now wins every selection
         m(ids)
     assert int(m.aux["expert_counts"][0, 3]) == 32 and int(before[0, 3]) < 32
-    # the bias update pushes over-loaded experts down
+    assert (seen["ids"] == 3).any(-1).all()
+    # the gates the experts are weighted by: the UNBIASED scores at the selected ids, renormalised over them.
+    # A bias that leaked into the gates would put expert 3's gate near 1 (its biased score dwarfs the rest).
+    scores_TE = torch.softmax(seen["logits"], -1) if score == "softmax" else torch.sigmoid(seen["logits"])
+    picked_TK = scores_TE.gather(1, seen["ids"])
+    torch.testing.assert_close(seen["gates"], picked_TK / picked_TK.sum(-1, keepdim=True))
+    gate3_T = seen["gates"][seen["ids"] == 3]
+    assert float(gate3_T.max()) < 0.9, gate3_T
+    # no gradient reaches the bias: it only ranks experts (a non-differentiable sort), it never scales a gate
     m.train()
-    m(ids)
+    moe.expert_bias.requires_grad_(True)
+    out = m(ids)
+    (out.float().logsumexp(-1).mean() + m.aux_loss()).backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0  # the graph is live
+    assert moe.expert_bias.grad is None or not moe.expert_bias.grad.any(), moe.expert_bias.grad
+    moe.expert_bias.requires_grad_(False)
+    # the bias update pushes over-loaded experts down
     m.update_router_bias()
-    assert float(m.layers[0].moe.expert_bias[3]) < 10.0
+    assert float(moe.expert_bias[3]) < 10.0
 
 
 def test_generate_greedy_is_deterministic():
