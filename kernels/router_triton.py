@@ -1,9 +1,13 @@
 """Fused router kernel: fp32 score (softmax | sigmoid) + selection bias + top-k + optional renormalisation.
 
-One program handles BT token rows with all E experts in registers (E_PAD lanes). Top-k is K rounds of argmax
-with the winner masked out, which yields the same descending order as torch.topk(sorted=True). The selection
-bias only changes which experts win; gates are read from the unbiased scores. Outputs match
-kernels.router.route_reference: (ids_TK int64, gates_TK fp32, scores_TE fp32).
+One program handles BT token rows with all E experts in registers (E_PAD lanes). Top-k is K rounds of "largest
+selection score among the still-free real experts, ties -> lowest id", the winner then taken out of the free
+set. The selection bias only changes which experts win; gates are read from the unbiased scores. Outputs match
+kernels.router.route_reference: (ids_TK int64, gates_TK fp32, scores_TE fp32), including its rule for NaN/inf
+rows (see kernels/router.py): NaN selection scores rank like -inf, ids are always k distinct ids in [0, E),
+and NaN scores propagate into the gates. The free set is an explicit mask rather than "-inf the winner and
+argmax again" because in a row of -inf (all-NaN logits) the winner would tie with itself, and because a GPU
+argmax compares with `>`, so a NaN could pick a padded column >= E.
 
 Backward (autograd) is closed-form elementwise algebra in PyTorch over (T, E) — see _RouteTriton.backward.
 """
@@ -40,21 +44,27 @@ def _router_fwd_kernel(logits_ptr, bias_ptr, ids_ptr, gates_ptr, scores_ptr, T, 
     sel = s
     if HAS_BIAS:
         sel = sel + tl.load(bias_ptr + ex, mask=emask, other=0.0).to(tl.float32)[None, :]
-    sel = tl.where(emask[None, :], sel, -float("inf"))
-    # K rounds of argmax; the gates are collected in a (BT, K_PAD) tile so they can be renormalised at the end
+    sel = tl.where(sel == sel, sel, -float("inf"))  # NaN ranks like -inf (x == x is false only for NaN)
+    # K rounds of "max over the free real experts, lowest id among the ties"; the gates are collected in a
+    # (BT, K_PAD) tile so they can be renormalised at the end
     kcols = tl.arange(0, K_PAD)
     g_TK = tl.zeros((BT, K_PAD), dtype=tl.float32)
     i_TK = tl.zeros((BT, K_PAD), dtype=tl.int32)
-    work = sel
+    free = (ex[None, :] + tl.zeros((BT, E_PAD), dtype=tl.int32)) < E  # padded columns are never free
     for kk in tl.static_range(K):
-        idx = tl.argmax(work, axis=1)
+        best = tl.max(tl.where(free, sel, -float("inf")), axis=1)
+        # K <= E, so some real expert is still free and idx < E; with best = -inf every free one ties
+        idx = tl.min(tl.where(free & (sel == best[:, None]), ex[None, :], E_PAD), axis=1)
         hit = ex[None, :] == idx[:, None]
         g = tl.sum(tl.where(hit, s, 0.0), axis=1)
         g_TK = tl.where(kcols[None, :] == kk, g[:, None], g_TK)
         i_TK = tl.where(kcols[None, :] == kk, idx[:, None], i_TK)
-        work = tl.where(hit, -float("inf"), work)
+        free = free & (ex[None, :] != idx[:, None])
     if NORM:
-        g_TK = g_TK / tl.maximum(tl.sum(g_TK, axis=1), 1e-20)[:, None]
+        # clamp with a compare, not tl.maximum: that may return 1e-20 for a NaN sum on a GPU (max.f32 drops NaN),
+        # while torch's clamp_min keeps the NaN
+        z = tl.sum(g_TK, axis=1)
+        g_TK = g_TK / tl.where(z < 1e-20, 1e-20, z)[:, None]
     out = toks[:, None] * K + kcols[None, :]
     omask = tmask[:, None] & (kcols[None, :] < K)
     tl.store(ids_ptr + out, i_TK.to(tl.int64), mask=omask)

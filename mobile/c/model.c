@@ -247,6 +247,7 @@ static void route(mmoe_ctx *c, const mmoe_layer *L, int n) {
                 int used = 0;
                 for (int kk = 0; kk < k; kk++) used |= ids[kk] == e;
                 float v = lg[e] + L->expert_bias[e];
+                if (isnan(v)) v = -INFINITY; /* NaN ranks like -inf, as in kernels/router.py (v > NaN is never true) */
                 if (!used && (best < 0 || v > bv)) {
                     best = e;
                     bv = v;
