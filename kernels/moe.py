@@ -128,8 +128,11 @@ def moe_experts_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: to
             h_SF = act_fq(h_SF)
         # Router weights scale the down projection's *input* rows (F wide) instead of its output (D wide):
         # W2 (g h) = g (W2 h), and with fine-grained experts F << D, so the (S, D) multiply disappears.
-        g_S1 = _gather_rows(gates_TK.reshape(-1, 1).to(h_SF.dtype), order_S, inv_S)
-        y_SD = _gather_rows(gemm(h_SF * g_S1, w_down_EDF), inv_S, order_S)  # back to slot order
+        # Gates keep their dtype (fp32 from the router): with bf16 rows the product is formed in fp32 and rounded
+        # to bf16 once, and the gate gradient is reduced in fp32 (model/precision.py).
+        g_S1 = _gather_rows(gates_TK.reshape(-1, 1), order_S, inv_S)
+        hg_SF = h_SF * g_S1 if g_S1.dtype == h_SF.dtype else (h_SF.float() * g_S1.float()).to(h_SF.dtype)
+        y_SD = _gather_rows(gemm(hg_SF, w_down_EDF), inv_S, order_S)  # back to slot order
         return y_SD.view(T, K, D_out).sum(dim=1)
     else:
         raise ValueError(f"moe_experts_reference: method must be auto|padded|slices|grouped_mm, got {method!r}")

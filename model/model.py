@@ -1,12 +1,18 @@
 """MobileMoE: decoder-only transformer with fine-grained routed experts + always-on shared experts.
 
 RMSNorm pre-norm, RoPE (rotate-half, as Llama/Qwen2), GQA attention through SDPA (flash-attn on CUDA when
-installed), SwiGLU. An MoE FFN = fp32 router -> top-k over routed experts (dropless) + shared experts, the
-routed part through `kernels.moe.moe_experts` (one dispatch point: reference on CPU, Triton on CUDA).
+installed and q/k/v are half precision), SwiGLU. An MoE FFN = fp32 router -> top-k over routed experts
+(dropless) + shared experts, the routed part through `kernels.moe.moe_experts` (one dispatch point:
+reference on CPU, Triton on CUDA).
 
 QAT (`model.set_qat(True)`): every matrix weight goes through the INT4 g32 fake quant of model/quant.py
 and every matmul input through the int8 per-token fake quant; K/V are rounded to fp16 as the phone
 engine's KV cache stores them. Router and norms stay fp32.
+
+Precision (`model.set_precision(policy)`, model/precision.py): every matmul casts its operands to the
+policy's compute dtype (bf16 on CUDA training); residual stream, norms, RoPE arithmetic and the router stay
+fp32. Without a policy set (inference, export, a freshly loaded model) nothing is cast: each matmul runs in
+its input's dtype, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from kernels.moe import moe_experts, resolve_backend
 from kernels.router import load_balance_loss, route, z_loss
 from model.config import ModelConfig
+from model.precision import PrecisionPolicy
 from model.quant import fake_quant_act_int8, fake_quant_int4
 
 log = logging.getLogger("mobilemoe.model")
@@ -44,18 +51,27 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """t in the compute dtype (None: no policy, keep t's dtype). The cast is differentiable: the gradient
+    flows back to the fp32 master / activation in fp32."""
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 class QLinear(nn.Linear):
-    """nn.Linear (no bias) that fake-quantizes weight (INT4 g32) and input (int8/token) under QAT."""
+    """nn.Linear (no bias) that fake-quantizes weight (INT4 g32) and input (int8/token) under QAT, then
+    runs the matmul in the precision policy's compute dtype (the fake quant itself is fp32)."""
 
     qat = False
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__(d_in, d_out, bias=False)
 
     def forward(self, x):
+        cdt = self.compute_dtype
         if self.qat:
-            return F.linear(fake_quant_act_int8(x), fake_quant_int4(self.weight))
-        return F.linear(x, self.weight)
+            return F.linear(_to(fake_quant_act_int8(x), cdt), _to(fake_quant_int4(self.weight), cdt))
+        return F.linear(_to(x, cdt), _to(self.weight, cdt))
 
 
 def rope_cos_sin(T: int, head_dim: int, theta: float, device, offset: int = 0):
@@ -92,7 +108,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.qat:  # the phone engine keeps K/V in fp16
             k, v = k.half().to(q.dtype), v.half().to(q.dtype)
-        use_flash = flash_attn_func is not None and x_BTD.is_cuda and x_BTD.dtype in (torch.float16, torch.bfloat16)
+        # gate on q's dtype after the projections' policy cast (x itself stays fp32 in the residual stream)
+        use_flash = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         key = (x_BTD.device.type, use_flash)
         if key not in _attn_logged:
             _attn_logged.add(key)
@@ -132,13 +149,24 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
         self.register_buffer("load_accum", torch.zeros(E), persistent=False)
         self.qat = False
+        self.compute_dtype: torch.dtype | None = None
         self.last = {}
 
     def forward(self, x_BTD):
+        """Precision: the router runs in fp32 with autocast off (logits, softmax/sigmoid scores, top-k, gates,
+        aux losses and their grads all fp32; the router weight is read in fp32). x, w13 and w2 enter
+        kernels.moe.moe_experts in the policy's compute dtype (bf16 on CUDA), the kernels accumulate in fp32
+        and round each GEMM output to bf16 once. The gates enter moe_experts in fp32 and are applied on the
+        F side (W2 (g h) = g (W2 h)): each bf16 row of the down projection's input is multiplied by its fp32
+        gate in fp32 and the product rounded to bf16 once (relative error <= 2^-9) before the down GEMM, in
+        the CPU reference and the Triton path alike; the gate gradient (an F-wide dot per row) is reduced in
+        fp32 and stays fp32."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):
+            # calling the module (not reading .weight) lets FSDP2 unshard it in its own fp32 group
+            logits_TE = self.router(x_TD.float())
         bias = self.expert_bias if cfg.router_bias_coeff > 0 else None
         backend = resolve_backend(cfg.moe_backend, x_TD.device)
         ids_TK, gates_TK, scores_TE = route(logits_TE, cfg.top_k, cfg.router_score, cfg.norm_topk_prob, bias,
@@ -153,7 +181,8 @@ class MoE(nn.Module):
         if self.qat:
             w13, w2, act_fq = fake_quant_int4(w13), fake_quant_int4(w2), fake_quant_act_int8
             xin = fake_quant_act_int8(x_TD)
-        y_TD = moe_experts(xin, ids_TK, gates_TK.to(x_TD.dtype), w13.to(x_TD.dtype), w2.to(x_TD.dtype),
+        cdt = self.compute_dtype or x_TD.dtype  # no policy: the input's dtype, as before
+        y_TD = moe_experts(_to(xin, cdt), ids_TK, gates_TK.float(), _to(w13, cdt), _to(w2, cdt),
                            backend=backend, act_fq=act_fq)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
@@ -195,6 +224,7 @@ class MobileMoE(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else QLinear(cfg.d_model, cfg.vocab_size)
         self.qat = False
+        self.precision: PrecisionPolicy | None = None
         self.aux = {}
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights(cfg.seed)
@@ -221,6 +251,16 @@ class MobileMoE(nn.Module):
                 m.qat = on
         return self
 
+    def set_precision(self, policy: PrecisionPolicy | None) -> MobileMoE:
+        """Apply `policy` (model/precision.py) to every matmul; None: no casts (each matmul in its input's
+        dtype). Parameters are not converted: they stay the fp32 master weights."""
+        self.precision = policy
+        cdt = None if policy is None else policy.compute_dtype
+        for m in self.modules():
+            if isinstance(m, (QLinear, MoE)):
+                m.compute_dtype = cdt
+        return self
+
     def embed(self, ids_BT):
         w = fake_quant_int4(self.tok_emb.weight) if self.qat else self.tok_emb.weight
         return F.embedding(ids_BT, w)
@@ -233,6 +273,8 @@ class MobileMoE(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids_BT)
+        if self.precision is not None:  # the residual stream stays in master precision (FSDP gathers bf16)
+            x = x.to(self.precision.param_dtype)
         cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta, x.device)
         for layer in self.layers:
             x = layer(x, cos, sin)
@@ -240,10 +282,11 @@ class MobileMoE(nn.Module):
         if return_hidden:
             return h
         w = self.head_weight()
+        cdt = None if self.precision is None else self.precision.compute_dtype
         if self.qat:
-            logits = F.linear(fake_quant_act_int8(h), fake_quant_int4(w))
+            logits = F.linear(_to(fake_quant_act_int8(h), cdt), _to(fake_quant_int4(w), cdt))
         else:
-            logits = F.linear(h, w)
+            logits = F.linear(_to(h, cdt), _to(w, cdt))
         self._collect_aux()
         return logits
 

@@ -10,11 +10,18 @@ Distributed: every rank builds the same global batch and takes its contiguous sl
 rank back-propagates is normalised by the GLOBAL number of loss tokens (times world size, because FSDP2
 averages gradients over ranks), so N ranks with the same global batch and micro-batch give the 1-rank
 gradients up to float summation order.
+
+Precision: one policy (model/precision.py) for training and evaluation, applied by the model itself
+(bf16 matmul operands on CUDA with fp32 master weights, optimizer state, grad reduction and router; fp32 on
+CPU). No torch.autocast: it does not reach the grouped GEMM's custom autograd Functions and would put the
+router in bf16.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -27,8 +34,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.config import flops_per_token
+from model.precision import PrecisionPolicy, policy_for
 from train import ckpt as ck
 from train.batches import Batcher, LMSource, eval_windows
+
+log = logging.getLogger("mobilemoe.train")
+_ce_logged: set = set()
+
+
+def _log_ce_path(device: torch.device) -> None:
+    """Once per device type: the loss materialises the full (tokens, vocab) logits (train/README.md,
+    "Precision and memory", gives the bytes); a fused linear + cross-entropy is not wired in."""
+    if device.type in _ce_logged:
+        return
+    _ce_logged.add(device.type)
+    have = [m for m in ("liger_kernel", "cut_cross_entropy") if importlib.util.find_spec(m) is not None]
+    log.info("loss: plain linear + cross-entropy (full logits) on %s; fused linear-CE %s", device.type,
+             f"package(s) {have} installed but not wired in" if have else "(liger_kernel / cut_cross_entropy) "
+             "not installed -> plain path")
 
 
 class TrainingDiverged(RuntimeError):
@@ -118,30 +141,44 @@ def make_optimizer(model, cfg: StageConfig) -> torch.optim.Optimizer:
                              lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)  # fp32 on CPU
-
-
 def _model_cfg(model):
     return getattr(model, "cfg", None) or model.module.cfg
+
+
+def _inner(model):
+    return model if hasattr(model, "set_precision") else getattr(model, "module", model)
+
+
+def apply_precision(model, device, precision: PrecisionPolicy | None = None) -> PrecisionPolicy | None:
+    """Set `precision` (default: policy_for(device)) on the model; returns the policy it had before."""
+    m = _inner(model)
+    if not hasattr(m, "set_precision"):
+        return None
+    before = m.precision
+    m.set_precision(precision or policy_for(device))
+    return before
 
 
 def forward_loss(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of masked CE over targets, number of loss tokens) for one micro-batch."""
     inp, tgt = ids_BT1[:, :-1].to(device), ids_BT1[:, 1:].to(device)
-    with _autocast(device):
-        logits = model(inp)
+    _log_ce_path(torch.device(device))
+    logits = model(inp)  # matmuls in the model's precision policy (apply_precision); CE in fp32
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
     m = mask_BT.to(device).reshape(-1).float()
     return (ce * m).sum(), m.sum()
 
 
 @torch.no_grad()
-def evaluate(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, micro_batch: int, device) -> float:
-    """Mean masked CE (nats/token) over the given rows. Every rank evaluates all rows (FSDP needs all ranks)."""
+def evaluate(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, micro_batch: int, device,
+             precision: PrecisionPolicy | None = None) -> float:
+    """Mean masked CE (nats/token) over the given rows. Every rank evaluates all rows (FSDP needs all ranks).
+    Runs under `precision`, else the model's current policy, else policy_for(device) (training's policy);
+    the model's policy is restored afterwards."""
     device = torch.device(device)
+    m = _inner(model)
+    prev = getattr(m, "precision", None)
+    before = apply_precision(model, device, precision or prev)
     was = model.training
     model.eval()
     tot, n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
@@ -150,6 +187,8 @@ def evaluate(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, micro_batch: i
         tot += s.double().cpu()
         n += c.double().cpu()
     model.train(was)
+    if hasattr(m, "set_precision"):
+        m.set_precision(before)
     return float(tot / n.clamp_min(1))
 
 
@@ -212,15 +251,18 @@ def _load_full_state(model, optim, model_state, optim_state):
 def train_stage(model, cfg: StageConfig, batcher: Batcher, *, stage_dir: str | os.PathLike | None = None,
                 eval_fn=None, tracker=None, resume: str | os.PathLike | None = "auto", fingerprint: str = "",
                 tokenizer_json=None, progress: bool = True, device: torch.device | str = "cpu",
-                seed: int = 0, max_steps: int | None = None) -> StageResult:
+                seed: int = 0, max_steps: int | None = None, precision: PrecisionPolicy | None = None) -> StageResult:
     """Train `model` (already wrapped / QAT-switched by the caller) for cfg.steps optimizer steps.
 
     stage_dir: checkpoints + log.jsonl go here (None: no checkpoints, no log file).
     resume: "auto" = latest checkpoint in stage_dir if any; a path = that checkpoint; None = start fresh.
     eval_fn(model) -> dict of held-out metrics ("heldout_loss" first), called every cfg.eval_every and at the end.
     max_steps: stop early after this many steps of this process (tests use it to simulate a crash point).
+    precision: the precision policy (default policy_for(device)); set on the model and left there, so eval_fn
+    and the caller's later evaluations use the same one.
     """
     device = torch.device(device)
+    apply_precision(model, device, precision)
     rank, world = dist_info()
     mcfg = _model_cfg(model)
     mcfg.lb_loss_weight, mcfg.z_loss_weight = cfg.lb_loss_weight, cfg.z_loss_weight

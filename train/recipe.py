@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from model.config import count_params, get_config
+from model.precision import policy_for
 from train import ckpt as ck
 from train.batches import Batcher, LMSource, SFTSource, eval_pairs, eval_windows
 from train.chat import SPECIAL_TOKENS, encode_chat_batch, render_prompt, special_ids
@@ -281,15 +282,31 @@ def build_model(mcfg, device):
     return MobileMoE(mcfg).to(device)
 
 
-def wrap_fsdp(model):
+def wrap_fsdp(model, policy=None):
     _, world = dist_info()
     if world == 1:
         return model
+    return shard_model(model, policy)
+
+
+def shard_model(model, policy=None):
+    """FSDP2 per block + root under the precision policy (model/precision.py). Mixed precision: blocks are
+    all-gathered in the compute dtype and reduce-scattered in the reduce dtype; each block's router and norm
+    gains (and the final norm) form their own fp32 group, so the router reads fp32 weights as on one device."""
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 
+    if policy is None or not policy.mixed:
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    mp, fp32 = policy.fsdp_mp_policy(), policy.fsdp_fp32_policy()
     for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        keep = [layer.attn_norm, layer.ffn_norm] + ([layer.moe.router] if layer.is_moe else [])
+        fully_shard(keep, mp_policy=fp32)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model.norm, mp_policy=fp32)
+    fully_shard(model, mp_policy=mp)
     return model
 
 
@@ -371,6 +388,9 @@ def run(args) -> int:
         raise UsageError(f"tokenizer has {tok.get_vocab_size()} tokens > model vocab_size {mcfg.vocab_size}")
     data = DataCache(rec, run_dir, tok, args.data_root)
     eval_fn = eval_suite(rec, data, mcfg, device, max(s.micro_batch for s in stages))
+    policy = policy_for(device)  # the one precision policy: training, evaluation and FSDP
+    if rank == 0:
+        print(f"precision: {policy.describe()}", file=sys.stderr)
     from model.io import load_model_dir, save_model_dir  # noqa: PLC0415
     from train.tracking import Tracker  # noqa: PLC0415
 
@@ -407,12 +427,13 @@ def run(args) -> int:
             model, _ = load_model_dir(prev_model_dir, device)
             model.train()
         model.set_qat(bool(st.qat))
+        model.set_precision(policy)
         if st.qat and results:
             # (a) = the previous (float) stage's held-out metrics; (b) PTQ = its weights under the INT4 / int8
             # fake quant with no training (round-to-nearest, the same format); (c) = the QAT result below
             float_eval = results[-1].get("eval", {})
             ptq_eval = eval_fn(model)
-        model = wrap_fsdp(model)
+        model = wrap_fsdp(model, policy)
         weights = [float(d.get("weight", 1.0)) for d in st.data]
         batcher = Batcher([data.source(d) for d in st.data], weights, st.seq_len, st.global_batch, seed + len(results))
         tracker = None
@@ -425,7 +446,7 @@ def run(args) -> int:
             res = train_stage(model, st, batcher, stage_dir=sdir, eval_fn=stage_eval, tracker=tracker,
                               resume=resume_ck if resume_stage == st.name else "auto", fingerprint=fp,
                               tokenizer_json=tok_path, progress=rank == 0, device=device, seed=seed,
-                              max_steps=args.max_steps)
+                              max_steps=args.max_steps, precision=policy)
         except BaseException:
             if tracker is not None:
                 tracker.finish()
