@@ -18,7 +18,6 @@ its input's dtype, as before.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn as nn
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from kernels.moe import moe_experts, resolve_backend
 from kernels.router import load_balance_loss, route, z_loss
 from model.config import ModelConfig
+from model.init import param_plan
 from model.precision import PrecisionPolicy
 from model.quant import fake_quant_act_int8, fake_quant_int4
 
@@ -231,15 +231,21 @@ class MobileMoE(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Deterministic init: N(0, init_std), residual projections (wo, w_down) scaled by 1/sqrt(2L)."""
+        """Deterministic init with model/init.py's stds (init "train": N(0, init_std), residual projections wo /
+        w_down N(0, init_std / sqrt(2L)), norms 1), drawn in named_parameters() order from one torch generator.
+        Random-weight exports (mobile/) draw INT4 codes from the same table instead of building this model."""
+        plan = {q.name: q for q in param_plan(self.cfg, "train")}
+        names = [n for n, _ in self.named_parameters()]
+        if sorted(names) != sorted(plan):
+            raise RuntimeError(f"model/init.py's parameter plan disagrees with the module: "
+                               f"{sorted(set(names) ^ set(plan))}")
         g = torch.Generator(device="cpu").manual_seed(seed)
-        std, res_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            q = plan[name]
+            if q.kind == "ones":
                 p.fill_(1.0)
-                continue
-            s = res_std if (name.endswith("wo.weight") or "w_down" in name) else std
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * q.std)
         for m in self.modules():
             if isinstance(m, MoE):
                 m.expert_bias.zero_()
