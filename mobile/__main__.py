@@ -57,7 +57,7 @@ def render_chat(prompt: str) -> str:
 
 
 def _generate(a) -> int:
-    from mobile.engine import Engine  # noqa: PLC0415
+    from mobile.engine import Engine, routing_stats  # noqa: PLC0415
 
     with Engine(a.model, threads=a.threads, float_path=a.float) as eng:
         if a.prompt_ids:
@@ -82,6 +82,11 @@ def _generate(a) -> int:
             tot = sum(g.profile.values()) or 1.0
             for k, v in g.profile.items():
                 print(f"--   {k:<10} {1e3 * v:9.3f} ms  {100 * v / tot:5.1f}%", file=stats)
+            r = routing_stats(g.expert_counts)
+            if r:
+                print(f"-- routing ({r['layers']} MoE layers, prefill + decode): distinct experts per layer "
+                      f"min {r['distinct_min']} / median {r['distinct_median']:g} of {r['n_experts']}; "
+                      f"max/mean load median {r['load_median']:.2f}, worst {r['load_worst']:.2f}", file=stats)
     return 0
 
 

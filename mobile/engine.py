@@ -4,6 +4,7 @@
     logits = eng.eval([1, 2, 3])                 # last-token logits (numpy float32, vocab_size)
     out = eng.generate("To be", max_new_tokens=32, greedy=True)
     out.text, out.ids, out.prefill_tok_s, out.decode_tok_s, eng.profile()
+    eng.expert_counts()                          # per MoE layer: (token, k) slots each expert received
 
 The library is looked up at $MMOE_LIB, else mobile/build/libmmoe.so (built by `make mobile`).
 """
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from mobile.format import HEADER_SIZE, LAYER_MOE, read_header
 
 TIMERS = ("attention", "router", "experts", "shared", "lm_head", "other")
 _LIB = None
@@ -48,6 +51,8 @@ def load_lib(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         "mmoe_eval": (c_i, [c_p, c_p, c_i, c_p, c_i, ctypes.c_char_p, c_sz]),
         "mmoe_profile_get": (None, [c_p, c_p]),
         "mmoe_profile_reset": (None, [c_p]),
+        "mmoe_expert_counts": (None, [c_p, c_p]),
+        "mmoe_expert_counts_reset": (None, [c_p]),
         "mmoe_tokenize": (c_i, [c_p, ctypes.c_char_p, c_sz, c_p, c_i]),
         "mmoe_token_bytes": (c_i, [c_p, ctypes.c_int32, ctypes.c_char_p, c_i]),
         "mmoe_token_is_stop": (c_i, [c_p, ctypes.c_int32]),
@@ -62,8 +67,36 @@ def load_lib(path: str | os.PathLike | None = None) -> ctypes.CDLL:
     return lib
 
 
+def validate_file(path: str | os.PathLike, lib: str | os.PathLike | None = None) -> None:
+    """Check a .mmoe file with the C loader (mmoe_model_open: every header field, the tensor table, every
+    tensor's range, the tokenizer), the same rules `generate` and mmoe-run apply, without building a context.
+    Raises ValueError with the loader's one-line message (it names the file), FileNotFoundError when the
+    library is not built."""
+    try:
+        lb = load_lib(lib)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"cannot validate {path}: {e}") from None
+    err = ctypes.create_string_buffer(512)
+    m = lb.mmoe_model_open(os.fsencode(path), err, len(err))
+    if not m:
+        raise ValueError(err.value.decode(errors="replace"))
+    lb.mmoe_model_close(m)
+
+
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
+
+
+def routing_stats(counts: list[np.ndarray]) -> dict:
+    """Summary of Engine.expert_counts(): distinct experts each layer used (min / median over layers) and each
+    layer's max / mean expert load (median and worst over layers; 1.0 is perfect balance)."""
+    if not counts:
+        return {}
+    distinct = np.array([int((c > 0).sum()) for c in counts])
+    load = np.array([c.max() / c.mean() if c.sum() else 0.0 for c in counts])
+    return dict(n_experts=len(counts[0]), layers=len(counts), distinct=distinct.tolist(),
+                distinct_min=int(distinct.min()), distinct_median=float(np.median(distinct)),
+                load_max_mean=load.tolist(), load_median=float(np.median(load)), load_worst=float(load.max()))
 
 
 @dataclass
@@ -75,6 +108,7 @@ class Generation:
     decode_s: float
     decode_tokens: int
     profile: dict = field(default_factory=dict)
+    expert_counts: list = field(default_factory=list)  # Engine.expert_counts() of this generation
 
     @property
     def prefill_tok_s(self) -> float:
@@ -92,7 +126,7 @@ class Engine:
                  lib: str | os.PathLike | None = None):
         self.lib = load_lib(lib)
         err = ctypes.create_string_buffer(512)
-        self._m = self.lib.mmoe_model_open(str(path).encode(), err, len(err))
+        self._m = self.lib.mmoe_model_open(os.fsencode(path), err, len(err))
         if not self._m:
             raise ValueError(err.value.decode(errors="replace"))
         self._c = self.lib.mmoe_ctx_new(self._m, int(threads), int(max_ctx), 1 if float_path else 0, err, len(err))
@@ -104,6 +138,10 @@ class Engine:
         self.eos_id = self.info("eos_id")
         self.max_ctx = int(max_ctx) if 0 < max_ctx <= self.info("max_seq_len") else self.info("max_seq_len")
         self.kernels = self.lib.mmoe_ctx_kernels(self._c).decode()
+        self.n_layers, self.n_experts = self.info("n_layers"), self.info("n_experts")
+        with open(path, "rb") as f:  # the loader validated the header: which layers route
+            kinds = read_header(f.read(HEADER_SIZE))["layer_kinds"]
+        self.moe_layers = [i for i, k in enumerate(kinds) if k == LAYER_MOE] if self.n_experts > 0 else []
 
     def info(self, key: str) -> int:
         return int(self.lib.mmoe_model_info(self._m, key.encode()))
@@ -129,8 +167,10 @@ class Engine:
             pass
 
     # ---- tokenizer ----
-    def tokenize(self, text: str) -> list[int]:
-        b = text.encode("utf-8")
+    def tokenize(self, text: str | bytes) -> list[int]:
+        """The tokenizer is byte-level: bytes go in unchanged; str is UTF-8 (surrogateescape: a str from argv
+        holding invalid UTF-8 gives back its original bytes)."""
+        b = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogateescape")
         out = np.zeros(len(b) + 1, dtype=np.int32)
         n = self.lib.mmoe_tokenize(self._m, b, len(b), _ptr(out), len(out))
         if n < 0:
@@ -177,18 +217,32 @@ class Engine:
     def profile_reset(self) -> None:
         self.lib.mmoe_profile_reset(self._c)
 
+    def expert_counts(self) -> list[np.ndarray]:
+        """Routing since the last expert_counts_reset (prefill and decode; reset() keeps them): one (n_experts,)
+        int64 array per MoE layer (self.moe_layers), entry e = the (token, k) slots routed to expert e."""
+        if not self.moe_layers:
+            return []
+        a = np.zeros(self.n_layers * self.n_experts, dtype=np.uint64)
+        self.lib.mmoe_expert_counts(self._c, _ptr(a))
+        a = a.reshape(self.n_layers, self.n_experts).astype(np.int64)
+        return [a[i] for i in self.moe_layers]
+
+    def expert_counts_reset(self) -> None:
+        self.lib.mmoe_expert_counts_reset(self._c)
+
     def sample(self, logits: np.ndarray, temperature: float, top_p: float, rng: ctypes.c_uint64) -> int:
         lg = np.ascontiguousarray(logits, dtype=np.float32)
         return int(self.lib.mmoe_sample(_ptr(lg), len(lg), float(temperature), float(top_p), ctypes.byref(rng)))
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int, greedy: bool = False, temperature: float = 0.8,
+    def generate(self, prompt: str | bytes | list[int], max_new_tokens: int, greedy: bool = False, temperature: float = 0.8,
                  top_p: float = 0.95, seed: int = 0, stop_at_eos: bool = True) -> Generation:
         """Fresh context: prefill the prompt as one batch, then decode one token at a time."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self.tokenize(prompt) if isinstance(prompt, (str, bytes)) else [int(t) for t in prompt]
         if not ids:
             raise ValueError("empty prompt")
         self.reset()
         self.profile_reset()
+        self.expert_counts_reset()
         rng = ctypes.c_uint64(self.lib.mmoe_rng_seed(seed))
         temp = 0.0 if greedy else temperature
         t0 = time.perf_counter()
@@ -206,4 +260,5 @@ class Engine:
             decode_s += time.perf_counter() - t0
             n_dec += 1
         return Generation(ids=out, text=self.decode(out), prompt_tokens=len(ids), prefill_s=prefill_s,
-                          decode_s=decode_s, decode_tokens=n_dec, profile=self.profile())
+                          decode_s=decode_s, decode_tokens=n_dec, profile=self.profile(),
+                          expert_counts=self.expert_counts())

@@ -42,6 +42,12 @@ extern const char *const mmoe_timer_names[MMOE_T_COUNT];
 void mmoe_profile_get(const mmoe_ctx *c, double *seconds /* MMOE_T_COUNT */);
 void mmoe_profile_reset(mmoe_ctx *c);
 
+/* Routing statistics since the last reset (mmoe_ctx_reset keeps them): counts[l * n_experts + e] = the
+ * (token, k) slots of layer l routed to expert e, prefill and decode alike; dense layers stay 0. counts holds
+ * n_layers * n_experts entries (nothing is written for a dense model). */
+void mmoe_expert_counts(const mmoe_ctx *c, uint64_t *counts);
+void mmoe_expert_counts_reset(mmoe_ctx *c);
+
 /* Tokenizer (byte-level BPE from the file). encode returns the token count (may exceed cap: then only cap
  * ids were written), or -1. decode appends token id's bytes to out and returns their count (-1: bad id). */
 int mmoe_tokenize(const mmoe_model *m, const char *text, size_t len, int32_t *out, int cap);

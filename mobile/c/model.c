@@ -39,6 +39,7 @@ struct mmoe_ctx {
     struct mm_item *items; /* E + 4 matmuls of one batched job */
     int att_impl;          /* MMOE_ATT_SCALAR / MMOE_ATT_SIMD (same values either way) */
     double t[MMOE_T_COUNT];
+    uint64_t *ecount;      /* [layer][expert]: (token, k) slots routed there since the last reset */
 };
 
 static double now(void) {
@@ -223,7 +224,7 @@ static void route_task(void *arg, int t, int nt) {
                                   (int)D, c->att_impl);
 }
 
-static void route(mmoe_ctx *c, const mmoe_layer *L, int n) {
+static void route(mmoe_ctx *c, const mmoe_layer *L, uint64_t *ecount, int n) {
     const mmoe_config *cf = &c->m->cfg;
     int E = c->E, K = c->K;
     route_job rj = {c, L, n};
@@ -254,6 +255,7 @@ static void route(mmoe_ctx *c, const mmoe_layer *L, int n) {
                 }
             }
             ids[k] = best;
+            ecount[best]++;
             g[k] = lg[best];
             gsum += g[k];
         }
@@ -372,7 +374,7 @@ static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits,
         for (int t = 0; t < n; t++) rmsnorm(c->x + (size_t)t * D, L->ffn_norm, c->xn + (size_t)t * D, D, cf->norm_eps);
         quantize_rows(c, c->xn, c->xq, c->xs, n, D);
         if (L->is_moe) {
-            route(c, L, n);
+            route(c, L, c->ecount + (size_t)l * (size_t)c->E, n);
             t1 = now();
             c->t[MMOE_T_ROUTER] += t1 - t0;
             t0 = t1;
@@ -427,7 +429,7 @@ void mmoe_ctx_free(mmoe_ctx *c) {
     if (c->pool) mmoe_pool_free(c->pool);
     void *bufs[] = {c->kc, c->vc, c->rope_inv, c->x, c->xn, c->q, c->k, c->v, c->att, c->tmp, c->y, c->gu, c->hid,
                     c->rlog, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
-                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->slot_row, c->items};
+                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->slot_row, c->items, c->ecount};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
@@ -505,9 +507,10 @@ mmoe_ctx *mmoe_ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flag
     c->gslot = malloc(sizeof(int) * B * KK);
     c->slot_row = malloc(sizeof(int) * B * KK);
     c->items = malloc(sizeof(mm_item) * (EK + 4));
+    c->ecount = calloc((size_t)cf->n_layers * EK, sizeof(uint64_t));
     void *bufs[] = {c->pool, c->kc, c->vc, c->rope_inv, c->x, c->xn, c->q, c->k, c->v, c->att, c->tmp, c->y, c->gu,
                     c->hid, c->rlog, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
-                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->slot_row, c->items};
+                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->slot_row, c->items, c->ecount};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (!bufs[i]) goto oom;
     /* inv_freq = 1 / theta^(2i / hd) in fp32, as torch computes it */
@@ -525,3 +528,9 @@ int mmoe_ctx_pos(const mmoe_ctx *c) { return c->pos; }
 const char *mmoe_ctx_kernels(const mmoe_ctx *c) { return c->float_path ? "float" : c->ks->name; }
 void mmoe_profile_get(const mmoe_ctx *c, double *s) { memcpy(s, c->t, sizeof c->t); }
 void mmoe_profile_reset(mmoe_ctx *c) { memset(c->t, 0, sizeof c->t); }
+void mmoe_expert_counts(const mmoe_ctx *c, uint64_t *counts) {
+    memcpy(counts, c->ecount, sizeof(uint64_t) * c->m->cfg.n_layers * (size_t)c->E);
+}
+void mmoe_expert_counts_reset(mmoe_ctx *c) {
+    memset(c->ecount, 0, sizeof(uint64_t) * c->m->cfg.n_layers * (size_t)c->E);
+}
