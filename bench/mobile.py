@@ -193,7 +193,7 @@ def prepare_models(sizes: list[str], work: Path, seed: int, log) -> dict[str, di
     for s in sizes:
         mm, gg = work / f"{s}-random.mmoe", work / f"{s}-random-q4_0.gguf"
         stamp = work / f"{s}.stamp.json"
-        want = dict(size=s, seed=seed, format=3)
+        want = dict(size=s, seed=seed, format=4)  # 4: model/init.py's balanced random init
         fresh = stamp.is_file() and json.loads(stamp.read_text()) == want and mm.is_file() and gg.is_file()
         if not fresh:
             t = time.time()

@@ -20,7 +20,6 @@ from mobile.format import (
     TokenizerBlob,
     align_up,
     byte_tokenizer,
-    q4_bytes,
     tokenizer_from_json,
     write_mmoe,
 )
@@ -116,73 +115,63 @@ def export_model_dir(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer_
 
 
 # ---- random init, straight into the quantized format ---------------------------------------------------
-_Q_STD = float(np.sqrt((16 ** 2 - 1) / 12))  # std of q uniform on [-8, 7]
-_CHUNK = 1 << 22  # bytes of nibbles generated per step
+def random_tensors(cfg: dict, seed: int = 0, init: str = "balanced") -> list[TensorSpec]:
+    """The .mmoe tensors of model/init.py's random INT4 weights (codes drawn directly, one tensor in memory at
+    a time); mobile/gguf_export.py --random-init writes the same blocks as Q4_0."""
+    from model.config import ModelConfig  # noqa: PLC0415  (plain Python, no torch)
+    from model.init import param_plan, random_f32, random_q4  # noqa: PLC0415  (numpy only)
 
+    plan = {p.name: p for p in param_plan(ModelConfig.from_dict(cfg), init)}
 
-def _random_q4_writer(rows: int, cols: int, std: float, rng: np.random.Generator):
-    """Uniform random nibbles (q uniform in [-8, 7]) with one scale s = std / std(q): weights of std `std`."""
-    scale = np.float16(std / _Q_STD)
+    def q4(name):
+        p = plan[name + ".weight"]
 
-    def write(f):
-        n = rows * cols // 2
-        for start in range(0, n, _CHUNK):
-            f.write(rng.integers(0, 256, size=min(_CHUNK, n - start), dtype=np.uint8).tobytes())
-        ng = rows * cols // 32
-        for start in range(0, ng, _CHUNK):
-            f.write(np.full(min(_CHUNK, ng - start), scale, dtype="<f2").tobytes())
-    return write
+        def write(f, p=p):
+            q = random_q4(p, seed)
+            f.write(q.nib)
+            f.write(q.d.astype("<f2"))
+        return TensorSpec(name, DT_Q4, p.shape, write)
 
+    def f32(name):
+        p = plan[name + ".weight"]
+        return TensorSpec(name, DT_F32, p.shape, lambda f, p=p: f.write(random_f32(p, seed).astype("<f4")))
 
-def random_tensors(cfg: dict, seed: int = 0) -> list[TensorSpec]:
-    rng = np.random.default_rng(seed)
-    D, V, H, KV, hd = cfg["d_model"], cfg["vocab_size"], cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
-    std = cfg["init_std"]
-    res_std = std / np.sqrt(2 * cfg["n_layers"])
-
-    def q4(name, rows, cols, s):
-        return TensorSpec(name, DT_Q4, (rows, cols), _random_q4_writer(rows, cols, s, rng))
-
-    def f32(name, shape, fill=None, s=0.0):
-        def write(f):
-            a = np.full(shape, fill, "<f4") if fill is not None else (rng.standard_normal(shape) * s).astype("<f4")
-            f.write(a.tobytes())
-        return TensorSpec(name, DT_F32, shape, write)
-
-    out = [q4("tok_emb", V, D, std)]
+    out = [q4("tok_emb")]
     if not cfg["tie_embeddings"]:
-        out.append(q4("lm_head", V, D, std))
-    out.append(f32("norm", (D,), 1.0))
+        out.append(q4("lm_head"))
+    out.append(f32("norm"))
     for i in range(cfg["n_layers"]):
         p = f"layers.{i}."
-        out += [f32(p + "attn_norm", (D,), 1.0), f32(p + "ffn_norm", (D,), 1.0),
-                q4(p + "attn.wq", H * hd, D, std), q4(p + "attn.wk", KV * hd, D, std),
-                q4(p + "attn.wv", KV * hd, D, std), q4(p + "attn.wo", D, H * hd, res_std)]
+        out += [f32(p + "attn_norm"), f32(p + "ffn_norm")]
+        out += [q4(p + "attn." + n) for n in ("wq", "wk", "wv", "wo")]
         if cfg["n_experts"] > 0 and i not in cfg["dense_layers"]:
-            E, F = cfg["n_experts"], cfg["expert_ffn_dim"]
-            out += [f32(p + "moe.router", (E, D), s=std), f32(p + "moe.expert_bias", (E,), 0.0)]
-            gu, dn = _random_q4_writer(2 * F, D, std, rng), _random_q4_writer(D, F, res_std, rng)
+            E = cfg["n_experts"]
+            out += [f32(p + "moe.router"),
+                    TensorSpec(p + "moe.expert_bias", DT_F32, (E,), lambda f, E=E: f.write(np.zeros(E, "<f4")))]
+            gu_p, dn_p = plan[p + "moe.w_gate_up"], plan[p + "moe.w_down"]
 
-            def write_experts(f, E=E, F=F, gu=gu, dn=dn):
-                for _ in range(E):
-                    gu(f)
-                    _pad(f, align_up(q4_bytes(2 * F, D)) - q4_bytes(2 * F, D))
-                    dn(f)
-                    _pad(f, align_up(q4_bytes(D, F)) - q4_bytes(D, F))
-            out.append(TensorSpec(p + "moe.experts", DT_Q4_EXPERTS, (E, F, D), write_experts))
+            def write_experts(f, gu_p=gu_p, dn_p=dn_p):
+                gu, dn = random_q4(gu_p, seed), random_q4(dn_p, seed)
+                for e in range(gu.nib.shape[0]):  # one record per expert: gate_up block, pad, down block, pad
+                    for q in (gu, dn):
+                        b = q.mmoe_bytes(e)
+                        f.write(b)
+                        _pad(f, align_up(len(b)) - len(b))
+            out.append(TensorSpec(p + "moe.experts", DT_Q4_EXPERTS, (E, cfg["expert_ffn_dim"], cfg["d_model"]),
+                                  write_experts))
             if cfg["n_shared_experts"] > 0:
-                S = cfg["n_shared_experts"] * cfg["shared_ffn_dim"]
-                out += [q4(p + "moe.shared.w_gate_up", 2 * S, D, std), q4(p + "moe.shared.w_down", D, S, res_std)]
+                out += [q4(p + "moe.shared.w_gate_up"), q4(p + "moe.shared.w_down")]
         else:
-            Fd = cfg["ffn_dim"]
-            out += [q4(p + "ffn.w_gate_up", 2 * Fd, D, std), q4(p + "ffn.w_down", D, Fd, res_std)]
+            out += [q4(p + "ffn.w_gate_up"), q4(p + "ffn.w_down")]
     return out
 
 
 def export_random(size: str, out: str | os.PathLike, seed: int = 0, tokenizer_json: str | None = None,
-                  **overrides) -> Path:
+                  init: str = "balanced", **overrides) -> Path:
+    """A random-weight .mmoe of a preset: model/init.py's INT4 weights (`init` "balanced" routes like a trained,
+    load-balanced model; "train" has MobileMoE.init_weights' stds)."""
     from model.config import get_config  # noqa: PLC0415  (config.py is plain Python, no torch)
 
     cfg = get_config(size, seed=seed, **overrides).to_dict()
     tok: TokenizerBlob = tokenizer_from_json(tokenizer_json, cfg["vocab_size"]) if tokenizer_json else byte_tokenizer()
-    return write_mmoe(out, cfg, random_tensors(cfg, seed), tok)
+    return write_mmoe(out, cfg, random_tensors(cfg, seed, init), tok)

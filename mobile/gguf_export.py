@@ -21,9 +21,10 @@ pack_int4's layout and q * s. So the GGUF Q4_0 and the phone engine's .mmoe read
 same number of weight bytes. Every matrix (token embedding / tied head included) is Q4_0 (llama.cpp's
 "--pure"), router, norms and the selection bias stay F32.
 
-`--random-init` draws the weights of MobileMoE(cfg).init_weights(seed) one tensor at a time, in the
-module's parameter order from one generator, so the file equals the PyTorch model of that config and seed
-without materialising it (S is 1.3B parameters).
+`--random-init` writes model/init.py's random INT4 weights of a preset (the "balanced" init, which routes
+like a trained, load-balanced model): as Q4_0 these are byte for byte the blocks of `python -m mobile export
+--random-init` with the same size and seed (it writes that .mmoe beside --out and converts it with
+--from-mmoe), so llama.cpp and our engine run identical weights; as F16/F32 their dequantized values.
 """
 
 from __future__ import annotations
@@ -110,19 +111,13 @@ def _param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     return [(n, tuple(p.shape)) for n, p in m.named_parameters()]
 
 
-def random_init_params(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield MobileMoE(cfg).init_weights(seed)'s parameters one at a time (same generator, same order)."""
-    import math  # noqa: PLC0415
+def random_init_params(cfg: ModelConfig, seed: int, init: str = "balanced") -> Iterator[tuple[str, torch.Tensor]]:
+    """model/init.py's random weights as fp32, one parameter at a time in MobileMoE parameter order: the INT4
+    matrices dequantized (code * scale, exact), the router as drawn, norms 1 (expert_bias is 0: not written)."""
+    from model.init import random_params  # noqa: PLC0415
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    std, res_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    for name, shape in _param_shapes(cfg):
-        if name.endswith("norm.weight"):
-            yield name, torch.ones(shape)
-            continue
-        s = res_std if (name.endswith("wo.weight") or "w_down" in name) else std
-        yield name, torch.randn(shape, generator=g, dtype=torch.float32) * s
-    # expert_bias buffers are zero after init: nothing to yield (no bias tensor is written)
+    for p, v in random_params(cfg, seed, init):
+        yield p.name, torch.from_numpy(v.dequantize() if p.kind == "matrix" else v)
 
 
 def _gguf_tensors(cfg: ModelConfig, params: Iterator[tuple[str, torch.Tensor]],
@@ -360,9 +355,22 @@ def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, qtype
                       name=f"mobilemoe-{Path(model_dir).name}")
 
 
-def export_random_init(cfg: ModelConfig, out: str | os.PathLike, qtype: str = "q4_0", seed: int = 0) -> Path:
-    return write_gguf(cfg, lambda: random_init_params(cfg, seed), out, qtype, None,
-                      name=f"mobilemoe-{cfg.name}-random-init")
+def export_random_init(cfg: ModelConfig, out: str | os.PathLike, qtype: str = "q4_0", seed: int = 0,
+                       init: str = "balanced") -> Path:
+    """Q4_0: the .mmoe random export's blocks unchanged (written to a temp file beside `out`, converted, removed);
+    F16/F32: the same weights dequantized."""
+    name = f"mobilemoe-{cfg.name}-random-init"
+    if qtype != "q4_0":
+        return write_gguf(cfg, lambda: random_init_params(cfg, seed, init), out, qtype, None, name=name)
+    from mobile.export import random_tensors  # noqa: PLC0415
+    from mobile.format import byte_tokenizer, write_mmoe  # noqa: PLC0415
+
+    _check_supported(cfg)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.mmoe-", dir=Path(out).parent) as d:
+        d_cfg = cfg.to_dict()
+        mm = write_mmoe(Path(d) / "random.mmoe", d_cfg, random_tensors(d_cfg, seed, init), byte_tokenizer())
+        return mmoe_to_gguf(mm, out, name=name)
 
 
 # ---- from a .mmoe file: the phone engine's exact INT4 weights, re-laid out as Q4_0 (no requantization) ------
