@@ -10,18 +10,48 @@ Weights use the model's layout W (E, N, Kd) and every product is "rows times W_e
 With a gather (the first projection reads the token matrix directly, no padded / permuted copy of x) the
 backward dX is reduced from sorted rows back to tokens by the deterministic combine in kernels/permute.py.
 
-Tile scheduling: a program's M tile never straddles two experts. The grid has cdiv(S, BM) + E M-slots (an
+Tile scheduling: a program's M tile never straddles two experts. There are cdiv(S, BM) + E M-slots (an
 upper bound on sum_e cdiv(n_e, BM)); each program finds its expert from the per-expert tile prefix sum held
 in registers (E_PAD lanes), so there is no host sync and no per-expert launch; slots past the end exit.
 Experts with zero rows get no M tiles (forward) and a zero dW (backward). fp32 accumulation always; bf16 /
-fp16 operands go to tl.dot directly (wgmma on sm_90), fp32 operands use IEEE precision.
+fp16 operands go to tl.dot directly (wgmma on sm_90), fp32 operands use IEEE precision. The interpreter's
+bf16 tl.dot is wrong, so under it UPCAST converts bf16 tiles to fp32 before the dot.
+
+Launch order (L2 reuse). Both kernels use a 1-D grid. The row GEMM maps program ids to (M slot, N tile) in
+GROUP_M-tall bands (the Triton-tutorial swizzle): the GROUP_M x cdiv(N, BN) programs of a band run together,
+each X row tile is read by every N tile of the band and each W_e column tile by GROUP_M M tiles, while the
+band's working set stays small (GROUP_M=8, BM=64: 512 rows x D=2048 x 2 B = 2 MiB of X plus one expert's
+W_e, 2F x D x 2 B <= 2 MiB at L), well inside A100's 40 MiB / H100's 50 MiB L2. dW numbers its programs
+expert-major, so all tiles of one expert (which all read the same dY_e and X_e rows) are adjacent.
+
+Tile tables (`config_for`, the one function both the launch path and kernels/aot.py use). The real shapes
+(model.config S / M / L: D = 1280 / 1536 / 2048, F = 160 / 192 / 256) give these GEMMs per layer:
+  up   fwd  N = 2F (320 / 384 / 512),  Kd = D          down fwd  N = D,  Kd = F
+  up   dX   N = D,  Kd = 2F                             down dX   N = F,  Kd = D
+  dW up     (2F x D) tiles, reduce over rows            dW down   (D x F) tiles, reduce over rows
+BN / BK are chosen by `pick_block`: the largest power of two (<= 128) that pads the extent by at most 12.5%.
+So N = 160 -> BN 32 (5 exact tiles; 64 would pad to 192, 128 to 256 = 37% masked columns), N = 192 -> 64
+(3 exact; 128 would waste 25%), N = 320 -> 64 (5 exact; 128 pads to 384), 384 / 512 / D -> 128.
+BK: Kd = 160 -> 32 (5 steps, exact), 192 -> 64 (3 steps), 256 / 320 / 384 / 512 / D -> 64 (4..32 steps).
+num_stages = min(steps, 4 on sm_90 / 3 on sm_80) and >= 2: with Kd = 192 (3 steps of 64) three stages put
+every K tile of the program in flight at once; more stages than steps would only cost shared memory.
+BM = 64 rows: a segment has T*K/E rows (~1.4-1.5K at 16K tokens per micro-batch for S / M / L), so the ragged
+last tile of each expert wastes 32 rows on average (~2%), and 64 is wgmma's M per warpgroup: 4 warps = one
+warpgroup on sm_90. Shared memory per stage = (BM*BK + BK*BN) * 2 B <= 24 KiB, 96 KiB at 4 stages.
+dW: BN over N and BK over Kd from (128, 64, 32), the reduction over rows in BM = 64 steps (~24 per expert);
+8 warps when the fp32 accumulator is 128 x 128 (64 registers per thread), else 4; stages as above (3 / 4),
+(BN*BM + BM*BK) * 2 B <= 32 KiB per stage.
+The interpreter (cc 0) uses tiny tiles (BM 16, BN 32, BK 32, GROUP_M 2, 1 stage) so short test segments
+span several M tiles, N / K span several tiles and the band swizzle is exercised.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kernels._triton_util import Launch, cdiv, device_cc, interpreting, next_pow2
+from kernels._triton_util import Launch, cdiv, interpreting, next_pow2, pick_block, plans_for_gpu, target_cc
 from kernels.permute import combine_reference, combine_triton
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -63,13 +93,19 @@ if triton is not None:
         return e, row0, row_end
 
     @triton.jit
-    def _gg_fwd_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, perm_ptr, N, KD, E,
+    def _gg_fwd_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, perm_ptr, N, KD, E, M_SLOTS,
                        stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
                        GATHER: tl.constexpr, DIV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       BK: tl.constexpr, E_PAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                       BK: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr, UPCAST: tl.constexpr,
+                       PREC: tl.constexpr):
         # Y[s, n] = sum_k X[src(s), k] * B_e[k, n], B_e[k, n] at w + e*stride_we + k*stride_wk + n*stride_wn
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(N, BN)
+        band = GROUP_M * n_tiles  # programs per GROUP_M-tall band of M slots
+        first_m = (pid // band) * GROUP_M
+        band_m = tl.minimum(M_SLOTS - first_m, GROUP_M)
+        pid_m = first_m + (pid % band) % band_m
+        pid_n = (pid % band) // band_m
         e, row0, row_end = _find_tile(offsets_ptr, pid_m, E, BM, E_PAD)
         if e < E:
             rows = row0 + tl.arange(0, BM)
@@ -101,12 +137,15 @@ if triton is not None:
                       stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wn, stride_wk,
                       GATHER: tl.constexpr, DIV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-        # dW[e, n, k] = sum_{s in rows of e} dY[s, n] * X[src(s), k]; one program per (e, N tile, Kd tile)
-        e = tl.program_id(0)
-        pid = tl.program_id(1)
+        # dW[e, n, k] = sum_{s in rows of e} dY[s, n] * X[src(s), k]; program ids expert-major so one expert's
+        # (N tile, Kd tile) programs are adjacent and share its dY_e / X_e rows in L2
+        pid = tl.program_id(0)
         n_tiles_k = tl.cdiv(KD, BK)
-        cols_n = (pid // n_tiles_k) * BN + tl.arange(0, BN)
-        cols_k = (pid % n_tiles_k) * BK + tl.arange(0, BK)
+        per_e = tl.cdiv(N, BN) * n_tiles_k
+        e = pid // per_e
+        t = pid % per_e
+        cols_n = (t // n_tiles_k) * BN + tl.arange(0, BN)
+        cols_k = (t % n_tiles_k) * BK + tl.arange(0, BK)
         nmask = cols_n < N
         kmask = cols_k < KD
         start = tl.load(offsets_ptr + e)
@@ -131,24 +170,33 @@ if triton is not None:
                  acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
 
 
-# Per-architecture tiles (BM, BN, BK, num_warps, num_stages). Fine-grained experts give short segments
-# (T*K/E rows), so BM stays at 64; sm_90 uses 4 warps (one warpgroup) so tl.dot lowers to wgmma.
-_FWD_TILES = {
-    0: (16, 64, 32, 4, 1),      # interpreter: BM 16 so short / ragged segments span several tiles
-    80: (64, 128, 64, 4, 3),
-    90: (64, 128, 64, 4, 4),
-}
-_DW_TILES = {
-    0: (16, 64, 32, 4, 1),
-    80: (64, 128, 64, 8, 3),
-    90: (64, 128, 64, 8, 3),
-}
+@dataclass(frozen=True)
+class GemmConfig:
+    BM: int
+    BN: int
+    BK: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
 
 
-def _tiles(table: dict, cc: int):
-    if interpreting() or cc == 0:
-        return table[0]
-    return table[90] if cc >= 90 else table[80]
+def config_for(op: str, N: int, KD: int, cc: int) -> GemmConfig:
+    """Tiles for one grouped GEMM (the module docstring explains every number).
+
+    op "rows": Y (rows, N) = X (rows, KD) @ B_e, the forward and the dX pass; BN tiles N, BK tiles the
+    reduction KD. op "dw": dW_e (N, KD), BN x BK output tiles, reduced over the expert's rows in BM steps.
+    cc 0 is the CPU interpreter."""
+    if op not in ("rows", "dw"):
+        raise ValueError(f"config_for: op must be rows|dw, got {op!r}")
+    if cc == 0:
+        return GemmConfig(16, 32, 32, 2, 4, 1)
+    max_stages = 4 if cc >= 90 else 3
+    BN = pick_block(N, (128, 64, 32))
+    if op == "rows":
+        BK = pick_block(KD, (64, 32))
+        return GemmConfig(64, BN, BK, 8, 4, max(2, min(max_stages, cdiv(KD, BK))))
+    BK = pick_block(KD, (128, 64, 32))
+    return GemmConfig(64, BN, BK, 1, 8 if BN * BK >= 128 * 128 else 4, max_stages)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -156,50 +204,53 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def plan_gg_fwd(x, w_ENK, offsets_E1, perm_S=None, k: int = 1, transpose_w: bool = True, cc: int | None = None,
-                tiles=None):
+                config: GemmConfig | None = None):
     """Y = X[src] @ W_e^T (transpose_w) or X[src] @ W_e (dX in the backward). Returns (Y, Launch)."""
     E, WN, WK = w_ENK.shape
     N, KD = (WN, WK) if transpose_w else (WK, WN)
     if x.shape[1] != KD:
         raise ValueError(f"grouped GEMM: x has {x.shape[1]} columns, expected {KD} (W {tuple(w_ENK.shape)})")
     S = x.shape[0] if perm_S is None else perm_S.numel()
-    cc = device_cc(x.device) if cc is None else cc
-    BM, BN, BK, warps, stages = tiles or _tiles(_FWD_TILES, cc)
+    cc = target_cc(x.device) if cc is None else cc
+    c = config or config_for("rows", N, KD, 0 if interpreting() else cc)
     y = torch.empty(S, N, dtype=x.dtype, device=x.device)
     if transpose_w:  # B_e[k, n] = W[e, n, k]
         s_wk, s_wn = w_ENK.stride(2), w_ENK.stride(1)
     else:            # B_e[k, n] = W[e, k, n]
         s_wk, s_wn = w_ENK.stride(1), w_ENK.stride(2)
     gather = perm_S is not None
-    if x.device.type == "cuda":
-        m_slots = cdiv(S, BM) + E  # upper bound, no host sync; surplus programs exit at once
+    if plans_for_gpu(x.device):
+        m_slots = cdiv(S, c.BM) + E  # upper bound, no host sync; surplus programs exit at once
     else:  # CPU (the interpreter): a sync is free and every program launched costs ~ms, so size it exactly
         counts = (offsets_E1[1:] - offsets_E1[:-1]).long()
-        m_slots = int(((counts + BM - 1) // BM).sum())
-    grid = (max(1, m_slots), cdiv(N, BN))
-    upcast = interpreting() and x.dtype == torch.bfloat16
-    launch = Launch(_gg_fwd_kernel, grid,
-                    (x, w_ENK, y, offsets_E1, perm_S if gather else offsets_E1, N, KD, E,
+        m_slots = int(((counts + c.BM - 1) // c.BM).sum())
+    m_slots = max(1, m_slots)
+    launch = Launch(_gg_fwd_kernel, (m_slots * cdiv(N, c.BN),),
+                    (x, w_ENK, y, offsets_E1, perm_S if gather else offsets_E1, N, KD, E, m_slots,
                      x.stride(0), x.stride(1), w_ENK.stride(0), s_wk, s_wn, y.stride(0), y.stride(1)),
-                    dict(GATHER=gather, DIV=k, BM=BM, BN=BN, BK=BK, E_PAD=max(16, next_pow2(E)), UPCAST=upcast,
+                    dict(GATHER=gather, DIV=k, BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M,
+                         E_PAD=max(16, next_pow2(E)), UPCAST=interpreting() and x.dtype == torch.bfloat16,
                          PREC=_prec(x.dtype)),
-                    num_warps=warps, num_stages=stages)
+                    num_warps=c.num_warps, num_stages=c.num_stages,
+                    label=f"gemm {'fwd' if transpose_w else 'dX'}{' gather' if gather else ''} N={N} Kd={KD}")
     return y, launch
 
 
-def plan_gg_dw(x, dy_SN, offsets_E1, w_shape, perm_S=None, k: int = 1, cc: int | None = None, tiles=None):
+def plan_gg_dw(x, dy_SN, offsets_E1, w_shape, perm_S=None, k: int = 1, cc: int | None = None,
+               config: GemmConfig | None = None):
     """dW (E, N, Kd) = per expert dY_e^T @ X[src(e rows)]. Returns (dW fp32-accumulated in x.dtype, Launch)."""
     E, N, KD = w_shape
-    cc = device_cc(x.device) if cc is None else cc
-    BM, BN, BK, warps, stages = tiles or _tiles(_DW_TILES, cc)
+    cc = target_cc(x.device) if cc is None else cc
+    c = config or config_for("dw", N, KD, 0 if interpreting() else cc)
     dw = torch.empty(E, N, KD, dtype=x.dtype, device=x.device)
     gather = perm_S is not None
-    upcast = interpreting() and x.dtype == torch.bfloat16
-    launch = Launch(_gg_dw_kernel, (E, cdiv(N, BN) * cdiv(KD, BK)),
+    launch = Launch(_gg_dw_kernel, (E * cdiv(N, c.BN) * cdiv(KD, c.BK),),
                     (x, dy_SN, dw, offsets_E1, perm_S if gather else offsets_E1, N, KD,
                      x.stride(0), x.stride(1), dy_SN.stride(0), dy_SN.stride(1), dw.stride(0), dw.stride(1), dw.stride(2)),
-                    dict(GATHER=gather, DIV=k, BM=BM, BN=BN, BK=BK, UPCAST=upcast, PREC=_prec(x.dtype)),
-                    num_warps=warps, num_stages=stages)
+                    dict(GATHER=gather, DIV=k, BM=c.BM, BN=c.BN, BK=c.BK,
+                         UPCAST=interpreting() and x.dtype == torch.bfloat16, PREC=_prec(x.dtype)),
+                    num_warps=c.num_warps, num_stages=c.num_stages,
+                    label=f"gemm dW{' gather' if gather else ''} N={N} Kd={KD}")
     return dw, launch
 
 

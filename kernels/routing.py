@@ -7,11 +7,21 @@ Output (`Routing`):
   perm_S     (S,)   int32  sorted row -> slot; stable: within an expert, slots keep their original order
   inv_S      (S,)   int32  slot -> sorted row (inv[perm[s]] = s)
 
-Triton path (deterministic, no atomics): three launches
-  1. `_hist_kernel`    each program counts its BLOCK slots per expert -> counts_BE (blocks x E)
-  2. `_scan_kernel`    one program walks the blocks: per-(block, expert) prefix + expert offsets (tl.cumsum)
-  3. `_scatter_kernel` each slot's row = offsets[e] + prefix[block, e] + rank among the same expert's
+Triton path (deterministic, no atomics): four launches
+  1. `_hist_kernel`    each program counts its BLOCK slots per expert -> counts_BE (NB blocks x E)
+  2. `_scan_kernel`    the per-(block, expert) exclusive prefix over blocks, parallel over blocks: program
+                       (c, g) owns blocks [c*CB, (c+1)*CB) x experts [g*BE, (g+1)*BE), scans its tile with
+                       tl.cumsum along the blocks and adds the column sums of the c earlier chunks (a
+                       reduction, no carried dependency between programs); the last chunk writes counts_E.
+  3. `_offsets_kernel` one program, E lanes: offsets = exclusive cumsum of counts_E (E <= 128 values).
+  4. `_scatter_kernel` each slot's row = offsets[e] + prefix[block, e] + rank among the same expert's
                        earlier slots in its block (a BLOCK x BLOCK compare), so the order is stable.
+
+Sizes: BLOCK = 128 slots per hist / scatter program (the rank compare is 128 x 128 = 16K lanes, 128 per
+thread at 4 warps, and a training micro-batch of 16K tokens x K = 8 gives NB = 1024 programs to fill the GPU).
+CB = 128 blocks x BE = 16 experts per scan program: a 2K-int tile (16 registers per thread at 4 warps), each
+row 64 contiguous bytes of counts_BE; at NB = 1024 and E = 96 that is 8 x 6 programs, the last reducing 7
+earlier tiles, instead of one program walking 1024 blocks in series.
 """
 
 from __future__ import annotations
@@ -71,19 +81,32 @@ if triton is not None:
         tl.store(counts_BE_ptr + pid * E + experts, cnt, mask=experts < E)
 
     @triton.jit
-    def _scan_kernel(counts_BE_ptr, prefix_BE_ptr, counts_E_ptr, offsets_ptr, NB, E, E_PAD: tl.constexpr):
-        # One program: E lanes, a serial walk over the blocks (NB = S / BLOCK is small).
+    def _scan_kernel(counts_BE_ptr, prefix_BE_ptr, counts_E_ptr, NB, E, CB: tl.constexpr, BE: tl.constexpr):
+        c = tl.program_id(0)
+        ex = tl.program_id(1) * BE + tl.arange(0, BE)
+        emask = ex < E
+        blk = tl.arange(0, CB)
+        carry = tl.zeros((BE,), dtype=tl.int32)
+        for c0 in range(0, c):  # column sums of the earlier chunks
+            b = c0 * CB + blk
+            m = (b < NB)[:, None] & emask[None, :]
+            carry += tl.sum(tl.load(counts_BE_ptr + b[:, None] * E + ex[None, :], mask=m, other=0), axis=0)
+        b = c * CB + blk
+        m = (b < NB)[:, None] & emask[None, :]
+        cnt = tl.load(counts_BE_ptr + b[:, None] * E + ex[None, :], mask=m, other=0)
+        incl = tl.cumsum(cnt, axis=0)
+        tl.store(prefix_BE_ptr + b[:, None] * E + ex[None, :], incl - cnt + carry[None, :], mask=m)
+        if c == tl.num_programs(0) - 1:
+            tl.store(counts_E_ptr + ex, carry + tl.sum(cnt, axis=0), mask=emask)
+
+    @triton.jit
+    def _offsets_kernel(counts_E_ptr, offsets_ptr, E, E_PAD: tl.constexpr):
         experts = tl.arange(0, E_PAD)
         emask = experts < E
-        running = tl.zeros((E_PAD,), dtype=tl.int32)
-        for b in range(NB):
-            c = tl.load(counts_BE_ptr + b * E + experts, mask=emask, other=0)
-            tl.store(prefix_BE_ptr + b * E + experts, running, mask=emask)
-            running += c
-        tl.store(counts_E_ptr + experts, running, mask=emask)
-        incl = tl.cumsum(running, axis=0)
+        cnt = tl.load(counts_E_ptr + experts, mask=emask, other=0)
+        incl = tl.cumsum(cnt, axis=0)
         tl.store(offsets_ptr + 1 + experts, incl, mask=emask)
-        tl.store(offsets_ptr + experts, incl - running, mask=experts == 0)
+        tl.store(offsets_ptr + experts, incl - cnt, mask=experts == 0)
 
     @triton.jit
     def _scatter_kernel(ids_ptr, prefix_BE_ptr, offsets_ptr, perm_ptr, inv_ptr, S, E, BLOCK: tl.constexpr):
@@ -102,19 +125,21 @@ if triton is not None:
         tl.store(inv_ptr + offs, pos, mask=valid)
 
 
-def routing_block(device: torch.device) -> int:
-    return 128
+ROUTING_BLOCK = 128  # slots per hist / scatter program (module docstring)
+SCAN_CB, SCAN_BE = 128, 16  # blocks x experts per scan program
 
 
-def plan_routing(ids_TK: torch.Tensor, n_experts: int, block: int | None = None):
-    """Allocate outputs and build the three launches. Returns (Routing, [Launch])."""
+def plan_routing(ids_TK: torch.Tensor, n_experts: int, block: int | None = None, scan_chunk: int | None = None):
+    """Allocate outputs and build the four launches. Returns (Routing, [Launch]).
+    block / scan_chunk override BLOCK / CB (tests use small ones to get several blocks and chunks)."""
     _check_ids(ids_TK, n_experts)
     dev = ids_TK.device
     flat_S = ids_TK.reshape(-1)
     if not flat_S.is_contiguous():
         flat_S = flat_S.contiguous()
     S, E = flat_S.numel(), n_experts
-    B = block or routing_block(dev)
+    B = block or ROUTING_BLOCK
+    CB = scan_chunk or SCAN_CB
     NB = max(1, cdiv(S, B))
     E_PAD = max(16, next_pow2(E))
     i32 = torch.int32
@@ -124,17 +149,21 @@ def plan_routing(ids_TK: torch.Tensor, n_experts: int, block: int | None = None)
                 torch.empty(S, dtype=i32, device=dev), torch.empty(S, dtype=i32, device=dev))
     warps = 4 if B <= 128 else 8
     launches = [
-        Launch(_hist_kernel, (NB,), (flat_S, counts_BE, S, E), dict(BLOCK=B, E_PAD=E_PAD), num_warps=warps),
-        Launch(_scan_kernel, (1,), (counts_BE, prefix_BE, r.counts_E, r.offsets_E1, NB, E), dict(E_PAD=E_PAD),
-               num_warps=4),
+        Launch(_hist_kernel, (NB,), (flat_S, counts_BE, S, E), dict(BLOCK=B, E_PAD=E_PAD), num_warps=warps,
+               label=f"routing histogram E={E}"),
+        Launch(_scan_kernel, (cdiv(NB, CB), cdiv(E, SCAN_BE)), (counts_BE, prefix_BE, r.counts_E, NB, E),
+               dict(CB=CB, BE=SCAN_BE), num_warps=4, label="routing block prefix"),
+        Launch(_offsets_kernel, (1,), (r.counts_E, r.offsets_E1, E), dict(E_PAD=E_PAD), num_warps=4,
+               label=f"routing offsets E={E}"),
         Launch(_scatter_kernel, (NB,), (flat_S, prefix_BE, r.offsets_E1, r.perm_S, r.inv_S, S, E), dict(BLOCK=B),
-               num_warps=warps),
+               num_warps=warps, label="routing scatter"),
     ]
     return r, launches
 
 
-def routing_triton(ids_TK: torch.Tensor, n_experts: int, block: int | None = None) -> Routing:
-    r, launches = plan_routing(ids_TK, n_experts, block)
+def routing_triton(ids_TK: torch.Tensor, n_experts: int, block: int | None = None,
+                   scan_chunk: int | None = None) -> Routing:
+    r, launches = plan_routing(ids_TK, n_experts, block, scan_chunk)
     if r.perm_S.numel() == 0:
         r.counts_E.zero_()
         r.offsets_E1.zero_()

@@ -1,8 +1,11 @@
 """Triton kernels vs their PyTorch twins under the Triton CPU interpreter (values and gradients).
 
 Not collected by the main suite (the name does not start with test_): tests/test_kernels_interp.py runs this
-file in a separate pytest process with TRITON_INTERPRET=1 set before triton is imported. Everything is fp32
-(the interpreter's bf16 tl.dot is wrong) except one bf16 forward that exercises the in-kernel fp32 upcast.
+file in a separate pytest process with TRITON_INTERPRET=1 set before triton is imported. Mostly fp32 (the
+interpreter's bf16 tl.dot is wrong: the GEMMs upcast bf16 tiles to fp32 there, UPCAST); the bf16 cases are a
+grouped GEMM forward, the gate scaling with fp32 gates, and a whole layer with bf16 operands and fp32 gates
+(what the model's CUDA precision policy feeds the Triton path). The cubin tests compile the same kernels for
+bf16 on sm_80 / sm_90 (tests/test_kernels_compile.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from kernels.grouped_gemm import grouped_gemm_backward_reference, grouped_gemm_reference, grouped_gemm_triton
 from kernels.moe import moe_experts, moe_experts_reference
-from kernels.permute import combine_reference, combine_weighted_triton, permute_reference, permute_triton
+from kernels.permute import (
+    combine_reference,
+    combine_sum_triton,
+    combine_weighted_triton,
+    permute_reference,
+    permute_triton,
+    scale_rows_triton,
+)
 from kernels.router import route_reference
 from kernels.router_triton import route_triton
 from kernels.routing import routing_reference, routing_triton
@@ -47,10 +57,12 @@ def test_routing(T, K, E, used):
     g = torch.Generator().manual_seed(T * 100 + E)
     ids = _ids(T, K, E, g, used) if K <= (len(used) if used else E) else None
     ref = routing_reference(ids, E)
-    for block in (16, 64):  # several blocks: the cross-block prefix and the stable in-block rank
-        got = routing_triton(ids, E, block=block)
+    # several blocks (the cross-block prefix, the stable in-block rank) and several scan chunks of 2 blocks
+    # (the parallel scan's column sums of earlier chunks; E = 64 also gives 4 expert groups)
+    for block, chunk in ((16, None), (64, None), (16, 2)):
+        got = routing_triton(ids, E, block=block, scan_chunk=chunk)
         for f in ("counts_E", "offsets_E1", "perm_S", "inv_S"):
-            assert torch.equal(getattr(got, f), getattr(ref, f)), (f, block)
+            assert torch.equal(getattr(got, f), getattr(ref, f)), (f, block, chunk)
     if used is not None:
         empty = [e for e in range(E) if e not in used]
         assert (ref.counts_E[empty] == 0).all()
@@ -121,6 +133,60 @@ def test_permute_and_combine(T, K, E, used):
     assert torch.equal(combine_weighted_triton(yb, gb, r.perm_S, r.inv_S, K), ob)
 
 
+@pytest.mark.parametrize("T,K,E,used", SHAPES[1:])
+def test_gate_scale_and_unweighted_combine(T, K, E, used):
+    """The F-side gate multiply (values, dh, dgates as an F-wide dot) and the unweighted combine (values, dy)."""
+    g = torch.Generator().manual_seed(17 + T)
+    F = 24  # not a multiple of the 32-column tile
+    r = routing_reference(_ids(T, K, E, g, used), E)
+    h = torch.randn(T * K, F, generator=g)
+    gates = torch.rand(T, K, generator=g)
+    ha, hb = h.clone().requires_grad_(), h.clone().requires_grad_()
+    ga, gb = gates.clone().requires_grad_(), gates.clone().requires_grad_()
+    oa = ha * ga.reshape(-1)[r.perm_S.long()].unsqueeze(1)
+    ob = scale_rows_triton(hb, gb, r.perm_S)
+    torch.testing.assert_close(ob, oa, atol=ATOL, rtol=1e-5)
+    do = torch.randn(oa.shape, generator=g)
+    (oa * do).sum().backward()
+    (ob * do).sum().backward()
+    torch.testing.assert_close(hb.grad, ha.grad, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(gb.grad, ga.grad, atol=ATOL, rtol=1e-5)
+
+    D = 40
+    y = torch.randn(T * K, D, generator=g)
+    ya, yb = y.clone().requires_grad_(), y.clone().requires_grad_()
+    ca = combine_reference(ya, r.inv_S, K)
+    cb = combine_sum_triton(yb, r.perm_S, r.inv_S, K)
+    torch.testing.assert_close(cb, ca, atol=ATOL, rtol=1e-5)
+    dc = torch.randn(ca.shape, generator=g)
+    (ca * dc).sum().backward()
+    (cb * dc).sum().backward()
+    assert torch.equal(yb.grad, ya.grad)  # the backward is a pure gather
+
+
+def test_gate_scale_bf16_rows_fp32_gates():
+    """bf16 rows x fp32 gates (the model's precision policy): product formed in fp32, rounded once; dgates fp32."""
+    g = torch.Generator().manual_seed(5)
+    T, K, E, F = 9, 2, 8, 24
+    r = routing_reference(_ids(T, K, E, g), E)
+    h = torch.randn(T * K, F, generator=g).bfloat16().requires_grad_()
+    gates = torch.rand(T, K, generator=g).requires_grad_()
+    out = scale_rows_triton(h, gates, r.perm_S)
+    g_S1 = gates.detach().reshape(-1)[r.perm_S.long()].unsqueeze(1)
+    assert out.dtype == torch.bfloat16
+    # one bf16 rounding of the fp32 product: within 1 ulp (the interpreter's fp32->bf16 cast may truncate
+    # where the GPU rounds to nearest, so not bitwise)
+    bf16_ulp = dict(atol=0.0, rtol=2.0 ** -7)
+    torch.testing.assert_close(out.float(), h.detach().float() * g_S1, **bf16_ulp)
+    do = torch.randn(T * K, F, generator=g).bfloat16()
+    out.backward(do)
+    assert gates.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    dg_ref = torch.zeros(T * K)
+    dg_ref[r.perm_S.long()] = (do.float() * h.detach().float()).sum(1)
+    torch.testing.assert_close(gates.grad.reshape(-1), dg_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad.float(), do.float() * g_S1, **bf16_ulp)
+
+
 @pytest.mark.parametrize("T,K,E,used", SHAPES)
 @pytest.mark.parametrize("gather", [False, True])
 def test_grouped_gemm(T, K, E, used, gather):
@@ -167,6 +233,26 @@ def test_grouped_gemm_bf16_forward():
     torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=2e-2)
 
 
+def test_grouped_gemm_gpu_grid(monkeypatch):
+    """The grid as planned on a GPU: cdiv(S, BM) + E M slots (no host sync), most past the last tile, mapped
+    through the GROUP_M band swizzle with a last band shorter than GROUP_M; every (M tile, N tile) is still
+    computed exactly once (y starts uninitialised) and the surplus programs exit."""
+    import kernels.grouped_gemm as gg  # noqa: PLC0415
+
+    monkeypatch.setattr(gg, "plans_for_gpu", lambda device: True)
+    g = torch.Generator().manual_seed(23)
+    T, K, E, N, KD = 37, 2, 8, 80, 40  # 3 N tiles of 32 (the last masked)
+    r = routing_reference(_ids(T, K, E, g, [0, 2, 3, 5, 7]), E)
+    x = torch.randn(T, KD, generator=g)
+    w = torch.randn(E, N, KD, generator=g) * 0.3
+    y, launch = gg.plan_gg_fwd(x, w, r.offsets_E1, r.perm_S, K)
+    m_slots = launch.args[8]
+    assert m_slots == -(-T * K // 16) + E and launch.grid == (m_slots * 3,)
+    assert m_slots % launch.constexprs["GROUP_M"] == 1  # 13 slots in bands of 2: the last band is short
+    launch.run()
+    torch.testing.assert_close(y, grouped_gemm_reference(x, w, r.offsets_E1, r.perm_S, K), atol=1e-4, rtol=1e-5)
+
+
 def _layer_inputs(T, K, E, D, F, seed, used=None):
     g = torch.Generator().manual_seed(seed)
     ids = _ids(T, K, E, g, used)
@@ -198,6 +284,27 @@ def test_moe_layer_triton_equals_reference(T, K, E, used, qat):
     y2 = moe_experts(x, ids, gates, w13, w2, backend="triton", act_fq=act_fq)
     assert torch.equal(y2, outs[1])
     assert torch.allclose(moe_experts_reference(x, ids, gates, w13, w2, act_fq), outs[0])
+
+
+def test_moe_layer_bf16_operands_fp32_gates():
+    """What the model's CUDA precision policy feeds the Triton path: bf16 x / w13 / w2, fp32 gates. Compared with
+    the same layer in fp32 on the same (bf16-representable) values; the Triton path rounds each GEMM output and
+    the gated rows to bf16, so the tolerance is bf16's (2^-8 relative) over a few roundings."""
+    T, K, E, D, F = 11, 2, 8, 32, 24
+    x, ids, gates, w13, w2 = _layer_inputs(T, K, E, D, F, seed=4)
+    x, w13, w2 = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+    res = []
+    for dt in (torch.float32, torch.bfloat16):
+        leaves = [x.to(dt).requires_grad_(), gates.clone().requires_grad_(), w13.to(dt).requires_grad_(),
+                  w2.to(dt).requires_grad_()]
+        y = moe_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], backend="triton")
+        y.backward(torch.ones_like(y))
+        res.append((y, [t.grad for t in leaves]))
+    (y32, g32), (y16, g16) = res
+    assert y16.dtype == torch.bfloat16 and g16[1].dtype == torch.float32 and g16[0].dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, atol=2e-2, rtol=2e-2)
+    for name, a, b in zip(("x", "gates", "w_gate_up", "w_down"), g32, g16):
+        torch.testing.assert_close(b.float(), a, atol=3e-2, rtol=3e-2, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 def test_whole_model_triton_backend_equals_reference():
