@@ -141,6 +141,21 @@ def test_random_mmoe_and_q4_0_gguf_hold_identical_blocks(tmp_path):
         assert np.array_equal(got.reshape(want[g].shape), want[g]), g
 
 
+def test_random_init_f16_gguf_is_the_same_weights_dequantized(tmp_path):
+    import gguf
+
+    from mobile.gguf_export import _gguf_tensors, export_random_init, random_init_params
+
+    cfg = get_config("tiny", n_layers=2)
+    gg = export_random_init(cfg, tmp_path / "t16.gguf", "f16", seed=5)
+    want = {g: t.numpy() for g, t, _k in _gguf_tensors(cfg, random_init_params(cfg, 5), {})}
+    gt = {t.name: t for t in gguf.GGUFReader(str(gg)).tensors}
+    assert set(gt) == set(want)
+    for g, t in gt.items():
+        w = want[g].astype(np.float16) if t.tensor_type == gguf.GGMLQuantizationType.F16 else want[g]
+        assert np.array_equal(np.asarray(t.data).reshape(w.shape), w), g
+
+
 def _prompt(n, vocab, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
@@ -197,6 +212,23 @@ def test_tiny_random_routing_is_balanced(engine_built, tmp_path):
     train = _route(export_random("tiny", tmp_path / "t.mmoe", init="train"), 128)
     _report("tiny train-init stds", train)
     assert train["load_worst"] > bal["load_worst"]
+
+
+def test_generate_profile_prints_routing(engine_built, tmp_path):
+    import subprocess
+    import sys
+
+    from mobile.export import export_random
+    from tests._mobile_util import ROOT
+
+    p = export_random("tiny", tmp_path / "t.mmoe")
+    ids = ",".join(map(str, _prompt(64, 2048)))
+    r = subprocess.run([sys.executable, "-m", "mobile", "generate", "--model", str(p), "--prompt-ids", ids,
+                        "--max-new-tokens", "4", "--greedy", "--profile"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("-- routing"))
+    assert "(4 MoE layers, prefill + decode)" in line and "of 16" in line and "max/mean load" in line, line
 
 
 def test_S_random_export_routes_to_most_experts_at_every_layer(engine_built, tmp_path):
