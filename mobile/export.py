@@ -51,7 +51,7 @@ def find_model_dir(path: str | os.PathLike) -> Path:
 def _torch_tensors(model) -> list[TensorSpec]:
     import torch  # noqa: PLC0415  (the runtime side of mobile/ must not import torch)
 
-    from model.quant import pack_int4, quantize_int4  # noqa: PLC0415
+    from model.quant import check_finite, pack_int4, quantize_int4  # noqa: PLC0415
 
     cfg = model.cfg
 
@@ -59,12 +59,17 @@ def _torch_tensors(model) -> list[TensorSpec]:
         q, s16 = quantize_int4(w.detach().float().cpu(), cfg.quant_group)
         return pack_int4(q, cfg.quant_group).numpy().tobytes() + s16.numpy().astype("<f2").tobytes()
 
+    # every tensor is checked while the table is built, so a NaN / inf weight fails before any byte is written
     def q4(name, w):
+        check_finite(name, w)
+
         def write(f, w=w):
             f.write(q4_block(w))
         return TensorSpec(name, DT_Q4, tuple(w.shape), write)
 
     def f32(name, t):
+        check_finite(name, t)
+
         def write(f, t=t):
             f.write(t.detach().float().cpu().numpy().astype("<f4").tobytes())
         return TensorSpec(name, DT_F32, tuple(t.shape), write)
@@ -85,6 +90,8 @@ def _torch_tensors(model) -> list[TensorSpec]:
             bias = moe.expert_bias if cfg.router_bias_coeff > 0 else torch.zeros_like(moe.expert_bias)
             out.append(f32(p + "moe.expert_bias", bias))
             E, F, D = cfg.n_experts, cfg.expert_ffn_dim, cfg.d_model
+            check_finite(p + "moe.experts (w_gate_up)", moe.w_gate_up)
+            check_finite(p + "moe.experts (w_down)", moe.w_down)
 
             def write_experts(f, moe=moe, F=F, D=D):
                 for e in range(moe.w_gate_up.shape[0]):

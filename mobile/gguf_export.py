@@ -42,7 +42,7 @@ import torch
 
 from mobile.format import _bytes_to_unicode  # one copy of GPT-2's byte map
 from model.config import PRESETS, ModelConfig, get_config
-from model.quant import pack_int4, quantize_int4
+from model.quant import check_finite, pack_int4, quantize_int4
 
 TYPES = ("f32", "f16", "q4_0")
 Q4_0_BLOCK = 32
@@ -351,6 +351,8 @@ def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, qtype
     model, _meta = load_model_dir(model_dir)
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     buffers = {n: b.detach() for n, b in model.named_buffers() if n.endswith("expert_bias")}
+    for n, t in [*named, *buffers.items()]:  # before any byte is written
+        check_finite(n, t)
     return write_gguf(model.cfg, lambda: iter(named), out, qtype, tokenizer_path(model_dir), buffers,
                       name=f"mobilemoe-{Path(model_dir).name}")
 

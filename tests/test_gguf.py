@@ -41,7 +41,7 @@ def _ggml_dequant_q4_0(raw: np.ndarray, K: int) -> np.ndarray:
 def test_q4_0_blocks_decode_to_our_int4_values():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(7, 96, generator=g) * 0.05
-    w[2, 32:64] = 0.0  # an all-zero group (scale 1, q 0)
+    w[2, 32:64] = 0.0  # an all-zero group (scale 2^-14, q 0)
     w[3, 5] = 1.0  # an outlier group
     raw = q4_0_bytes(w)
     assert raw.dtype == np.uint8 and raw.shape == (7, 96 // 32 * 18)

@@ -172,7 +172,7 @@ def test_scalar_gemv_reads_the_quant_py_format(clib):
     g = torch.Generator().manual_seed(2)
     rows, K = 37, 192
     w = torch.randn(rows, K, generator=g)
-    w[3] = 0.0  # all-zero groups get scale 1
+    w[3] = 0.0  # all-zero groups get the smallest normal scale 2^-14
     x = torch.randn(K, generator=g) * 2
     q_w, s16 = quantize_int4(w)
     qs = pack_int4(q_w).numpy().astype(np.uint8).copy()

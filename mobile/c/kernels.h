@@ -3,7 +3,8 @@
  * Weight format (model/quant.py, bit-exact with QAT): a rows x K matrix, K % 32 == 0, symmetric INT4 in groups of
  * 32 along K with one fp16 scale per group.  qs: rows * K/2 bytes, row-major; within each 32-group, byte i (0..15)
  * holds (q[i] + 8) in the low nibble and (q[i + 16] + 8) in the high nibble.  d: rows * K/32 fp16 scales.
- * Activations: int8 per token, q = clamp(round_half_even(x / s), -127, 127), s = amax|x| / 127 (1 for a zero row).
+ * Activations: int8 per token, q = clamp(round_half_even(x / s), -127, 127) (NaN x -> 0), s = amax|x| / 127 with NaN
+ * skipped, clamped to [FLT_MIN, FLT_MAX] (a zero row gets FLT_MIN); weight scales are normal fp16 in [2^-14, 65504].
  *
  * Arithmetic every kernel must reproduce EXACTLY (so SIMD == scalar bit for bit; build with -ffp-contract=off):
  *   isum[r][g] = sum_{i in group g} xq[i] * wq[r][i]              (exact int32)

@@ -297,9 +297,10 @@ static void gemm_avx2(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs
 }
 
 /* mmoe_quantize_row_q8 in AVX2, the same bytes and scale: max over |x| skipping NaN (maxps returns its second
- * operand when one is NaN, so max(|x|, acc) keeps acc as the scalar `a > amax` does), the IEEE division x / s,
- * roundps to nearest-even (nearbyintf in the default mode), and a clamp that sends NaN to -127 as the scalar's
- * `!(v >= -127)` does. Prefill quantizes every activation row; the scalar loop was 7% of an S prefill. */
+ * operand when one is NaN, so max(|x|, acc) keeps acc as the scalar `a > amax` does), the scalar's scale clamp,
+ * the IEEE division x / s, roundps to nearest-even (nearbyintf in the default mode), NaN codes zeroed by an
+ * ordered-compare mask, and the clamp. Prefill quantizes every activation row; the scalar loop was 7% of an S
+ * prefill. */
 static float quantize_avx2(const float *x, int8_t *q, int K) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 am = _mm256_setzero_ps();
@@ -313,14 +314,14 @@ static float quantize_avx2(const float *x, int8_t *q, int K) {
         float a = fabsf(x[j]);
         if (a > amax) amax = a;
     }
-    float s = amax / 127.0f;
-    if (s == 0.0f) s = 1.0f;
+    float s = mmoe_act_scale(amax);
     const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
     for (i = 0; i + 32 <= K; i += 32) {
         __m256i v[4];
         for (int u = 0; u < 4; u++) {
             __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i + 8 * u), vs),
                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q)); /* NaN -> +0 */
             v[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
         }
         /* packs work per 128-bit lane: [0a 1a 0b 1b] words, then [0a 1a 2a 3a 0b 1b 2b 3b] dwords of bytes */
@@ -329,12 +330,7 @@ static float quantize_avx2(const float *x, int8_t *q, int K) {
         b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(q + i), b);
     }
-    for (; i < K; i++) {
-        float v = nearbyintf(x[i] / s);
-        if (!(v >= -127.0f)) v = -127.0f;
-        if (!(v <= 127.0f)) v = 127.0f;
-        q[i] = (int8_t)v;
-    }
+    for (; i < K; i++) q[i] = mmoe_act_code(x[i], s);
     return s;
 }
 

@@ -3,6 +3,7 @@
 #ifndef MMOE_KERNELS_INTERNAL_H
 #define MMOE_KERNELS_INTERNAL_H
 
+#include <math.h>
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -14,6 +15,22 @@
 #else
 #define MMOE_INLINE static inline
 #endif
+
+/* mmoe_quantize_row_q8's scale from the row's NaN-skipping amax, and one element's code (kernels_scalar.c states
+ * the rule); the SIMD quantizers use these for the scale and their tails. */
+MMOE_INLINE float mmoe_act_scale(float amax) {
+    float s = amax / 127.0f;
+    if (!(s >= 0x1p-126f)) s = 0x1p-126f;              /* 0 or subnormal: the smallest normal float */
+    if (s > 0x1.fffffep+127f) s = 0x1.fffffep+127f;    /* amax = inf: the largest finite float */
+    return s;
+}
+MMOE_INLINE int8_t mmoe_act_code(float x, float s) {
+    float v = nearbyintf(x / s); /* default rounding mode: half to even, like torch.round */
+    if (v != v) v = 0.0f;        /* NaN element (s is finite and > 0, so only a NaN x gives NaN) */
+    if (v < -127.0f) v = -127.0f;
+    if (v > 127.0f) v = 127.0f;
+    return (int8_t)v;
+}
 
 void mmoe_gemv_scalar(const mmoe_q4_matrix *W, const int8_t *xq, float xs, float *y, int r0, int r1);
 void mmoe_gemm_scalar(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy,

@@ -4,22 +4,19 @@
 
 #include "kernels_internal.h"
 
+/* The rule of model/quant.py quantize_act_int8 (stated in its docstring and in kernels.h), in IEEE fp32 with the
+ * default environment (round to nearest even, no flush-to-zero):
+ *   amax = max |x_i|, NaN skipped;  s = clamp(amax / 127, FLT_MIN, FLT_MAX);
+ *   q_i = clamp(round_half_even(x_i / s), -127, 127), NaN -> 0.
+ * The scale is always a normal finite number: a zero row gets FLT_MIN (q = 0), a row holding an inf FLT_MAX. */
 float mmoe_quantize_row_q8(const float *x, int8_t *q, int K) {
     float amax = 0.0f;
     for (int i = 0; i < K; i++) {
         float a = fabsf(x[i]);
-        if (a > amax) amax = a;
+        if (a > amax) amax = a; /* false for NaN: skipped */
     }
-    /* torch: a = amax / 127 (fp32 division), a zero row gets a = 1, q = clamp(round(x / a), -127, 127) */
-    float s = amax / 127.0f;
-    if (s == 0.0f) s = 1.0f;
-    for (int i = 0; i < K; i++) {
-        float v = nearbyintf(x[i] / s); /* default rounding mode: half to even, like torch.round */
-        /* written so that NaN lands on a bound instead of an undefined float->int conversion */
-        if (!(v >= -127.0f)) v = -127.0f;
-        if (!(v <= 127.0f)) v = 127.0f;
-        q[i] = (int8_t)v;
-    }
+    float s = mmoe_act_scale(amax);
+    for (int i = 0; i < K; i++) q[i] = mmoe_act_code(x[i], s);
     return s;
 }
 

@@ -147,11 +147,40 @@ static void test_quantize(void) {
     float s = mmoe_quantize_row_q8(tie_x, q, 8);
     CHECK(s == 1.0f, "scale %g, want 1", (double)s);
     for (int i = 0; i < 8; i++) CHECK(q[i] == tie_q[i], "tie %d: q %d, want %d", i, q[i], tie_q[i]);
-    /* zero row -> scale 1, all zero */
+    /* zero row -> the smallest normal scale, all zero */
     memset(x, 0, sizeof x);
     s = mmoe_quantize_row_q8(x, q, 96);
-    CHECK(s == 1.0f, "zero row scale %g", (double)s);
+    CHECK(s == 0x1p-126f, "zero row scale %g", (double)s);
     for (int i = 0; i < 96; i++) CHECK(q[i] == 0, "zero row q[%d]=%d", i, q[i]);
+    /* tiny row (amax / 127 subnormal): scale FLT_MIN, so x = 3 * 2^-128 (0.75 * FLT_MIN) -> 1, 2^-128 -> 0 */
+    for (int i = 0; i < 96; i++) x[i] = ldexpf((float)(i % 4), -128) * (i & 4 ? -1.0f : 1.0f);
+    s = mmoe_quantize_row_q8(x, q, 96);
+    CHECK(s == 0x1p-126f, "tiny row scale %g", (double)s);
+    for (int i = 0; i < 96; i++) {
+        int want = i % 4 == 3; /* x / s = 0, 0.25, 0.5 (a tie: to even 0), 0.75 */
+        if (i & 4) want = -want;
+        CHECK(q[i] == want, "tiny row q[%d]=%d want %d", i, q[i], want);
+    }
+    /* huge row: amax = FLT_MAX is finite, scale FLT_MAX / 127; an inf makes it FLT_MAX (here finite x -> +-1) */
+    for (int i = 0; i < 96; i++) x[i] = (i & 1 ? -1.0f : 1.0f) * 0x1.fffffep+127f;
+    s = mmoe_quantize_row_q8(x, q, 96);
+    CHECK(s == 0x1.fffffep+127f / 127.0f, "huge row scale %g", (double)s);
+    for (int i = 0; i < 96; i++) CHECK(q[i] == (i & 1 ? -127 : 127), "huge row q[%d]=%d", i, q[i]);
+    x[5] = -INFINITY;
+    x[6] = NAN;
+    s = mmoe_quantize_row_q8(x, q, 96);
+    CHECK(s == 0x1.fffffep+127f, "inf row scale %g", (double)s);
+    for (int i = 0; i < 96; i++)
+        CHECK(q[i] == (i == 5 ? -127 : i == 6 ? 0 : i & 1 ? -1 : 1), "inf row q[%d]=%d", i, q[i]);
+    /* NaN elements are skipped by amax and get code 0; an all-NaN row is a zero row */
+    for (int i = 0; i < 96; i++) x[i] = i % 3 ? NAN : (float)(i - 48);
+    s = mmoe_quantize_row_q8(x, q, 96);
+    CHECK(s == 48.0f / 127.0f, "NaN row scale %g", (double)s);
+    for (int i = 0; i < 96; i++) CHECK(i % 3 == 0 || q[i] == 0, "NaN element q[%d]=%d", i, q[i]);
+    for (int i = 0; i < 96; i++) x[i] = -NAN;
+    s = mmoe_quantize_row_q8(x, q, 96);
+    CHECK(s == 0x1p-126f, "all-NaN row scale %g", (double)s);
+    for (int i = 0; i < 96; i++) CHECK(q[i] == 0, "all-NaN row q[%d]=%d", i, q[i]);
     /* random rows: scale = amax/127, the amax element maps to +-127, every q = clamp(rint(x/s)) */
     for (int t = 0; t < 200; t++) {
         int K = 32 * rnd_int(1, 3);
@@ -162,7 +191,7 @@ static void test_quantize(void) {
         }
         s = mmoe_quantize_row_q8(x, q, K);
         float want_s = amax / 127.0f;
-        if (want_s == 0.0f) want_s = 1.0f;
+        if (want_s < 0x1p-126f) want_s = 0x1p-126f;
         CHECK(fbits(s) == fbits(want_s), "scale");
         for (int i = 0; i < K; i++) {
             float v = x[i] / s, r = floorf(v), diff = v - r;
@@ -234,16 +263,22 @@ static void test_set_quantize(const mmoe_kernel_set *k) {
     static int8_t q0[1056], q1[1056];
     for (int t = 0; t < 400; t++) {
         int K = t < 300 ? 32 * rnd_int(1, 33) : rnd_int(1, 1056);
-        int mode = t % 5;
+        int mode = t % 8;
         for (int i = 0; i < K; i++) {
             x[i] = ldexpf((float)((int)(rnd() % 2000001) - 1000000), rnd_int(-30, 0));
             if (mode == 1) x[i] = (float)((int)(rnd() % 255) - 127) + 0.5f; /* exact ties when amax gives s = 1 */
             if (mode == 2 && rnd() % 7 == 0) x[i] = 0.0f;
+            /* subnormal and tiny normal rows: the scale clamps to FLT_MIN, codes from the IEEE division */
+            if (mode == 5) x[i] = ldexpf((float)((int)(rnd() % 2001) - 1000), rnd_int(-152, -125));
+            if (mode == 6) x[i] = ldexpf((float)((int)(rnd() % 2000001) - 1000000), rnd_int(100, 108)); /* huge */
+            if (mode == 7 && rnd() % 3 == 0) x[i] = NAN;
         }
         if (mode == 1) x[rnd() % K] = 127.0f;
         if (mode == 3) x[rnd() % K] = NAN;
-        if (mode == 4) x[rnd() % K] = (rnd() & 1) ? INFINITY : -INFINITY;
+        if (mode == 4 || (mode == 6 && t % 3 == 0)) x[rnd() % K] = (rnd() & 1) ? INFINITY : -INFINITY;
         if (t == 7) memset(x, 0, sizeof(float) * (size_t)K);
+        if (t == 15)
+            for (int i = 0; i < K; i++) x[i] = NAN;
         float s0 = mmoe_quantize_row_q8(x, q0, K), s1 = k->quantize(x, q1, K);
         CHECK(fbits(s0) == fbits(s1), "%s quantize scale K=%d mode %d", k->name, K, mode);
         CHECK(memcmp(q0, q1, (size_t)K) == 0, "%s quantize bytes K=%d mode %d", k->name, K, mode);
