@@ -9,7 +9,8 @@ comma-separated or repeated. --engine: comma list of torch (as saved: fake quant
 float (= torch-float), fakequant (= torch-fakequant), int4 (= mobile, the C phone engine), or all.
 Suites: local = the offline Shakespeare tasks in bench/tasks (no network); quick = 5 zero-shot commonsense
 tasks on 200 items each; paper = the 14 benchmarks of bench/EVAL.md with their few-shot settings.
-Results: a markdown + JSON table in <run>/eval/<suite>.{md,json} (or --out), also printed.
+Results: a markdown + JSON table in <run>/eval/<suite>.{md,json} (or --out), also printed; an existing
+<suite>.{md,json} that is not an earlier result of this command is refused (checked before evaluating) unless --force.
 Hub suites check the Hugging Face hub before loading anything and fail at once, naming the datasets, when it
 is unreachable and they are not cached. humaneval and mbpp EXECUTE model-written code: they run only with
 --allow-code-execution.
@@ -23,11 +24,12 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+
+from model.atomic import atomic_write, check_file_target, check_folder
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 ENGINE_ALIASES = {"torch": "torch", "float": "torch-float", "torch-float": "torch-float",
@@ -225,18 +227,43 @@ def markdown_table(suite: str, specs: tuple[TaskSpec, ...], rows: list[dict]) ->
     return "\n".join(lines) + "\n" + note + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _is_eval_json(p: Path) -> bool:
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "suite" in d and "rows" in d
+
+
+def _is_eval_md(p: Path) -> bool:
+    try:
+        with open(p, encoding="utf-8", errors="replace") as fh:
+            return fh.readline().startswith("| model | engine |")
+    except OSError:
+        return False
+
+
+def result_paths(out_dir: Path, suite: str) -> tuple[Path, Path]:
+    return out_dir / f"{suite}.json", out_dir / f"{suite}.md"
+
+
+def check_outputs(out_dir: Path, suite: str, force: bool = False) -> None:
+    """Raise TargetExistsError unless both result files may be written: `out_dir` is (or can be made) a folder,
+    and each file is new or a previous result of this command (force=True: any file). Nothing else in
+    `out_dir` is ever touched. Called before evaluating, so a refusal costs nothing."""
+    js, md = result_paths(out_dir, suite)
+    check_folder(out_dir)
+    check_file_target(js, is_ours=_is_eval_json, what="a bench.eval result (.json)", force=force)
+    check_file_target(md, is_ours=_is_eval_md, what="a bench.eval result table (.md)", force=force)
+
+
+def write_results(out_dir: Path, suite: str, payload: dict, md_text: str, force: bool = False) -> tuple[Path, Path]:
+    """Write <out_dir>/<suite>.json and .md, each atomically (model/atomic.py)."""
+    check_outputs(out_dir, suite, force)  # both before either: no half-updated pair on a refusal
+    js, md = result_paths(out_dir, suite)
+    atomic_write(js, json.dumps(payload, indent=2) + "\n", is_ours=_is_eval_json, force=force)
+    atomic_write(md, md_text, is_ours=_is_eval_md, force=force)
+    return js, md
 
 
 def parse_list(values: list[str]) -> list[str]:
@@ -259,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run humaneval/mbpp, which execute model-written code")
     p.add_argument("--skip-code-tasks", action="store_true", help="leave humaneval/mbpp out of the suite")
     p.add_argument("--out", default=None, help="output directory (default <run>/eval)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite <out>/<suite>.{json,md} even when they are not earlier bench.eval results")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
@@ -281,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpts = expand_ckpts(parse_list(a.ckpt), a.stages)
         if a.mmoe and len(ckpts) > 1:
             raise EvalError("--mmoe names one engine file: use it with a single checkpoint")
+        out_dir = Path(a.out) if a.out else run_dir_of(ckpts[0][1]) / "eval"
+        check_outputs(out_dir, a.suite, a.force)  # before hours of evaluation, not after
         preflight(specs, a.allow_code_execution)
         if a.allow_code_execution:
             os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # the `evaluate` code_eval metric's own opt-in
@@ -308,18 +339,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[eval] {label} · {shown}: " + ", ".join(
                     f"{s.task} {100 * metrics[s.task][s.metric]:.1f}" for s in specs), file=sys.stderr)
         md_text = markdown_table(a.suite, specs, rows)
-        out_dir = Path(a.out) if a.out else run_dir_of(ckpts[0][1]) / "eval"
         import lm_eval  # noqa: PLC0415
 
         payload = dict(suite=a.suite, limit=limit, lm_eval_version=getattr(lm_eval, "__version__", "?"),
                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        tasks=[dict(task=s.task, fewshot=s.fewshot, metric=s.metric, filter=s.filter) for s in specs],
                        rows=rows)
-        atomic_write(out_dir / f"{a.suite}.json", json.dumps(payload, indent=2) + "\n")
-        atomic_write(out_dir / f"{a.suite}.md", md_text)
+        js, md = write_results(out_dir, a.suite, payload, md_text, a.force)
         print(md_text)
-        print(f"wrote {out_dir / (a.suite + '.md')} and {out_dir / (a.suite + '.json')}")
-    except (EvalError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"wrote {md} and {js}")
+    except (EvalError, OSError, ValueError, RuntimeError) as e:  # OSError: FileNotFoundError, unwritable --out
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,6 @@
 """python -m mobile export|generate|info
 
-  export   --ckpt <model dir | run dir> --out F.mmoe [--tokenizer tokenizer.json]
+  export   --ckpt <model dir | run dir> --out F.mmoe [--tokenizer tokenizer.json] [--force]
   export   --random-init --size tiny|S|M|L|dense-1B --out F.mmoe [--seed N] [--tokenizer tokenizer.json]
   generate --model F.mmoe --prompt "..." --max-new-tokens N [--greedy] [--threads T] [--chat] [--temperature X]
            [--top-p P] [--seed S] [--prompt-ids 1,2,3] [--ids] [--profile] [--float]
@@ -32,18 +32,21 @@ def peak_rss_mb() -> float:
 
 
 def _export(a) -> int:
+    from mobile.format import check_mmoe_target  # noqa: PLC0415
+
+    check_mmoe_target(a.out, a.force)  # refuse before loading or generating anything
     if a.random_init:
         from mobile.export import export_random  # noqa: PLC0415
 
         if a.ckpt:
             raise ValueError("give either --ckpt or --random-init, not both")
-        out = export_random(a.size, a.out, seed=a.seed, tokenizer_json=a.tokenizer)
+        out = export_random(a.size, a.out, seed=a.seed, tokenizer_json=a.tokenizer, force=a.force)
     else:
         if not a.ckpt:
             raise ValueError("--ckpt (a model or run directory) or --random-init is required")
         from mobile.export import export_model_dir  # noqa: PLC0415  (imports torch)
 
-        out = export_model_dir(a.ckpt, a.out, tokenizer_json=a.tokenizer)
+        out = export_model_dir(a.ckpt, a.out, tokenizer_json=a.tokenizer, force=a.force)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--tokenizer", help="tokenizer.json (byte-level BPE) to embed; default: the model dir's, else bytes")
     e.add_argument("--out", required=True)
+    e.add_argument("--force", action="store_true", help="overwrite --out even when it is not a .mmoe file")
     g = sub.add_parser("generate", help="run the C engine through ctypes")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", default="")

@@ -110,7 +110,8 @@ def _torch_tensors(model) -> list[TensorSpec]:
     return out
 
 
-def export_model_dir(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer_json: str | None = None) -> Path:
+def export_model_dir(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer_json: str | None = None,
+                     force: bool = False) -> Path:
     from model.io import load_model_dir, tokenizer_path  # noqa: PLC0415  (imports torch)
 
     mdir = find_model_dir(ckpt)
@@ -118,7 +119,7 @@ def export_model_dir(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer_
     cfg = model.cfg.to_dict()
     tj = tokenizer_json or tokenizer_path(mdir)
     tok = tokenizer_from_json(tj, cfg["vocab_size"]) if tj else byte_tokenizer()
-    return write_mmoe(out, cfg, _torch_tensors(model), tok)
+    return write_mmoe(out, cfg, _torch_tensors(model), tok, force=force)
 
 
 # ---- random init, straight into the quantized format ---------------------------------------------------
@@ -174,11 +175,11 @@ def random_tensors(cfg: dict, seed: int = 0, init: str = "balanced") -> list[Ten
 
 
 def export_random(size: str, out: str | os.PathLike, seed: int = 0, tokenizer_json: str | None = None,
-                  init: str = "balanced", **overrides) -> Path:
+                  init: str = "balanced", force: bool = False, **overrides) -> Path:
     """A random-weight .mmoe of a preset: model/init.py's INT4 weights (`init` "balanced" routes like a trained,
     load-balanced model; "train" has MobileMoE.init_weights' stds)."""
     from model.config import get_config  # noqa: PLC0415  (config.py is plain Python, no torch)
 
     cfg = get_config(size, seed=seed, **overrides).to_dict()
     tok: TokenizerBlob = tokenizer_from_json(tokenizer_json, cfg["vocab_size"]) if tokenizer_json else byte_tokenizer()
-    return write_mmoe(out, cfg, random_tensors(cfg, seed, init), tok)
+    return write_mmoe(out, cfg, random_tensors(cfg, seed, init), tok, force=force)

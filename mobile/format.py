@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from model.atomic import atomic_open, check_file_target  # plain Python, no torch
 
 MAGIC = b"MMOEINT4"
 VERSION = 1
@@ -185,9 +186,18 @@ def header_values(cfg: dict, layer_kinds: list[int], eos_id: int) -> dict:
     )
 
 
-def write_mmoe(out: str | os.PathLike, cfg: dict, tensors: Iterable[TensorSpec], tok: TokenizerBlob) -> Path:
-    """Atomically write a .mmoe file: temp file in the same folder, fsync, rename."""
+def check_mmoe_target(out: str | os.PathLike, force: bool = False) -> None:
+    """Raise TargetExistsError unless write_mmoe may write `out`: a new path, an empty file or a .mmoe (its
+    magic), anything with force=True; never a directory."""
+    check_file_target(out, magic=MAGIC, what="a .mmoe file", force=force)
+
+
+def write_mmoe(out: str | os.PathLike, cfg: dict, tensors: Iterable[TensorSpec], tok: TokenizerBlob,
+               force: bool = False) -> Path:
+    """Atomically write a .mmoe file: temp file in the same folder, fsync, rename. An existing `out` is replaced
+    only when it is a .mmoe file (or empty) unless force=True; a directory never (TargetExistsError)."""
     out = Path(out)
+    check_mmoe_target(out, force)
     tensors = list(tensors)
     if cfg["n_layers"] > MAX_LAYERS:
         raise ValueError(f"n_layers={cfg['n_layers']} exceeds the format's limit of {MAX_LAYERS}")
@@ -223,32 +233,19 @@ def write_mmoe(out: str | os.PathLike, cfg: dict, tensors: Iterable[TensorSpec],
     for t, off, size in entries:
         shape = list(t.shape) + [0] * (4 - len(t.shape))
         table += struct.pack("<64sII4IQQ", t.name.encode(), t.dtype, len(t.shape), *shape, off, size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(table)
-            f.seek(tok_offset)
-            f.write(tok_b)
-            f.seek(cj_offset)
-            f.write(cfg_json)
-            for t, off, size in entries:
-                f.seek(off)
-                t.write(f)
-                if f.tell() != off + size:
-                    raise RuntimeError(f"tensor {t.name}: wrote {f.tell() - off} bytes, expected {size}")
-            f.truncate(file_size)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is ordinary data
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(out, "wb", magic=MAGIC, what="a .mmoe file", force=force) as f:
+        f.write(header)
+        f.write(table)
+        f.seek(tok_offset)
+        f.write(tok_b)
+        f.seek(cj_offset)
+        f.write(cfg_json)
+        for t, off, size in entries:
+            f.seek(off)
+            t.write(f)
+            if f.tell() != off + size:
+                raise RuntimeError(f"tensor {t.name}: wrote {f.tell() - off} bytes, expected {size}")
+        f.truncate(file_size)
     return out
 
 

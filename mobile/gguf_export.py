@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from mobile.format import _bytes_to_unicode  # one copy of GPT-2's byte map
+from model.atomic import atomic_path, check_file_target
 from model.config import PRESETS, ModelConfig, get_config
 from model.quant import check_finite, pack_int4, quantize_int4
 
@@ -304,33 +304,35 @@ def _writer_with_metadata(cfg: ModelConfig, qtype: str, tokenizer_json, name: st
     return w
 
 
-def _stream_out(w, out: Path, arrays: Iterator[np.ndarray]) -> Path:
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_target(out: str | os.PathLike, force: bool = False) -> None:
+    """Raise TargetExistsError unless `out` may be (re)written: new, empty, a GGUF file, or force=True."""
+    check_file_target(out, magic=GGUF_MAGIC, what="a GGUF file", force=force)
+
+
+def _stream_out(w, out: Path, arrays: Iterator[np.ndarray], force: bool = False) -> Path:
     """Header, keys and tensor table (already added), then each array in table order, into a temp file in
-    the destination folder that is fsynced and renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
-        w.write_header_to_file(path=Path(tmp))
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for arr in arrays:
-            w.write_tensor_data(np.ascontiguousarray(arr))
-        w.flush()
-        for f in w.fout or []:
-            os.fsync(f.fileno())
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    the destination folder that is fsynced and renamed into place (model/atomic.py: an existing `out` must
+    be a GGUF file unless force=True)."""
+    with atomic_path(out, magic=GGUF_MAGIC, what="a GGUF file", force=force) as tmp:
+        try:
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for arr in arrays:
+                w.write_tensor_data(np.ascontiguousarray(arr))
+            w.flush()
+        finally:
+            w.close()  # closed before atomic_path fsyncs and renames it (or removes it on failure)
     return out
 
 
 def write_gguf(cfg: ModelConfig, params: Callable[[], Iterator[tuple[str, torch.Tensor]]], out: str | os.PathLike,
                qtype: str = "f16", tokenizer_json: str | os.PathLike | None = None,
-               buffers: dict[str, torch.Tensor] | None = None, name: str | None = None) -> Path:
+               buffers: dict[str, torch.Tensor] | None = None, name: str | None = None,
+               force: bool = False) -> Path:
     """Write the GGUF atomically. `params()` streams (name, fp32 tensor) in MobileMoE parameter order (the
     order of the tensor table, which is built from the config's shapes)."""
     buffers = buffers or {}
@@ -340,10 +342,12 @@ def write_gguf(cfg: ModelConfig, params: Callable[[], Iterator[tuple[str, torch.
     for gname, t, kind in _gguf_tensors(cfg, iter(meta_params), buffers):
         shape, dtype, nbytes, raw = _info(t, kind, qtype)
         w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=raw)
-    return _stream_out(w, Path(out), (_encode(t, kind, qtype) for _g, t, kind in _gguf_tensors(cfg, params(), buffers)))
+    arrays = (_encode(t, kind, qtype) for _g, t, kind in _gguf_tensors(cfg, params(), buffers))
+    return _stream_out(w, Path(out), arrays, force)
 
 
-def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, qtype: str = "f16") -> Path:
+def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, qtype: str = "f16",
+                     force: bool = False) -> Path:
     from mobile.export import find_model_dir  # noqa: PLC0415  (a run directory -> its model directory)
     from model.io import load_model_dir, tokenizer_path  # noqa: PLC0415
 
@@ -354,25 +358,28 @@ def export_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, qtype
     for n, t in [*named, *buffers.items()]:  # before any byte is written
         check_finite(n, t)
     return write_gguf(model.cfg, lambda: iter(named), out, qtype, tokenizer_path(model_dir), buffers,
-                      name=f"mobilemoe-{Path(model_dir).name}")
+                      name=f"mobilemoe-{Path(model_dir).name}", force=force)
 
 
 def export_random_init(cfg: ModelConfig, out: str | os.PathLike, qtype: str = "q4_0", seed: int = 0,
-                       init: str = "balanced") -> Path:
+                       init: str = "balanced", force: bool = False) -> Path:
     """Q4_0: the .mmoe random export's blocks unchanged (written to a temp file beside `out`, converted, removed);
     F16/F32: the same weights dequantized."""
     name = f"mobilemoe-{cfg.name}-random-init"
     if qtype != "q4_0":
-        return write_gguf(cfg, lambda: random_init_params(cfg, seed, init), out, qtype, None, name=name)
+        return write_gguf(cfg, lambda: random_init_params(cfg, seed, init), out, qtype, None, name=name, force=force)
+    import tempfile  # noqa: PLC0415
+
     from mobile.export import random_tensors  # noqa: PLC0415
     from mobile.format import byte_tokenizer, write_mmoe  # noqa: PLC0415
 
     _check_supported(cfg)
+    check_gguf_target(out, force)  # before writing hundreds of MB
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.mmoe-", dir=Path(out).parent) as d:
         d_cfg = cfg.to_dict()
         mm = write_mmoe(Path(d) / "random.mmoe", d_cfg, random_tensors(d_cfg, seed, init), byte_tokenizer())
-        return mmoe_to_gguf(mm, out, name=name)
+        return mmoe_to_gguf(mm, out, name=name, force=force)
 
 
 # ---- from a .mmoe file: the phone engine's exact INT4 weights, re-laid out as Q4_0 (no requantization) ------
@@ -391,7 +398,8 @@ def _permute_rows(a_RX: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
     return a_RX.reshape(n_heads, 2, head_dim // 2, X).transpose(0, 2, 1, 3).reshape(n_heads * head_dim, X)
 
 
-def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str | None = None) -> Path:
+def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str | None = None,
+                 force: bool = False) -> Path:
     """Convert a .mmoe file (mobile/export.py) into a GGUF Q4_0 holding bit-identical INT4 weights, so llama.cpp
     and our engine run exactly the same model. The tokenizer goes out as raw bytes (benchmarks feed ids)."""
     import mmap  # noqa: PLC0415
@@ -476,7 +484,7 @@ def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str
         for gname, shape, rawt, _make in plan:
             dt = np.dtype(np.uint8) if rawt is not None else np.dtype(np.float32)
             w.add_tensor_info(gname, shape, dt, int(np.prod(shape)) * dt.itemsize, raw_dtype=rawt)
-        return _stream_out(w, Path(out), (make() for _g, _s, _r, make in plan))
+        return _stream_out(w, Path(out), (make() for _g, _s, _r, make in plan), force)
     finally:
         views.clear()
         try:
@@ -510,21 +518,23 @@ def build_parser(prog: str = "python -m mobile.gguf_export") -> argparse.Argumen
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .gguf path")
     p.add_argument("--type", default="f16", choices=TYPES, help="matrix type (router/norms are always F32)")
+    p.add_argument("--force", action="store_true", help="overwrite --out even when it is not a GGUF file")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        check_gguf_target(a.out, a.force)  # before loading or generating anything
         if a.from_mmoe:
             if a.type != "q4_0":
                 raise ValueError("--from-mmoe writes Q4_0 only (the .mmoe holds INT4 weights)")
-            out = mmoe_to_gguf(a.from_mmoe, a.out)
+            out = mmoe_to_gguf(a.from_mmoe, a.out, force=a.force)
         elif a.random_init:
-            out = export_random_init(get_config(a.size), a.out, a.type, a.seed)
+            out = export_random_init(get_config(a.size), a.out, a.type, a.seed, force=a.force)
         else:
-            out = export_model_dir(a.model, a.out, a.type)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+            out = export_model_dir(a.model, a.out, a.type, force=a.force)
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type})")

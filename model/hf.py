@@ -1,7 +1,10 @@
 """Hugging Face interop: MobileMoE <-> a transformers `Qwen2MoeForCausalLM` checkpoint.
 
-    python -m model.hf export <model_dir> <hf_dir>     # model/io.py directory -> Qwen2-MoE checkpoint
-    python -m model.hf import <hf_dir> <model_dir>     # Qwen2-MoE checkpoint -> model/io.py directory
+    python -m model.hf export <model_dir> <hf_dir> [--force]   # model/io.py directory -> Qwen2-MoE checkpoint
+    python -m model.hf import <hf_dir> <model_dir> [--force]   # Qwen2-MoE checkpoint -> model/io.py directory
+
+The output folder is written atomically and replaced only when it is empty or a previous output of the same
+command (model/atomic.py); anything else is refused with a one-line error unless --force.
 
 The mapping is exact (fp32 logits agree to float rounding; tests/test_hf.py checks <= 1e-4):
   tok_emb / norm / lm_head      -> model.embed_tokens / model.norm / lm_head (omitted when tied)
@@ -36,12 +39,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.atomic import check_dir_target, dir_has_only, publish_dir
 from model.config import ModelConfig
 from model.model import MobileMoE
 
@@ -147,42 +150,37 @@ def _put_swiglu(sd: dict, prefix: str, mlp, t, down_scale: float) -> None:
     sd[prefix + "down_proj.weight"] = t(mlp.w_down.weight) * down_scale
 
 
-class _AtomicDir:
-    """Write into a temporary sibling folder; rename it over `out` only when everything is on disk."""
+HF_EXPORT_KIND = "hf-export"
+HF_EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json"}
 
-    def __init__(self, out: str | os.PathLike):
-        self.out = Path(out)
 
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for f in self.tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+def _legacy_hf_export(p: Path) -> bool:
+    """An export_hf folder written before model/atomic.py's marker existed: exactly its files, and a
+    config.json carrying our metadata key."""
+    if not dir_has_only(p, HF_EXPORT_FILES, {"config.json", "model.safetensors"}):
+        return False
+    try:
+        return META_KEY in json.loads((p / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
         return False
 
 
-def export_hf(model: MobileMoE, out_dir: str | os.PathLike, tokenizer_json: str | os.PathLike | None = None) -> Path:
+def check_hf_target(out_dir: str | os.PathLike, force: bool = False) -> None:
+    """Raise TargetExistsError unless export_hf may write `out_dir` (the CLI checks before loading the model)."""
+    check_dir_target(out_dir, kind=HF_EXPORT_KIND, legacy=_legacy_hf_export, force=force)
+
+
+def export_hf(model: MobileMoE, out_dir: str | os.PathLike, tokenizer_json: str | os.PathLike | None = None,
+              force: bool = False) -> Path:
     """Write `model` as a transformers Qwen2MoeForCausalLM checkpoint (config.json + model.safetensors
-    [+ tokenizer.json]). Atomic. Raises ValueError naming any feature Qwen2-MoE cannot express."""
+    [+ tokenizer.json]). Atomic. Raises ValueError naming any feature Qwen2-MoE cannot express, and
+    TargetExistsError when `out_dir` holds anything but a previous export (unless force=True)."""
     check_exportable(model)
+    check_hf_target(out_dir, force)
     conf = hf_config_dict(model.cfg)
     conf[META_KEY] = model.cfg.to_dict()
     state = hf_state_dict(model)
-    with _AtomicDir(out_dir) as tmp:
+    with publish_dir(out_dir, kind=HF_EXPORT_KIND, legacy=_legacy_hf_export, force=force) as tmp:
         (tmp / "config.json").write_text(json.dumps(conf, indent=2))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_json is not None:
@@ -347,28 +345,33 @@ def import_hf(hf_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.hf", description="MobileMoE <-> Qwen2-MoE (transformers)")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    force_help = "replace the output folder even when it is not empty and not a previous output of this command"
     e = sub.add_parser("export", help="model directory (model/io.py) -> Qwen2-MoE checkpoint")
     e.add_argument("model_dir")
     e.add_argument("hf_dir")
+    e.add_argument("--force", action="store_true", help=force_help)
     i = sub.add_parser("import", help="Qwen2-MoE checkpoint -> model directory (model/io.py)")
     i.add_argument("hf_dir")
     i.add_argument("model_dir")
+    i.add_argument("--force", action="store_true", help=force_help)
     a = ap.parse_args(argv)
-    from model.io import load_model_dir, save_model_dir, tokenizer_path  # noqa: PLC0415
+    from model.io import check_model_dir_target, load_model_dir, save_model_dir, tokenizer_path  # noqa: PLC0415
 
     try:
         if a.cmd == "export":
+            check_hf_target(a.hf_dir, a.force)  # before the (possibly slow) load
             model, meta = load_model_dir(a.model_dir)
             if meta.get("qat"):  # the INT4 phone format is mobile/'s job; transformers gets the latent weights
                 print("note: QAT model: exporting its latent float weights (transformers runs them without the "
                       "INT4/int8 rounding)", file=sys.stderr)
                 model.set_qat(False)
-            out = export_hf(model, a.hf_dir, tokenizer_path(a.model_dir))
+            out = export_hf(model, a.hf_dir, tokenizer_path(a.model_dir), force=a.force)
         else:
+            check_model_dir_target(a.model_dir, a.force)
             model = import_hf(a.hf_dir)
             tok = Path(a.hf_dir) / "tokenizer.json"
-            out = save_model_dir(model, a.model_dir, tok if tok.is_file() else None)
-    except (ValueError, FileNotFoundError) as err:
+            out = save_model_dir(model, a.model_dir, tok if tok.is_file() else None, force=a.force)
+    except (ValueError, OSError) as err:  # OSError: FileNotFoundError, and an unwritable or file-blocked parent
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -4,7 +4,9 @@
     <dir>/model.safetensors   the MobileMoE state_dict, fp32 (buffers such as expert_bias included)
     <dir>/tokenizer.json      optional: a `tokenizers` tokenizer (byte-level BPE); absent = raw bytes
 
-Writes are atomic: everything goes to a temporary sibling folder that is renamed into place.
+Writes are atomic: everything goes to a temporary sibling folder that is swapped into place (model/atomic.py);
+the folder also holds model/atomic.py's marker, so a later save recognises it as its own and replaces it, while a
+non-empty folder of anything else is refused (TargetExistsError) unless force=True.
 """
 
 from __future__ import annotations
@@ -12,52 +14,49 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+# fsync_path lives in model/atomic.py now; re-exported for existing `from model.io import fsync_path`
+from model.atomic import check_dir_target, dir_has_only, fsync_path, publish_dir  # noqa: F401
 from model.config import ModelConfig
 from model.model import MobileMoE
 
+MODEL_DIR_KIND = "model-dir"
+MODEL_DIR_FILES = {"config.json", "model.safetensors", "tokenizer.json"}
 
-def fsync_path(path: str | os.PathLike) -> None:
-    """fsync a file or a directory (a directory: so a rename into it survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
+
+def _legacy_model_dir(p: Path) -> bool:
+    """A model directory written before the marker existed: exactly our files (plus the model.mmoe that
+    bench/lm_eval_adapter.py exports beside the weights), and a config.json of ours."""
+    if not dir_has_only(p, MODEL_DIR_FILES | {"model.mmoe"}, {"config.json", "model.safetensors"}):
+        return False
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return isinstance(json.loads((p / "config.json").read_text()).get("config"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_model_dir_target(out_dir: str | os.PathLike, force: bool = False) -> None:
+    """Raise TargetExistsError unless save_model_dir may write `out_dir` (CLIs call it before the slow part)."""
+    check_dir_target(out_dir, kind=MODEL_DIR_KIND, legacy=_legacy_model_dir, force=force)
 
 
 def save_model_dir(model: MobileMoE, out_dir: str | os.PathLike, tokenizer_json: str | os.PathLike | None = None,
-                   extra: dict | None = None) -> Path:
+                   extra: dict | None = None, force: bool = False) -> Path:
+    """Atomically (re)write a model directory. An existing `out_dir` is replaced only when it is empty or a
+    previous model directory (model/atomic.py's rules) unless force=True; else TargetExistsError."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        cfg = model.cfg.to_dict()
-        meta = dict(config=cfg, qat=bool(getattr(model, "qat", False)), **(extra or {}))
+    cfg = model.cfg.to_dict()
+    meta = dict(config=cfg, qat=bool(getattr(model, "qat", False)), **(extra or {}))
+    with publish_dir(out, kind=MODEL_DIR_KIND, legacy=_legacy_model_dir, force=force) as tmp:
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_path(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
