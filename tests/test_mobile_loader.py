@@ -1,5 +1,6 @@
 """Hardening: the C loader rejects truncated, wrong-magic, wrong-version, misaligned, out-of-range and
-shape-inconsistent files with one clear line and a non-zero exit; the exporter writes the QAT INT4 bytes."""
+shape-inconsistent files with one clear line and exit status 2 (bad input, model/cli.py's convention); the
+exporter writes the QAT INT4 bytes."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ CASES = {
 def test_loader_rejects(valid, tmp_path, case):
     edit, msg = CASES[case]
     r = run_check(mutated(valid, tmp_path, edit))
-    assert r.returncode == 1, (case, r.stdout, r.stderr)
+    assert r.returncode == 2, (case, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert msg in lines[0], lines[0]
@@ -107,7 +108,8 @@ def test_python_binding_and_cli_reject_cleanly(valid, tmp_path):
         Engine(bad)
     r = subprocess.run([sys.executable, "-m", "mobile", "generate", "--model", str(bad), "--prompt", "x"],
                        capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert str(bad) in r.stderr and "unsupported format version 9" in r.stderr
 
 
 def test_export_is_bit_exact_with_quant_py(tmp_path):

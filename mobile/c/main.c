@@ -1,11 +1,12 @@
-/* mmoe-run: the phone command line.
- *   mmoe-run model.mmoe -p "text" -n 64 -t 4 [--temp 0.8 --top-p 0.95 --seed 1 | --greedy]
- *            [--prompt-ids 1,2,3] [--ids] [--profile] [--float] [--ctx N] [--ignore-eos] [--check]
+/* mmoe-run: the phone command line (mmoe-run --help lists every option with its default).
  * Text goes to stdout; timings (prefill / decode tok/s, peak RSS, kernel set) to stderr.
- * --ids prints the generated token ids (comma separated, one line) instead of text; --prompt-ids skips the
- * tokenizer; --check only loads and validates the file. Exit 0 on success, 1 on bad input/model, 2 on usage. */
+ * Exit status, as every CLI of the repo (model/cli.py): 0 ok, 2 bad input (a bad option value, a file the
+ * loader rejects, a prompt that cannot be run: one line on stderr), 1 an internal failure (out of memory, an
+ * engine error mid-run). A prompt is bytes: invalid UTF-8 goes to the byte-level tokenizer as it is, the
+ * same rule as `python -m mobile generate`. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,19 +15,50 @@
 
 #include "mmoe.h"
 
+enum { EXIT_BAD_INPUT = 2, EXIT_INTERNAL = 1 };
+#define N_NEW_MAX (1L << 20)
+#define CTX_MAX (1L << 20)
+#define THREADS_MAX 256L
+#define SEED_MAX 0x7fffffffL
+
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void usage(void) {
-    fprintf(stderr,
-            "usage: mmoe-run MODEL.mmoe [-p PROMPT | --prompt-ids 1,2,3] [-n N] [-t THREADS] [--greedy]\n"
-            "                [--temp T] [--top-p P] [--seed S] [--ids] [--profile] [--float] [--ctx N]\n"
-            "                [--ignore-eos] [--check]\n");
+static void help(void) {
+    printf("usage: mmoe-run MODEL.mmoe [-p PROMPT | --prompt-ids 1,2,3] [options]\n"
+           "\n"
+           "Run a .mmoe model with the C engine: prefill the prompt, then generate.\n"
+           "\n"
+           "  MODEL.mmoe               the model file (validated by the loader before anything runs)\n"
+           "  -p, --prompt TEXT        prompt text, passed to the byte-level tokenizer as bytes (default: none)\n"
+           "  --prompt-ids IDS         comma-separated token ids in [0, vocab_size), skipping the tokenizer;\n"
+           "                           not with -p (default: none)\n"
+           "  -n, --max-new-tokens N   tokens to generate, in [1, %ld]; prompt + N must fit the context\n"
+           "                           (default: 64)\n"
+           "  -t, --threads T          worker threads, in [1, %ld] (default: 1)\n"
+           "  --temp T                 sampling temperature, finite and >= 0; 0 = greedy (default: 0.8)\n"
+           "  --top-p P                nucleus sampling mass, in (0, 1]; 1 = no filter (default: 0.95)\n"
+           "  --seed S                 sampling seed, in [0, %ld] (default: 0)\n"
+           "  --greedy                 always take the most likely token (default: off)\n"
+           "  --ctx N                  KV cache length, in [1, the model's max_seq_len]\n"
+           "                           (default: prompt tokens + N)\n"
+           "  --ignore-eos             keep generating past end-of-text / end-of-turn tokens (default: off)\n"
+           "  --ids                    print the generated token ids (one comma-separated line) instead of text\n"
+           "                           (default: off)\n"
+           "  --profile                per-op timers on stderr (default: off)\n"
+           "  --float                  debug: dequantized fp32 weights instead of the int kernels (default: off)\n"
+           "  --check                  only load and validate the file, print one 'ok:' line (default: off)\n"
+           "  -h, --help               this help\n"
+           "\n"
+           "Environment: MMOE_KERNELS=scalar|avx2|neon|dotprod|i8mm forces a kernel set.\n"
+           "Exit status: 0 ok, 2 bad input (one line on stderr), 1 internal error.\n",
+           N_NEW_MAX, THREADS_MAX, SEED_MAX);
 }
 
+/* Whole-string integer in [lo, hi]: no trailing garbage, no overflow. */
 static int parse_int(const char *s, const char *what, long lo, long hi, long *out) {
     char *end;
     errno = 0;
@@ -39,15 +71,17 @@ static int parse_int(const char *s, const char *what, long lo, long hi, long *ou
     return 0;
 }
 
-static int parse_float(const char *s, const char *what, float *out) {
+/* Whole-string finite number in [lo, hi] (lo excluded when lo_open). */
+static int parse_float(const char *s, const char *what, double lo, int lo_open, double hi, const char *range,
+                       float *out) {
     char *end;
     errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end || v != v) {
-        fprintf(stderr, "error: %s must be a number, got '%s'\n", what, s);
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !isfinite(v) || (lo_open ? v <= lo : v < lo) || v > hi) {
+        fprintf(stderr, "error: %s must be a finite number %s, got '%s'\n", what, range, s);
         return -1;
     }
-    *out = v;
+    *out = (float)v;
     return 0;
 }
 
@@ -61,39 +95,56 @@ int main(int argc, char **argv) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
 #define NEEDV                                                                                                     \
     if (!v) {                                                                                                     \
-        fprintf(stderr, "error: %s needs a value\n", a);                                                          \
-        return 2;                                                                                                 \
+        fprintf(stderr, "error: %s needs a value (see mmoe-run --help)\n", a);                                    \
+        return EXIT_BAD_INPUT;                                                                                    \
     }                                                                                                             \
     i++;
+#define BAD(x) \
+    if (x) return EXIT_BAD_INPUT;
         if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) { NEEDV prompt = v; }
         else if (!strcmp(a, "--prompt-ids")) { NEEDV prompt_ids = v; }
-        else if (!strcmp(a, "-n") || !strcmp(a, "--max-new-tokens")) { NEEDV if (parse_int(v, a, 0, 1 << 20, &n_new)) return 2; }
-        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { NEEDV if (parse_int(v, a, 1, 256, &threads)) return 2; }
-        else if (!strcmp(a, "--seed")) { NEEDV if (parse_int(v, a, 0, 0x7fffffffL, &seed)) return 2; }
-        else if (!strcmp(a, "--ctx")) { NEEDV if (parse_int(v, a, 1, 1 << 20, &max_ctx)) return 2; }
-        else if (!strcmp(a, "--temp")) { NEEDV if (parse_float(v, a, &temp)) return 2; }
-        else if (!strcmp(a, "--top-p")) { NEEDV if (parse_float(v, a, &top_p)) return 2; }
+        else if (!strcmp(a, "-n") || !strcmp(a, "--max-new-tokens")) { NEEDV BAD(parse_int(v, a, 1, N_NEW_MAX, &n_new)) }
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { NEEDV BAD(parse_int(v, a, 1, THREADS_MAX, &threads)) }
+        else if (!strcmp(a, "--seed")) { NEEDV BAD(parse_int(v, a, 0, SEED_MAX, &seed)) }
+        else if (!strcmp(a, "--ctx")) { NEEDV BAD(parse_int(v, a, 1, CTX_MAX, &max_ctx)) }
+        else if (!strcmp(a, "--temp")) { NEEDV BAD(parse_float(v, a, 0.0, 0, INFINITY, ">= 0", &temp)) }
+        else if (!strcmp(a, "--top-p")) { NEEDV BAD(parse_float(v, a, 0.0, 1, 1.0, "in (0, 1]", &top_p)) }
         else if (!strcmp(a, "--greedy")) greedy = 1;
         else if (!strcmp(a, "--ids")) print_ids = 1;
         else if (!strcmp(a, "--profile")) profile = 1;
         else if (!strcmp(a, "--float")) float_path = 1;
         else if (!strcmp(a, "--ignore-eos")) ignore_eos = 1;
         else if (!strcmp(a, "--check")) check = 1;
-        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(); return 0; }
-        else if (a[0] == '-') { fprintf(stderr, "error: unknown option %s\n", a); usage(); return 2; }
+        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { help(); return 0; }
+        else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "error: unknown option %s (see mmoe-run --help)\n", a);
+            return EXIT_BAD_INPUT;
+        }
         else if (!model_path) model_path = a;
-        else { fprintf(stderr, "error: unexpected argument %s\n", a); return 2; }
+        else {
+            fprintf(stderr, "error: unexpected argument '%s' (one model file; see mmoe-run --help)\n", a);
+            return EXIT_BAD_INPUT;
+        }
+#undef BAD
 #undef NEEDV
     }
     if (!model_path) {
-        usage();
-        return 2;
+        fprintf(stderr, "error: no model file given (usage: mmoe-run MODEL.mmoe -p TEXT; see mmoe-run --help)\n");
+        return EXIT_BAD_INPUT;
+    }
+    if (prompt && prompt_ids) {
+        fprintf(stderr, "error: give -p/--prompt or --prompt-ids, not both\n");
+        return EXIT_BAD_INPUT;
+    }
+    if (!check && !prompt_ids && (!prompt || !*prompt)) {
+        fprintf(stderr, "error: empty prompt (give -p TEXT or --prompt-ids 1,2,3)\n");
+        return EXIT_BAD_INPUT;
     }
     char err[512];
     mmoe_model *m = mmoe_model_open(model_path, err, sizeof err);
     if (!m) {
         fprintf(stderr, "error: %s\n", err);
-        return 1;
+        return EXIT_BAD_INPUT;
     }
     if (check) {
         printf("ok: %s (%lld layers, d_model %lld, vocab %lld, %lld experts top-%lld)\n", model_path,
@@ -103,8 +154,9 @@ int main(int argc, char **argv) {
         mmoe_model_close(m);
         return 0;
     }
-    int rc = 1;
+    int rc = EXIT_INTERNAL;
     int V = (int)mmoe_model_info(m, "vocab_size");
+    long seq_max = (long)mmoe_model_info(m, "max_seq_len");
     int32_t *ids = NULL;
     float *logits = NULL;
     int n_prompt = 0;
@@ -112,32 +164,44 @@ int main(int argc, char **argv) {
     if (prompt_ids) {
         size_t len = strlen(prompt_ids);
         ids = malloc(sizeof(int32_t) * (len / 2 + 2));
-        if (!ids) goto done;
+        if (!ids) goto oom;
         const char *s = prompt_ids;
-        while (*s) {
+        for (;;) { /* id (',' id)*: an empty or trailing entry is an error, as in Python's int('') */
             char *end;
             errno = 0;
             long v = strtol(s, &end, 10);
-            if (errno || end == s || v < 0 || v >= V || (*end && *end != ',')) {
-                fprintf(stderr, "error: --prompt-ids: bad token id list at '%s' (ids must be in [0, %d))\n", s, V);
+            if (errno || end == s || v < 0 || v >= V || (*end && *end != ',') || (*end == ',' && !end[1])) {
+                fprintf(stderr, "error: --prompt-ids: bad token id list at '%s' (ids in [0, %d) for %s, comma-separated)\n",
+                        s, V, model_path);
+                rc = EXIT_BAD_INPUT;
                 goto done;
             }
             ids[n_prompt++] = (int32_t)v;
-            s = *end ? end + 1 : end;
+            if (!*end) break;
+            s = end + 1;
         }
     } else {
-        const char *text = prompt ? prompt : "";
-        size_t len = strlen(text);
+        size_t len = strlen(prompt);
         ids = malloc(sizeof(int32_t) * (len + 1));
-        if (!ids) goto done;
-        n_prompt = mmoe_tokenize(m, text, len, ids, (int)len + 1);
-        if (n_prompt < 0) {
-            fprintf(stderr, "error: the prompt cannot be tokenized (a byte missing from the vocabulary)\n");
+        if (!ids) goto oom;
+        n_prompt = mmoe_tokenize(m, prompt, len, ids, (int)len + 1);
+        if (n_prompt <= 0) {
+            fprintf(stderr, "error: the prompt cannot be tokenized by %s (%s)\n", model_path,
+                    n_prompt < 0 ? "a byte missing from the vocabulary" : "no tokens");
+            rc = EXIT_BAD_INPUT;
             goto done;
         }
     }
-    if (n_prompt == 0) {
-        fprintf(stderr, "error: empty prompt (give -p TEXT or --prompt-ids)\n");
+    if (max_ctx > seq_max) {
+        fprintf(stderr, "error: --ctx %ld exceeds the context of %s (%ld tokens)\n", max_ctx, model_path, seq_max);
+        rc = EXIT_BAD_INPUT;
+        goto done;
+    }
+    long ctx = max_ctx ? max_ctx : seq_max;
+    if (n_prompt + n_new > ctx) { /* checked before prefill, the rule of `python -m mobile generate` */
+        fprintf(stderr, "error: the prompt's %d tokens + -n %ld exceed the %s of %s (%ld tokens)\n", n_prompt, n_new,
+                max_ctx ? "--ctx" : "context", model_path, ctx);
+        rc = EXIT_BAD_INPUT;
         goto done;
     }
     c = mmoe_ctx_new(m, (int)threads, (int)(max_ctx ? max_ctx : n_prompt + n_new), float_path ? MMOE_FLOAT_PATH : 0,
@@ -147,7 +211,7 @@ int main(int argc, char **argv) {
         goto done;
     }
     logits = malloc(sizeof(float) * (size_t)V);
-    if (!logits) goto done;
+    if (!logits) goto oom;
     double t0 = now();
     if (mmoe_eval(c, ids, n_prompt, logits, 0, err, sizeof err)) {
         fprintf(stderr, "error: %s\n", err);
@@ -193,6 +257,9 @@ int main(int argc, char **argv) {
             fprintf(stderr, "  %-10s %9.3f ms  %5.1f%%\n", mmoe_timer_names[i], 1e3 * s[i], tot > 0 ? 100 * s[i] / tot : 0.0);
     }
     rc = 0;
+    goto done;
+oom:
+    fprintf(stderr, "error: out of memory\n");
 done:
     free(logits);
     free(ids);
