@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 from model.atomic import atomic_write, check_file_target, check_folder
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+ENGINE_CHOICES = ("torch", "float", "fakequant", "int4", "mobile", "all")
 ENGINE_ALIASES = {"torch": "torch", "float": "torch-float", "torch-float": "torch-float",
                   "fakequant": "torch-fakequant", "torch-fakequant": "torch-fakequant",
                   "int4": "mobile", "mobile": "mobile"}
@@ -270,16 +271,37 @@ def parse_list(values: list[str]) -> list[str]:
     return [x.strip() for v in values for x in v.split(",") if x.strip()]
 
 
+SUITES = ("local", "quick", "paper")
+
+
+def limit_arg(s: str) -> int | float:
+    """--limit: a whole number of items >= 1, or a fraction in (0, 1) (lm-eval's two meanings of `limit`)."""
+    from model.cli import positive_float  # noqa: PLC0415
+
+    v = positive_float(s)
+    if v >= 1 and v != int(v):
+        raise argparse.ArgumentTypeError(f"must be a whole number of items >= 1 or a fraction in (0, 1), got {s!r}")
+    return int(v) if v >= 1 else v
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from model.cli import run  # noqa: PLC0415
+
+    return run(main_impl, argv)
+
+
+def main_impl(argv: list[str]) -> int:
+    from model.cli import choices, one_of, parser, positive_int  # noqa: PLC0415
+
+    p = parser("python -m bench.eval", __doc__)
     p.add_argument("--ckpt", action="append", required=True, help="model or run directory (repeat or comma list)")
-    p.add_argument("--suite", default="local", help="local | quick | paper")
-    p.add_argument("--engine", default="all", help="torch, float, fakequant, int4/mobile, or all (comma list)")
+    p.add_argument("--suite", default="local", type=one_of(SUITES), metavar=choices(SUITES), help="task suite")
+    p.add_argument("--engine", default="all", help="comma list of " + choices(ENGINE_CHOICES))
     p.add_argument("--stages", action="store_true", help="also score every <run>/<stage>/model")
-    p.add_argument("--limit", type=float, default=None, help="items per task (for smoke runs; <1 = fraction)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch and the C engine)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=limit_arg, default=None,
+                   help="items per task for smoke runs: a count >= 1 or a fraction in (0, 1); default: the suite's")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (torch and the C engine)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="lm-eval batch size")
     p.add_argument("--mmoe", default=None, help="the .mmoe file for engine int4 (one checkpoint only); "
                    "default <model dir>/model.mmoe, exported when missing or older than the weights")
     p.add_argument("--allow-code-execution", action="store_true",
@@ -288,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output directory (default <run>/eval)")
     p.add_argument("--force", action="store_true",
                    help="overwrite <out>/<suite>.{json,md} even when they are not earlier bench.eval results")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log lm-eval's progress")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not a.verbose:
@@ -299,15 +321,21 @@ def main(argv: list[str] | None = None) -> int:
         if a.skip_code_tasks:
             specs = tuple(s for s in specs if not s.executes_code)
         if a.limit is not None:
-            limit = int(a.limit) if a.limit >= 1 else a.limit
+            limit = a.limit
         engines = parse_list([a.engine])
         if engines == ["all"]:
             engines = ["torch-float", "torch", "mobile"]
         bad = [e for e in engines if e not in ENGINE_ALIASES]
-        if bad:
-            raise EvalError(f"unknown engine(s) {bad}: choose torch, float, fakequant, int4 (mobile) or all")
+        if bad or not engines:
+            raise EvalError(f"--engine: unknown engine(s) {', '.join(bad) if bad else repr(a.engine)}: choose a comma "
+                            f"list of {choices(ENGINE_CHOICES)}")
         engines = list(dict.fromkeys(ENGINE_ALIASES[e] for e in engines))
-        ckpts = expand_ckpts(parse_list(a.ckpt), a.stages)
+        items = parse_list(a.ckpt)
+        if not items:
+            raise EvalError(f"--ckpt: no model or run directory given (got {a.ckpt!r})")
+        ckpts = expand_ckpts(items, a.stages)
+        if not ckpts:
+            raise EvalError(f"--ckpt {', '.join(items)}: no model directory found")
         if a.mmoe and len(ckpts) > 1:
             raise EvalError("--mmoe names one engine file: use it with a single checkpoint")
         out_dir = Path(a.out) if a.out else run_dir_of(ckpts[0][1]) / "eval"

@@ -8,14 +8,22 @@
   export --format gguf (--ckpt DIR | --random-init --size S | --from-mmoe F.mmoe) --out F.gguf --type f32|f16|q4_0
            llama.cpp GGUF (mobile/gguf_export.py)
 
-generate prints the text, then prefill and decode tokens/s and peak RSS (lines starting "-- "). Errors: one line, exit status 1/2.
+generate prints the text, then prefill and decode tokens/s and peak RSS (lines starting "-- ").
+A prompt is bytes: what the shell passes (invalid UTF-8 included) reaches the byte-level tokenizer unchanged,
+as in mmoe-run. info validates the file with the C engine's loader (the rules `generate` and mmoe-run apply).
+Exit status: 0 ok, 2 bad input (one line on stderr naming the file or option), 1 internal error (--debug).
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import resource
 import sys
+
+from model.cli import BadInput, choices, float_range, int_range, nonneg_int, one_of, parser, positive_int, run
+
+SEED_MAX = 2**31 - 1  # mmoe-run's --seed range: one rule for both front ends
+THREADS_MAX = 256
 
 
 def peak_rss_mb() -> float:
@@ -59,23 +67,49 @@ def render_chat(prompt: str) -> str:
     return render_prompt(prompt)
 
 
+def _prompt_args(a) -> list[int] | bytes:
+    """The prompt as token ids or as bytes, checked before the model is loaded. argv arrives decoded with
+    surrogateescape, so os.fsencode gives back the exact bytes the shell passed (mmoe-run sees the same)."""
+    if a.prompt is not None and a.prompt_ids is not None:
+        raise BadInput("give --prompt or --prompt-ids, not both")
+    if a.prompt_ids is not None:
+        if a.chat:
+            raise BadInput("--chat wraps --prompt text in the chat template: it cannot be used with --prompt-ids")
+        try:
+            ids = [int(t) for t in a.prompt_ids.split(",")]
+        except ValueError:
+            raise BadInput(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
+        if any(t < 0 for t in ids):
+            raise BadInput(f"--prompt-ids must be token ids >= 0, got {a.prompt_ids!r}")
+        return ids
+    if not a.prompt:  # checked on the user's text: the chat template would make an empty prompt non-empty
+        raise BadInput("empty prompt: give --prompt TEXT or --prompt-ids 1,2,3")
+    text = render_chat(a.prompt) if a.chat else a.prompt
+    return os.fsencode(text)
+
+
 def _generate(a) -> int:
+    prompt = _prompt_args(a)
     from mobile.engine import Engine, routing_stats  # noqa: PLC0415
 
     with Engine(a.model, threads=a.threads, float_path=a.float) as eng:
-        if a.prompt_ids:
-            try:
-                prompt = [int(t) for t in a.prompt_ids.split(",")]
-            except ValueError:
-                raise ValueError(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
-        else:
-            prompt = render_chat(a.prompt) if a.chat else a.prompt
-        g = eng.generate(prompt, a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_p=a.top_p,
+        ids = prompt if isinstance(prompt, list) else eng.tokenize(prompt)
+        if not ids:
+            raise BadInput("empty prompt: it tokenizes to no tokens")
+        bad = [t for t in ids if t >= eng.vocab_size]
+        if bad:
+            raise BadInput(f"--prompt-ids: token id {bad[0]} out of range for {a.model} (vocab_size {eng.vocab_size})")
+        if len(ids) + a.max_new_tokens > eng.max_ctx:
+            raise BadInput(f"the prompt's {len(ids)} tokens + --max-new-tokens {a.max_new_tokens} exceed the "
+                           f"context of {a.model} ({eng.max_ctx} tokens)")
+        g = eng.generate(ids, a.max_new_tokens, greedy=a.greedy, temperature=a.temperature, top_p=a.top_p,
                          seed=a.seed)
         # text then the figures on stdout (callers such as `make train` show stdout); with --ids the ids line
         # stays alone on stdout so scripts can parse it, and the figures go to stderr
         stats = sys.stderr if a.ids else sys.stdout
-        print(",".join(map(str, g.ids)) if a.ids else (prompt if isinstance(prompt, str) else "") + g.text)
+        # the echoed prompt is shown the way generated text is: invalid UTF-8 as U+FFFD
+        shown = "" if isinstance(prompt, list) else prompt.decode("utf-8", errors="replace")
+        print(",".join(map(str, g.ids)) if a.ids else shown + g.text)
         rss_mb = peak_rss_mb()
         print(f"-- kernels {eng.kernels}, threads {a.threads}", file=stats)
         print(f"-- prefill: {g.prompt_tokens} tokens, {g.prefill_tok_s:.1f} tok/s", file=stats)
@@ -94,8 +128,10 @@ def _generate(a) -> int:
 
 
 def _info(a) -> int:
+    from mobile.engine import validate_file  # noqa: PLC0415
     from mobile.format import DTYPE_NAMES, read_header, read_table  # noqa: PLC0415
 
+    validate_file(a.model)  # the C loader's rules: nothing is printed for a file the engine would reject
     with open(a.model, "rb") as f:
         buf = f.read()
     h = read_header(buf)
@@ -111,65 +147,89 @@ def _info(a) -> int:
 def _gguf_hook(argv: list[str]) -> list[str] | int:
     """`export --format gguf ...` goes to mobile/gguf_export.py (llama.cpp GGUF, the bench engineer's module);
     `--format mmoe` (the default) continues here. Returns the argv to parse, or an exit status."""
-    if argv[:1] != ["export"] or "--format" not in argv:
+    at = [i for i, x in enumerate(argv) if x == "--format" or x.startswith("--format=")]
+    if argv[:1] != ["export"] or not at:
         return argv
-    i = argv.index("--format")
-    fmt = argv[i + 1] if i + 1 < len(argv) else ""
-    rest = argv[1:i] + argv[i + 2:]
+    if len(at) > 1:
+        raise BadInput("--format given more than once")
+    i = at[0]
+    if argv[i].startswith("--format="):
+        fmt, rest = argv[i].split("=", 1)[1], argv[1:i] + argv[i + 1:]
+    else:
+        fmt, rest = (argv[i + 1] if i + 1 < len(argv) else ""), argv[1:i] + argv[i + 2:]
     if fmt == "gguf":
-        from mobile.gguf_export import main as gguf_main  # noqa: PLC0415
+        from mobile.gguf_export import main_impl as gguf_main  # noqa: PLC0415  (run() here handles errors)
 
         return gguf_main(rest)
     if fmt != "mmoe":
-        print(f"error: --format must be mmoe or gguf, got {fmt!r}", file=sys.stderr)
-        return 2
+        raise BadInput(f"--format must be {choices(FORMATS)}, got {fmt!r}")
     return ["export", *rest]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = _gguf_hook(list(sys.argv[1:] if argv is None else argv))
-    if isinstance(argv, int):
-        return argv
-    p = argparse.ArgumentParser(prog="python -m mobile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="write a .mmoe file")
+FORMATS = ("mmoe", "gguf")
+
+
+def build_parser():
+    from model.config import PRESETS  # noqa: PLC0415  (plain Python)
+
+    presets = tuple(PRESETS)
+
+    p = parser("python -m mobile", __doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar=choices(("export", "generate", "info")))
+    e = sub.add_parser("export", help="write a .mmoe file", formatter_class=p.formatter_class,
+                       description="Write a .mmoe file for the C engine (--format gguf: llama.cpp GGUF, see "
+                                   "`python -m mobile.gguf_export --help`).")
+    e.add_argument("--format", default="mmoe", metavar=choices(FORMATS),
+                   help="output format (gguf goes to mobile/gguf_export.py with the other arguments)")
     e.add_argument("--ckpt", help="model directory (model/io.py) or a run directory holding one")
     e.add_argument("--random-init", action="store_true", help="random weights of a preset (no torch model built)")
-    e.add_argument("--size", default="tiny", help="preset for --random-init")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--size", default="tiny", type=one_of(presets), metavar=choices(presets),
+                   help="preset for --random-init")
+    e.add_argument("--seed", type=nonneg_int, default=0, help="random seed for --random-init")
     e.add_argument("--tokenizer", help="tokenizer.json (byte-level BPE) to embed; default: the model dir's, else bytes")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="output .mmoe path (written atomically)")
     e.add_argument("--force", action="store_true", help="overwrite --out even when it is not a .mmoe file")
-    g = sub.add_parser("generate", help="run the C engine through ctypes")
-    g.add_argument("--model", required=True)
-    g.add_argument("--prompt", default="")
+    g = sub.add_parser("generate", help="run the C engine through ctypes", formatter_class=p.formatter_class,
+                       description="Generate text with the C engine (mobile/build/libmmoe.so) through ctypes.")
+    g.add_argument("--model", required=True, help=".mmoe file")
+    g.add_argument("--prompt", default=None, help="prompt text (bytes as given; required unless --prompt-ids)")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the chat template (model/chat_template.py)")
-    g.add_argument("--prompt-ids", help="comma-separated token ids (skips the tokenizer)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--greedy", action="store_true")
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=1)
+    g.add_argument("--prompt-ids", help="comma-separated token ids (skips the tokenizer; not with --prompt)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="tokens to generate; prompt + this must fit the model's context")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--temperature", type=float_range(0.0), default=0.8,
+                   help="sampling temperature, finite and >= 0 (0 = greedy)")
+    g.add_argument("--top-p", type=float_range(0.0, 1.0, lo_open=True), default=0.95,
+                   help="nucleus sampling mass in (0, 1] (1 = no filter)")
+    g.add_argument("--seed", type=int_range(0, SEED_MAX), default=0, help=f"sampling seed in [0, {SEED_MAX}]")
+    g.add_argument("--threads", type=int_range(1, THREADS_MAX), default=1, help=f"threads in [1, {THREADS_MAX}]")
     g.add_argument("--ids", action="store_true", help="print the generated token ids instead of text")
     g.add_argument("--profile", action="store_true", help="per-op timers")
     g.add_argument("--float", action="store_true", help="debug: dequantized fp32 path instead of the int kernels")
-    i = sub.add_parser("info", help="print a .mmoe header and tensor table")
-    i.add_argument("--model", required=True)
-    a = p.parse_args(argv)
-    try:
-        if a.cmd == "export":
-            return _export(a)
-        if a.cmd == "generate":
-            if a.max_new_tokens < 1:
-                raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-            return _generate(a)
-        return _info(a)
-    except (ValueError, FileNotFoundError, OSError) as ex:
-        print(f"error: {ex}", file=sys.stderr)
-        return 1
+    i = sub.add_parser("info", help="validate a .mmoe file, print its header and tensor table",
+                       formatter_class=p.formatter_class,
+                       description="Validate a .mmoe file with the C engine's loader, then print its header and "
+                                   "tensor table.")
+    i.add_argument("--model", required=True, help=".mmoe file")
+    return p
+
+
+def main_impl(argv: list[str]) -> int:
+    argv = _gguf_hook(list(argv))
+    if isinstance(argv, int):
+        return argv
+    a = build_parser().parse_args(argv)
+    if a.cmd == "export":
+        return _export(a)
+    if a.cmd == "generate":
+        return _generate(a)
+    return _info(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(main_impl, argv)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def tokenizer_from_json(path: str | os.PathLike, vocab_size: int) -> TokenizerBlob:
     """Convert a `tokenizers` byte-level BPE tokenizer.json into the blob (vocab strings -> raw bytes)."""
-    tj = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        tj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # the caller's message must name the file
+        raise ValueError(f"{path}: not a tokenizer.json ({e})") from None
+    if not isinstance(tj, dict):
+        raise ValueError(f"{path}: not a tokenizer.json (a JSON object expected)")
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: only byte-level BPE tokenizers are supported, got model type {model.get('type')!r}")

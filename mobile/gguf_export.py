@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -230,7 +229,10 @@ def tokenizer_metadata(vocab_size: int, tokenizer_json: str | os.PathLike | None
         # vocabulary is never applied, so this one changes nothing
         merges = [f"{b2u[ord('a')]} {b2u[ord('b')]}"]
     else:
-        tj = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+        try:
+            tj = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:  # name the file, not just the JSON position
+            raise ValueError(f"{tokenizer_json}: not a tokenizer.json ({e})") from None
         model = tj.get("model") or {}
         if model.get("type") != "BPE":
             raise ValueError(f"{tokenizer_json}: only byte-level BPE tokenizers export to GGUF, got {model.get('type')!r}")
@@ -507,38 +509,65 @@ def _split_gate_up(plan, b, suffix, e, raw, Q40) -> None:
 
 # ---- CLI ---------------------------------------------------------------------------------------------------
 def build_parser(prog: str = "python -m mobile.gguf_export") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Export a MobileMoE model directory (or a random-init "
-                                "preset) as a llama.cpp GGUF file.")
+    from model.cli import choices, nonneg_int, one_of, parser  # noqa: PLC0415
+
+    p = parser(prog, "Export a MobileMoE model directory (or a random-init preset, or a .mmoe file) as a "
+                     "llama.cpp GGUF file. Exit status: 0 ok, 2 bad input (one line on stderr), 1 internal error.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", "--ckpt", dest="model",
                      help="model directory (config.json + model.safetensors [+ tokenizer.json]) or a run directory")
     src.add_argument("--random-init", action="store_true", help="random weights of a preset (benchmarks)")
     src.add_argument("--from-mmoe", help="a .mmoe file: the engine's exact INT4 weights as Q4_0 (benchmarks)")
-    p.add_argument("--size", default="S", help=f"preset for --random-init: {', '.join(PRESETS)}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output .gguf path")
-    p.add_argument("--type", default="f16", choices=TYPES, help="matrix type (router/norms are always F32)")
+    presets = tuple(PRESETS)
+    p.add_argument("--size", default="S", type=one_of(presets), metavar=choices(presets),
+                   help="preset for --random-init")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed for --random-init")
+    p.add_argument("--out", required=True, help="output .gguf path (written atomically)")
+    p.add_argument("--type", default="f16", type=one_of(TYPES), metavar=choices(TYPES),
+                   help="matrix type (router/norms are always F32; --from-mmoe: q4_0 only)")
     p.add_argument("--force", action="store_true", help="overwrite --out even when it is not a GGUF file")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+def _check_mmoe_source(path: str) -> None:
+    """--from-mmoe: the C loader's validation when the engine is built (the rules every .mmoe reader applies);
+    without it mmoe_to_gguf's own reads, whose struct errors main_impl turns into one line naming the file."""
+    from mobile.engine import validate_file  # noqa: PLC0415  (torch-free ctypes binding)
+
     try:
-        check_gguf_target(a.out, a.force)  # before loading or generating anything
-        if a.from_mmoe:
-            if a.type != "q4_0":
-                raise ValueError("--from-mmoe writes Q4_0 only (the .mmoe holds INT4 weights)")
+        validate_file(path)
+    except FileNotFoundError:  # libmmoe.so not built
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--from-mmoe {path}: no such file") from None
+
+
+def main_impl(argv: list[str]) -> int:
+    """The CLI without model/cli.py's run() wrapper (`python -m mobile export --format gguf` calls this inside
+    its own run())."""
+    import struct  # noqa: PLC0415
+
+    a = build_parser().parse_args(argv)
+    if a.from_mmoe and a.type != "q4_0":
+        raise ValueError("--from-mmoe writes Q4_0 only (the .mmoe holds INT4 weights): use --type q4_0")
+    check_gguf_target(a.out, a.force)  # before loading or generating anything
+    if a.from_mmoe:
+        _check_mmoe_source(a.from_mmoe)
+        try:
             out = mmoe_to_gguf(a.from_mmoe, a.out, force=a.force)
-        elif a.random_init:
-            out = export_random_init(get_config(a.size), a.out, a.type, a.seed, force=a.force)
-        else:
-            out = export_model_dir(a.model, a.out, a.type, force=a.force)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        except struct.error as e:
+            raise ValueError(f"{a.from_mmoe}: not a valid .mmoe file ({e})") from None
+    elif a.random_init:
+        out = export_random_init(get_config(a.size), a.out, a.type, a.seed, force=a.force)
+    else:
+        out = export_model_dir(a.model, a.out, a.type, force=a.force)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.cli import run  # noqa: PLC0415
+
+    return run(main_impl, argv)
 
 
 if __name__ == "__main__":

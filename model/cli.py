@@ -36,8 +36,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows every option's default and keeps the module docstring's line breaks."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one-line error convention: a usage error is "error: <prog>: <what> (see --help)" on
+    stderr and exit 2, without the multi-line usage block (--help still prints it). Sub-parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    return ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
 def choices(values: Sequence[str]) -> str:
@@ -72,6 +80,17 @@ def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], i
 def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
                 hi_open: bool = False) -> Callable[[str], float]:
     return _num(float, lo, hi, lo_open, hi_open)
+
+
+def one_of(values: Sequence[str]) -> Callable[[str], str]:
+    """An argparse type for a fixed list of names, erroring in the choices() style (argparse's own `choices=`
+    words its error differently)."""
+    def conv(s: str) -> str:
+        if s not in values:
+            raise argparse.ArgumentTypeError(f"expected {choices(values)}, got {s!r}")
+        return s
+    conv.__name__ = "choice"
+    return conv
 
 
 positive_int = int_range(1)

@@ -34,7 +34,6 @@ round trip; the architecture fields are always taken from, and checked against, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -261,6 +260,8 @@ def import_hf(hf_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
         hf = json.loads((p / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{p / 'config.json'}: malformed ({e})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{p / 'config.json'}: malformed (a JSON object expected)")
     try:
         cfg = config_from_hf(hf, hf.get(META_KEY))
     except KeyError as e:
@@ -343,37 +344,45 @@ def import_hf(hf_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
 # ------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.hf", description="MobileMoE <-> Qwen2-MoE (transformers)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    from model.cli import run  # noqa: PLC0415
+
+    return run(main_impl, argv)
+
+
+def main_impl(argv: list[str]) -> int:
+    from model.cli import choices, parser  # noqa: PLC0415
+
+    ap = parser("python -m model.hf", "MobileMoE <-> Qwen2-MoE (transformers). Exit status: 0 ok, 2 bad input "
+                                      "(one line on stderr), 1 internal error.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar=choices(("export", "import")))
     force_help = "replace the output folder even when it is not empty and not a previous output of this command"
-    e = sub.add_parser("export", help="model directory (model/io.py) -> Qwen2-MoE checkpoint")
-    e.add_argument("model_dir")
-    e.add_argument("hf_dir")
+    e = sub.add_parser("export", help="model directory (model/io.py) -> Qwen2-MoE checkpoint",
+                       formatter_class=ap.formatter_class)
+    e.add_argument("model_dir", help="MobileMoE model directory (model/io.py: config.json + model.safetensors)")
+    e.add_argument("hf_dir", help="output folder for the Qwen2-MoE checkpoint (written atomically)")
     e.add_argument("--force", action="store_true", help=force_help)
-    i = sub.add_parser("import", help="Qwen2-MoE checkpoint -> model directory (model/io.py)")
-    i.add_argument("hf_dir")
-    i.add_argument("model_dir")
+    i = sub.add_parser("import", help="Qwen2-MoE checkpoint -> model directory (model/io.py)",
+                       formatter_class=ap.formatter_class)
+    i.add_argument("hf_dir", help="Qwen2-MoE checkpoint folder (config.json + safetensors)")
+    i.add_argument("model_dir", help="output MobileMoE model directory (written atomically)")
     i.add_argument("--force", action="store_true", help=force_help)
     a = ap.parse_args(argv)
     from model.io import check_model_dir_target, load_model_dir, save_model_dir, tokenizer_path  # noqa: PLC0415
 
-    try:
-        if a.cmd == "export":
-            check_hf_target(a.hf_dir, a.force)  # before the (possibly slow) load
-            model, meta = load_model_dir(a.model_dir)
-            if meta.get("qat"):  # the INT4 phone format is mobile/'s job; transformers gets the latent weights
-                print("note: QAT model: exporting its latent float weights (transformers runs them without the "
-                      "INT4/int8 rounding)", file=sys.stderr)
-                model.set_qat(False)
-            out = export_hf(model, a.hf_dir, tokenizer_path(a.model_dir), force=a.force)
-        else:
-            check_model_dir_target(a.model_dir, a.force)
-            model = import_hf(a.hf_dir)
-            tok = Path(a.hf_dir) / "tokenizer.json"
-            out = save_model_dir(model, a.model_dir, tok if tok.is_file() else None, force=a.force)
-    except (ValueError, OSError) as err:  # OSError: FileNotFoundError, and an unwritable or file-blocked parent
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # ValueError / OSError (bad or missing folders, unwritable targets) reach run(): one line, exit 2
+    if a.cmd == "export":
+        check_hf_target(a.hf_dir, a.force)  # before the (possibly slow) load
+        model, meta = load_model_dir(a.model_dir)
+        if meta.get("qat"):  # the INT4 phone format is mobile/'s job; transformers gets the latent weights
+            print("note: QAT model: exporting its latent float weights (transformers runs them without the "
+                  "INT4/int8 rounding)", file=sys.stderr)
+            model.set_qat(False)
+        out = export_hf(model, a.hf_dir, tokenizer_path(a.model_dir), force=a.force)
+    else:
+        check_model_dir_target(a.model_dir, a.force)
+        model = import_hf(a.hf_dir)
+        tok = Path(a.hf_dir) / "tokenizer.json"
+        out = save_model_dir(model, a.model_dir, tok if tok.is_file() else None, force=a.force)
     print(f"wrote {out}")
     return 0
 
