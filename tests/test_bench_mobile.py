@@ -1,16 +1,22 @@
-"""bench/mobile.py bookkeeping (no engine runs): pair-by-pair ratios, medians, the report, and the STREAM
-triad program. The real benchmark is `make bench-mobile`."""
+"""bench.mobile (bench/mobile*.py, bench/machine.py): pair-by-pair ratios, medians, routing statistics, the
+report, the STREAM triad program, the CLI's errors, and one tiny end-to-end run of the real engine (the smallest
+options the CLI allows). The real benchmark is `make bench-mobile`."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench.mobile import aggregate, goals_text, parse_kv_ints, parse_repeats, report_text
+from bench.mobile import parse_kv_ints, parse_repeats
+from bench.mobile_report import goals_text, report_text
+from bench.mobile_stats import aggregate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _row(size, t, e, rep, pre512, dec0):
@@ -63,11 +69,54 @@ def test_option_parsing():
     assert parse_kv_ints("L=32", ["S", "L"], 128) == {"S": 128, "L": 32}
 
 
-def test_cli_bad_size_is_one_line_error():
-    p = subprocess.run([".venv/bin/python" if Path(".venv/bin/python").exists() else "python", "-m", "bench.mobile",
-                        "--sizes", "XL"], capture_output=True, text=True)
+def test_option_parsing_rejects_bad_specs():
+    from model.cli import BadInput
+
+    for spec in ("X=3", "S=0", "S=x", "2,3", "0"):
+        with pytest.raises(BadInput, match="--repeats"):
+            parse_repeats(spec, ["S", "M"])
+    with pytest.raises(BadInput, match="--decode-tokens-by-size"):
+        parse_kv_ints("L32", ["S", "L"], 128)
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "bench.mobile", *args], capture_output=True, text=True, cwd=ROOT,
+                          **kw)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--sizes", "XL"], "unknown size"),
+    (["--engines", "ours,foo"], "--engines"),
+    (["--threads", "0"], "--threads"),
+    (["--prompts", "a,b"], "--prompts"),
+    (["--sizes", "tiny", "--engines", "ours", "--prompts", "600"], "512-token context of tiny"),
+    (["--sizes", "S", "--repeats", "M=2"], "--repeats"),
+])
+def test_cli_bad_input_is_one_line_error(args, msg):
+    p = _cli(*args)
     assert p.returncode == 2
-    assert p.stderr.strip().count("\n") == 0 and "unknown size" in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and msg in p.stderr and p.stderr.startswith("error:")
+
+
+def test_cli_parse_time_range_errors_exit_2():
+    p = _cli("--stream-mib", "4")  # below bench/stream.c's minimum array size: refused before anything runs
+    assert p.returncode == 2 and "--stream-mib" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cli_help_shows_every_option_with_its_default():
+    from bench.mobile import build_parser
+
+    p = _cli("--help")
+    assert p.returncode == 0
+    lines = p.stdout.split("options:", 1)[1].splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("  -")]  # each option's help entry begins here
+    entries = {" ".join(lines[i].split()[:1]): " ".join(" ".join(lines[i:j]).split())
+               for i, j in zip(starts, starts[1:] + [len(lines)])}
+    actions = [a for a in build_parser()._actions if "--help" not in a.option_strings]
+    assert sorted(entries) == sorted(["-h,"] + [a.option_strings[0] for a in actions])
+    for a in actions:
+        default = "none" if a.default == "" else str(a.default)  # "" shows as "none" (see bench/mobile.py)
+        assert f"(default: {default})" in entries[a.option_strings[0]], a.option_strings[0]
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc missing")
@@ -103,19 +152,111 @@ class _FakeRunner:
     def profile(self):
         return {}
 
+    def routing_reset(self):
+        _FakeRunner.log.append(("routing", self.pos))
+
+    def routing(self):
+        return {"since": _FakeRunner.log[-1]}
+
     def close(self):
         pass
 
 
 @pytest.mark.parametrize("prompts,contexts", [([512, 128], [0, 1024]), ([128], [0, 64]), ([], [1024, 0])])
 def test_worker_decodes_at_exactly_the_asked_context(monkeypatch, prompts, contexts):
-    import bench.mobile as bm
+    import bench.mobile_driver as driver
+    import bench.mobile_runners as runners
 
-    monkeypatch.setattr(bm, "OursRunner", _FakeRunner)
+    monkeypatch.setattr(runners, "OursRunner", _FakeRunner)
     plan = dict(seed=0, id_range=[1, 200], prompts=prompts, decode_contexts=contexts, decode_tokens=3)
-    out = bm.worker("ours", "unused", 1, plan)
+    out = driver.worker("ours", "unused", 1, plan)
     starts = [e[1] for e in _FakeRunner.log if e[0] == "decode"]
     assert sorted(starts) == sorted(contexts)  # every decode starts with exactly ctx tokens cached
     assert sorted(out["decode"]) == sorted(map(str, contexts))
     prefills = [e for e in _FakeRunner.log if e[0] == 0 and e[1] in prompts]
     assert sorted(n for _, n in prefills) == sorted(prompts)  # each timed prompt from an empty cache
+    # routing is counted over each timed phase alone: reset right before it, read right after it
+    assert sorted(out["routing"]["prefill"]) == sorted(map(str, prompts))
+    assert sorted(out["routing"]["decode"]) == sorted(map(str, contexts))
+    for n in prompts:
+        assert out["routing"]["prefill"][str(n)]["since"] == (0, n)  # the prompt's eval, from an empty cache
+    for c in contexts:
+        assert out["routing"]["decode"][str(c)]["since"] == (c + 2, 1)  # the last of 3 decode evals
+
+
+def _stats(distinct, load):
+    return dict(n_experts=16, layers=len(distinct), distinct=distinct, distinct_min=min(distinct),
+                distinct_median=sorted(distinct)[len(distinct) // 2], load_max_mean=load,
+                load_median=sorted(load)[len(load) // 2], load_worst=max(load))
+
+
+def test_routing_summary_takes_worst_layers_and_median_runs():
+    rows = []
+    for rep, (d, ld) in enumerate([([16, 15, 16], [1.5, 2.0, 1.2]), ([16, 12, 16], [1.4, 3.0, 1.3]),
+                                   ([16, 16, 16], [1.1, 1.2, 1.0])]):
+        r = _row("S", 1, "ours", rep, 100.0, 20.0)
+        r["routing"] = {"prefill": {"512": _stats(d, ld)}, "decode": {"0": _stats(d, ld)}}
+        rows += [r, _row("S", 1, "llama.cpp", rep, 50.0, 10.0)]
+    rows.append(_row("S", 2, "ours", 0, 100.0, 20.0))  # a row from before the counters: skipped, no error
+    agg = aggregate(rows, ["S"], [1, 2], ["ours", "llama.cpp"], [512], [0])
+    r = agg["routing"][("S", "prefill", "512")]
+    assert r["runs"] == 3 and r["tokens"] == 512 and r["n_experts"] == 16 and r["layers"] == 3
+    assert r["distinct_min"] == 12  # the worst layer of any run
+    assert r["distinct_median"] == 16 and r["load_median"] == pytest.approx(1.4)  # medians over runs (of 1.5, 1.4, 1.1)
+    assert r["load_worst"] == pytest.approx(3.0)
+    assert agg["routing"][("S", "decode", "0")]["tokens"] == 10  # the row's decode_tokens
+    bw = {1: dict(best_gbs=10.0, median_gbs=9.0), 2: dict(best_gbs=12.0, median_gbs=11.0)}
+    commit = dict(head="abc123", mobile_c_dirty=True)
+    md = report_text(agg, ["S"], [1, 2], ["ours", "llama.cpp"], [512], [0], bw, {}, {"S": 3}, {"S": 10},
+                     {"S": 1}, {"S": 1}, {"S": {"ours": 1, "llama.cpp": 1}}, [], "now", 1.0, "0", "0",
+                     commits=[commit])
+    assert "| S | prefill 512 | 512 | 16 | 3 | 12 | 16.0 | 1.40 | 3.00 | 3 |" in md
+    assert "| S | decode @ctx 0 | 10 | 16 | 3 | 12 | 16.0 | 1.40 | 3.00 | 3 |" in md
+    assert "**Engine commit**: abc123 (mobile/c has uncommitted changes)." in md
+    md = report_text(agg, ["S"], [1], ["ours"], [512], [0], bw, {}, {"S": 3}, {"S": 10}, {"S": 1}, {"S": 1},
+                     {"S": {"ours": 1, "llama.cpp": 1}}, [], "now", 1.0, "0", "0", commits=[None])
+    assert "**Engine commit**: not recorded" in md
+
+
+def _llama_installed() -> bool:
+    try:
+        import llama_cpp  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def test_tiny_end_to_end_run_reports_routing_and_commit(tmp_path):
+    """The real CLI, engine and worker processes on the tiny preset with the smallest options it takes: a
+    1-token prompt and 1 decoded token, so each MoE layer routes exactly top_k (token, k) slots to top_k
+    distinct experts: distinct = k and max / mean load = 1 / (k / E) = E / k, known without running anything."""
+    from model.config import get_config
+    from tests._mobile_util import build_engine
+
+    build_engine()
+    engines = "ours,llama.cpp" if _llama_installed() else "ours"
+    out, work = tmp_path / "out", tmp_path / "work"
+    p = _cli("--sizes", "tiny", "--threads", "1", "--repeats", "1", "--prompts", "1", "--decode-contexts", "0",
+             "--decode-tokens", "1", "--engines", engines, "--stream-mib", "8", "--stream-repeats", "2",
+             "--work", str(work), "--out", str(out), timeout=300)
+    assert p.returncode == 0, p.stderr
+    md = (out / "mobile.md").read_text()
+    cfg = get_config("tiny")
+    k, e, moe_layers = cfg.top_k, cfg.n_experts, cfg.n_moe_layers
+    row = f"| {k} | {k}.0 | {e / k:.2f} | {e / k:.2f} | 1 |"
+    assert f"| tiny | prefill 1 | 1 | {e} | {moe_layers} {row}" in md
+    assert f"| tiny | decode @ctx 0 | 1 | {e} | {moe_layers} {row}" in md
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "mobile/c"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip())
+    state = "mobile/c has uncommitted changes" if dirty else "mobile/c clean"
+    assert f"**Engine commit**: {head} ({state})." in md
+    raw = json.loads((out / "mobile_raw.json").read_text())
+    ours = [r for r in raw["rows"] if r["engine"] == "ours"]
+    assert len(ours) == 1 and ours[0]["engine_commit"]["head"] == head
+    assert ours[0]["routing"]["prefill"]["1"]["distinct"] == [k] * moe_layers
+    assert not (out / "mobile_rows.partial.json").exists()
+    assert {"mobile_decode.png", "mobile_prefill.png", "mobile_roofline.png", "mobile_profile.png"} <= \
+        {f.name for f in out.iterdir()}
+    if engines == "ours":
+        assert not (work / "tiny-random-q4_0.gguf").exists()  # no GGUF conversion without llama.cpp
