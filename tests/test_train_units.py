@@ -191,7 +191,7 @@ def test_cli_dry_run_and_errors(tmp_path):
         assert s in r.stdout, s
     assert not (tmp_path / "m").exists()  # a dry run writes nothing
     r = _cli("--size", "XL", "--dry-run")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown size 'XL'" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--size: expected tiny | S | M | L, got 'XL'" in r.stderr
     if not torch.cuda.is_available():
         r = _cli("--size", "M", "--out", str(tmp_path / "m"))
         assert r.returncode == 2 and "GiB per GPU" in r.stderr and "no CUDA device" in r.stderr

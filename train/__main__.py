@@ -1,5 +1,5 @@
 """`python -m train ...` : the four-stage recipe (see train/recipe.py)."""
 
-from train.recipe import main
+from train.recipe import cli_main
 
-raise SystemExit(main())
+raise SystemExit(cli_main())

@@ -1,5 +1,9 @@
 """The four-stage recipe: `python -m train --size tiny|S|M|L --out runs/<size> [--dry-run] [--resume CKPT]`.
 
+The recipe file (train/configs/<size>.toml, or --config) is parsed and checked by train/recipe_config.py before
+anything runs (--dry-run too): an unknown key, a wrong type, a value out of range or an impossible combination
+is one line naming the file, section and key, exit 2.
+
 Stages (train/configs/<size>.toml): pretrain -> midtrain -> sft -> qat. Each stage starts from the previous
 stage's model directory, writes checkpoints to <run>/<stage>/ckpt/, its per-step log to <run>/<stage>/log.jsonl,
 and its final model directory to <run>/<stage>/model; the QAT model is also saved as <run>/final (config.json
@@ -16,7 +20,6 @@ gloo on CPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -26,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from model.config import count_params, get_config
+from model import cli
+from model.config import count_params
 from model.precision import policy_for
 from train import ckpt as ck
 from train.batches import Batcher, LMSource, SFTSource, eval_pairs, eval_windows
@@ -37,54 +41,103 @@ from train.loop import (
     TrainingDiverged,
     dist_info,
     evaluate,
-    stage_config_from_dict,
     stage_dict,
     train_stage,
     unigram_entropy,
 )
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from train.recipe_config import Recipe, did_you_mean, load_recipe_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SIZES = ("tiny", "S", "M", "L")
 GEN_PROMPT = "Continue HAMLET's speech:\nTo be, or not to be, that is the question:"
 
 
-class UsageError(RuntimeError):
-    pass
+class UsageError(cli.BadInput):
+    """A bad command line or recipe: one line on stderr, exit 2."""
 
 
 # ------------------------------------------------------------------------------------------------------
 # config
-def load_recipe(size: str | None, path: str | None = None) -> dict:
+def load_recipe(size: str | None, path: str | None = None) -> Recipe:
     if path is None:
         if size not in SIZES:
-            raise UsageError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+            raise UsageError(f"unknown size {size!r}; choose one of {cli.choices(SIZES)}")
         path = str(CONFIG_DIR / f"{size}.toml")
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"recipe config not found: {p}")
+    return load_recipe_file(path)
+
+
+def is_done(run_dir: Path, stage: str) -> bool:
+    return (run_dir / stage / "summary.json").is_file() and (run_dir / stage / "model" / "config.json").is_file()
+
+
+def check_stages_arg(rec: Recipe, arg: str | None, run_dir: Path) -> set[str] | None:
+    """--stages: known names, and no selected stage after an unselected one that is not done (it would start
+    from a model that does not exist)."""
+    if not arg:
+        return None
+    names = rec.stage_names
+    sel = [s.strip() for s in arg.split(",")]
+    for s in sel:
+        if s not in names:
+            raise UsageError(f"--stages: unknown stage {s!r} in {rec.path} ({did_you_mean(s, names)})")
+    last = max(names.index(s) for s in sel)
+    for s in names[:last]:
+        if s not in sel and not is_done(run_dir, s):
+            raise UsageError(f"--stages: stage {s!r} comes first and is not done in {run_dir}; "
+                             f"add it to --stages")
+    return set(sel)
+
+
+def stage_fingerprint(rec: Recipe, st: StageConfig, n_tokens: int) -> str:
+    """What a stage's checkpoints and summary are keyed by: a resumed or skipped stage must match it."""
+    return ck.fingerprint(dict(model=rec.model.to_dict(), stage=stage_dict(st), seed=rec.seed, tok=n_tokens))
+
+
+def check_resume(rec: Recipe, resume: str | None, run_dir: Path) -> str | None:
+    """--resume: an existing, complete checkpoint of one of this recipe's stages, whose earlier stages are done
+    in the run folder (the stage's own checkpoint continues it; it never restarts pre-training). Returns the
+    checkpoint's stage name. The config fingerprint is compared here when the checkpoint carries its
+    tokenizer (train/loop.py saves one with every checkpoint), and again when training loads it."""
+    if not resume:
+        return None
+    p = Path(resume)
+    if not p.exists():
+        raise UsageError(f"--resume {resume}: no such checkpoint folder")
+    if not p.is_dir():
+        raise UsageError(f"--resume {resume}: not a checkpoint folder (a file)")
+    missing = ck.missing_file(p)  # either layout (train/ckpt.py)
+    if missing is not None:
+        raise UsageError(f"--resume {resume}: not a complete checkpoint folder (no {missing}; a checkpoint is "
+                         f"<run>/<stage>/ckpt/step_N)")
     try:
-        rec = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{p}: invalid TOML ({e})") from e
-    if not rec.get("stages"):
-        raise UsageError(f"{p}: no [[stages]]")
-    rec["_path"] = str(p)
-    return rec
+        state = json.loads((p / "state.json").read_text())
+        stage = state["stage"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--resume {resume}: unreadable state.json ({cli.one_line(e)})") from None
+    names = rec.stage_names
+    if stage not in names:
+        raise UsageError(f"--resume {resume}: a checkpoint of stage {stage!r}, which {rec.path} does not have "
+                         f"(it has {cli.choices(names)})")
+    st = rec.stages[names.index(stage)]
+    tok_file = p / "tokenizer.json"
+    if tok_file.is_file():
+        from tokenizers import Tokenizer  # noqa: PLC0415
 
-
-def model_config(rec: dict):
-    m = dict(rec.get("model", {}))
-    preset = m.pop("preset", rec.get("size", "tiny"))
-    return get_config(preset, **m)
-
-
-def stage_configs(rec: dict) -> list[StageConfig]:
-    return [stage_config_from_dict(dict(s)) for s in rec["stages"]]
+        try:
+            n_tok = Tokenizer.from_file(str(tok_file)).get_vocab_size()
+        except Exception as e:  # noqa: BLE001  (the tokenizers library raises its own exception type)
+            raise UsageError(f"--resume {resume}: unreadable tokenizer.json ({cli.one_line(e)})") from None
+        if state.get("fingerprint") != stage_fingerprint(rec, st, n_tok):
+            raise UsageError(f"--resume {resume}: written for a different model / stage {stage!r} config than "
+                             f"{rec.path} (fingerprint mismatch)")
+    missing = [s for s in names[:names.index(stage)] if not is_done(run_dir, s)]
+    if missing:
+        guess = p.parent.parent.parent if p.parent.name == "ckpt" and p.parent.parent.name == stage else None
+        hint = f" (this checkpoint's run folder looks like {guess}: pass --out {guess})" \
+            if guess is not None and guess.resolve() != run_dir.resolve() else ""
+        raise UsageError(f"--resume {resume}: a checkpoint of stage {stage!r}, but the earlier stage(s) "
+                         f"{cli.choices(missing)} are not done in {run_dir}{hint}")
+    return stage
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -102,47 +155,47 @@ def memory_estimate(mcfg, st: StageConfig, gpus: int) -> dict:
     return dict(params=total, states=states, gathered=gathered, activations=act, total=states + gathered + act)
 
 
-def print_plan(rec: dict, mcfg, stages: list[StageConfig], out: str) -> None:
-    gpus = int(rec.get("hardware", {}).get("gpus", 1))
-    dev = rec.get("hardware", {}).get("device", "cpu")
+def print_plan(rec: Recipe, mcfg, stages: list[StageConfig], out: str) -> None:
+    gpus, dev = rec.hardware.gpus, rec.hardware.device
     total, active = count_params(mcfg)
-    print(f"plan: size {rec.get('size')} ({rec['_path']}), run dir {out}")
+    print(f"plan: size {rec.size} ({rec.path}), run dir {out}")
     print(f"  model: {mcfg.name} d_model={mcfg.d_model} layers={mcfg.n_layers} experts={mcfg.n_experts} "
           f"top_k={mcfg.top_k} shared={mcfg.n_shared_experts} vocab={mcfg.vocab_size}; "
           f"{total / 1e6:.1f}M total / {active / 1e6:.1f}M active params")
-    tk = rec.get("tokenizer", {})
-    print(f"  tokenizer: {tk.get('kind')} " + (f"(train BPE {tk.get('vocab_size')} on {tk.get('train_on')})"
-                                               if tk.get("kind") == "bpe" else f"{tk.get('name')}"))
-    print(f"  hardware: {dev}, planned GPUs {gpus} (FSDP2 across them)" if dev == "cuda" else f"  hardware: {dev}")
+    tk = rec.tokenizer
+    print(f"  tokenizer: {tk.kind} " + (f"(train BPE {tk.vocab_size} on {tk.train_on})" if tk.kind == "bpe"
+                                        else f"{tk.name or tk.file}"))
+    print(f"  hardware: {dev}, planned GPUs {gpus} (FSDP2 across them)" if dev != "cpu" else f"  hardware: {dev}")
     print(f"  {'stage':<9} {'kind':<9} {'tokens':>16} {'seq':>6} {'batch':>6} {'steps':>10} {'lr':>8} "
           f"{'sched':<8} {'mem/GPU':>9}")
     for st in stages:
         mem = memory_estimate(mcfg, st, gpus)
         print(f"  {st.name:<9} {st.kind:<9} {st.tokens:>16,} {st.seq_len:>6} {st.global_batch:>6} {st.steps:>10,} "
               f"{st.lr:>8.1e} {st.schedule:<8} {mem['total'] / 2**30:>7.1f}Gi" + ("  (QAT)" if st.qat else ""))
-        for d in st.data:
-            print(f"      data {d['source']}  weight {d.get('weight', 1.0)}"
-                  + (f"  field {d['text_field']}" if "text_field" in d else "")
-                  + (f"  format {d['format']}" if "format" in d else ""))
-    ev = rec.get("eval", {})
-    print(f"  eval: held-out {ev.get('heldout')} (max {ev.get('max_tokens')} tokens) vs its unigram entropy"
-          + (f"; SFT pairs {ev.get('heldout_sft')}" if ev.get("heldout_sft") else ""))
+        for d in rec.mixture(st.name):
+            print(f"      data {d.source}  weight {d.mix_weight}"
+                  + (f"  field {d.text_field}" if d.text_field else "")
+                  + (f"  format {d.format}" if d.format else ""))
+    ev = rec.eval
+    print(f"  eval: held-out {ev.heldout} (max {ev.max_tokens} tokens) vs its unigram entropy"
+          + (f"; SFT pairs {ev.heldout_sft}" if ev.heldout_sft else ""))
     print(f"  outputs: {out}/<stage>/model, {out}/final (INT4 QAT), {out}/model.mmoe")
 
 
-def check_hardware(rec: dict, mcfg, stages: list[StageConfig]) -> torch.device:
-    """CPU recipes run anywhere; CUDA recipes fail at once, in one line, when the GPU memory is short."""
-    hw = rec.get("hardware", {})
-    if hw.get("device", "cpu") != "cuda":
+def check_hardware(rec: Recipe, mcfg, stages: list[StageConfig]) -> torch.device:
+    """CPU recipes run anywhere; CUDA recipes fail at once, in one line, when the GPU memory is short;
+    device = "auto" takes CUDA when there is one."""
+    dev = rec.hardware.device
+    if dev == "cpu" or (dev == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     _, world = dist_info()
     need = max(memory_estimate(mcfg, st, world)["total"] for st in stages)
     if not torch.cuda.is_available():
-        raise UsageError(f"size {rec.get('size')} needs CUDA GPUs: about {need / 2**30:.1f} GiB per GPU with "
+        raise UsageError(f"size {rec.size} needs CUDA GPUs: about {need / 2**30:.1f} GiB per GPU with "
                          f"{world} GPU(s) (FSDP2); no CUDA device found (try --dry-run, or SIZE=tiny on CPU)")
     have = torch.cuda.get_device_properties(0).total_memory
     if have < need:
-        raise UsageError(f"size {rec.get('size')} needs about {need / 2**30:.1f} GiB per GPU with {world} GPU(s); "
+        raise UsageError(f"size {rec.size} needs about {need / 2**30:.1f} GiB per GPU with {world} GPU(s); "
                          f"this GPU has {have / 2**30:.1f} GiB (use more GPUs via torchrun)")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -152,7 +205,7 @@ def check_hardware(rec: dict, mcfg, stages: list[StageConfig]) -> torch.device:
 class DataCache:
     """Tokenized sources, built once per run (and cached on disk under <run>/cache)."""
 
-    def __init__(self, rec: dict, run: Path, tok, root: str):
+    def __init__(self, rec: Recipe, run: Path, tok, root: str):
         self.rec, self.run, self.tok, self.root = rec, run, tok, root
         self.eos = tok.token_to_id(SPECIAL_TOKENS[0])
         self.mem: dict = {}
@@ -328,15 +381,15 @@ def plain_copy(model, mcfg):
     return m
 
 
-def eval_suite(rec, data: DataCache, mcfg, device, micro_batch: int):
+def eval_suite(rec: Recipe, data: DataCache, mcfg, device, micro_batch: int):
     """-> eval_fn(model) giving heldout_loss, unigram (and sft_loss, sft_unigram when configured)."""
-    ev = rec.get("eval", {})
-    T = int(ev.get("seq_len", 128))
-    hx, hm = eval_windows(data.lm({"source": ev["heldout"]}).long(), T, int(ev.get("max_tokens", 32768)))
+    ev = rec.eval
+    T = ev.seq_len
+    hx, hm = eval_windows(data.lm({"source": ev.heldout}).long(), T, ev.max_tokens)
     uni = unigram_entropy(hx, hm, mcfg.vocab_size)
     sx = sm = None
-    if ev.get("heldout_sft"):
-        d = data.sft({"source": ev["heldout_sft"]})
+    if ev.heldout_sft:
+        d = data.sft({"source": ev.heldout_sft})
         sx, sm = eval_pairs([(i.tolist(), m.tolist()) for i, m in zip(d["ids"], d["masks"])], T,
                             data.eos)
         s_uni = unigram_entropy(sx, sm, mcfg.vocab_size)
@@ -353,14 +406,12 @@ def eval_suite(rec, data: DataCache, mcfg, device, micro_batch: int):
 # ------------------------------------------------------------------------------------------------------
 def run(args) -> int:
     rec = load_recipe(args.size, args.config)
-    mcfg = model_config(rec)
-    stages = stage_configs(rec)
-    if args.stages:
-        names = [s.name for s in stages]
-        bad = [s for s in args.stages.split(",") if s not in names]
-        if bad:
-            raise UsageError(f"unknown stage(s) {bad}; this recipe has {names}")
+    mcfg, stages, seed = rec.model, rec.stages, rec.seed
     run_dir = Path(args.out)
+    # every check that reads only the command line, the recipe and the run folder happens here, before
+    # anything runs or is written, so a dry run reports the same mistakes a real run would
+    only = check_stages_arg(rec, args.stages, run_dir)
+    resume_stage = check_resume(rec, args.resume, run_dir)
     if args.dry_run:
         print_plan(rec, mcfg, stages, str(run_dir))
         return 0
@@ -378,9 +429,12 @@ def run(args) -> int:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
+    for i, st in enumerate(stages, 1):
+        if st.global_batch % (st.micro_batch * world):
+            raise UsageError(f"{rec.path}: [stages.{i}] global_batch: {st.global_batch} is not a multiple of "
+                             f"micro_batch {st.micro_batch} x world size {world}")
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    seed = int(rec.get("seed", 0))
     t_run = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     tok, tok_path = prepare_tokenizer(rec, run_dir, args.data_root)
@@ -397,17 +451,10 @@ def run(args) -> int:
     results = []
     prev_model_dir = None
     resume_ck = Path(args.resume) if args.resume else None
-    resume_stage = None
-    if resume_ck is not None:
-        try:
-            resume_stage = json.loads((resume_ck / "state.json").read_text())["stage"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise UsageError(f"--resume {resume_ck}: not a checkpoint folder ({e})") from e
-    only = set(args.stages.split(",")) if args.stages else None
     float_eval = ptq_eval = None
     for st in stages:
         sdir = run_dir / st.name
-        fp = ck.fingerprint(dict(model=mcfg.to_dict(), stage=stage_dict(st), seed=seed, tok=tok.get_vocab_size()))
+        fp = stage_fingerprint(rec, st, tok.get_vocab_size())
         done = sdir / "summary.json"
         if done.is_file() and (sdir / "model" / "config.json").is_file() and resume_stage != st.name:
             summ = json.loads(done.read_text())
@@ -419,7 +466,11 @@ def run(args) -> int:
             prev_model_dir = sdir / "model"
             continue
         if only is not None and st.name not in only:
-            raise UsageError(f"stage {st.name} is not done and not selected by --stages")
+            # check_stages_arg made sure no selected stage comes after this one: the selection is done
+            if rank == 0:
+                print(f"[{st.name}] not selected by --stages; stopping here (re-run without --stages to go on)",
+                      file=sys.stderr)
+            return 0
         # start from the previous stage's model (a checkpoint, when resuming, overrides these weights)
         if prev_model_dir is None:
             model = build_model(mcfg, device)
@@ -434,12 +485,13 @@ def run(args) -> int:
             float_eval = results[-1].get("eval", {})
             ptq_eval = eval_fn(model)
         model = wrap_fsdp(model, policy)
-        weights = [float(d.get("weight", 1.0)) for d in st.data]
-        batcher = Batcher([data.source(d) for d in st.data], weights, st.seq_len, st.global_batch, seed + len(results))
+        mix = rec.mixture(st.name)
+        batcher = Batcher([data.source(d.as_dict()) for d in mix], [d.mix_weight for d in mix], st.seq_len,
+                          st.global_batch, seed + len(results))
         tracker = None
         if rank == 0:
             tracker = Tracker(run_dir, group=run_dir.name, stage=st.name,
-                              config=dict(stage=stage_dict(st), model=mcfg.to_dict(), recipe=rec["_path"], world=world))
+                              config=dict(stage=stage_dict(st), model=mcfg.to_dict(), recipe=rec.path, world=world))
         try:
             # the SFT-pair held-out loss is measured from the SFT stage on (it means little before)
             stage_eval = (lambda m, _sft=st.kind in ("sft", "qat"): eval_fn(m, sft=_sft))
@@ -486,38 +538,33 @@ def run(args) -> int:
     return 0
 
 
-def prepare_tokenizer(rec: dict, run_dir: Path, data_root: str):
+def prepare_tokenizer(rec: Recipe, run_dir: Path, data_root: str):
     from train.tokenizer import load_tokenizer, save_tokenizer, train_bpe  # noqa: PLC0415
 
     path = run_dir / "tokenizer.json"
-    tk = rec.get("tokenizer", {})
+    tk = rec.tokenizer
     if path.is_file():
         return load_tokenizer(path), path
     # every rank builds the (deterministic, identical) tokenizer itself and writes it atomically: no collective
     # here (a gloo barrier at this point was seen to hang intermittently)
-    if tk.get("kind") == "bpe":
-        src = tk.get("train_on", "shakespeare:train")
-        if src == "shakespeare:train":
+    if tk.kind == "bpe":
+        if tk.train_on == "shakespeare:train":
             texts = shakespeare_splits(data_root)[0]
         else:
-            texts = list(iter_source(src))
-        save_tokenizer(train_bpe(texts, int(tk.get("vocab_size", 2048)), SPECIAL_TOKENS), path)
-    elif tk.get("kind") == "pretrained":
-        if tk.get("file"):
-            from train.tokenizer import load_tokenizer as _lt  # noqa: PLC0415
-
-            t = _lt(tk["file"])
+            texts = list(iter_source(tk.train_on))
+        save_tokenizer(train_bpe(texts, tk.vocab_size, SPECIAL_TOKENS), path)
+    else:  # "pretrained" (recipe_config admits no other kind)
+        if tk.file:
+            t = load_tokenizer(tk.file)
         else:
             from tokenizers import Tokenizer  # noqa: PLC0415
 
             try:
-                t = Tokenizer.from_pretrained(tk["name"])
+                t = Tokenizer.from_pretrained(tk.name)
             except Exception as e:  # noqa: BLE001
-                raise DataError(f"pretrained tokenizer {tk.get('name')} is unreachable: {e}") from e
+                raise DataError(f"pretrained tokenizer {tk.name} is unreachable: {cli.one_line(e)}") from e
         t.add_special_tokens(list(SPECIAL_TOKENS))
         save_tokenizer(t, path)
-    else:
-        raise UsageError(f"tokenizer.kind must be 'bpe' or 'pretrained', got {tk.get('kind')!r}")
     tok = load_tokenizer(path)
     special_ids(tok)
     return tok, path
@@ -581,32 +628,39 @@ def generate_sample(run_dir: Path, model, tok) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny", help="tiny | S | M | L (train/configs/<size>.toml)")
-    p.add_argument("--config", default=None, help="a recipe TOML instead of the size's")
-    p.add_argument("--out", default=None, help="run directory (default runs/<size>)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit (no data, no network)")
-    p.add_argument("--resume", default=None, help="resume from this checkpoint folder (default: latest, automatic)")
-    p.add_argument("--stages", default=None, help="comma-separated stages to run (earlier ones must be done)")
-    p.add_argument("--data-root", default="data/shakespeare", help="the offline corpus (make data)")
+    """The CLI; expected failures raise (model.cli.run prints them as one line, exit 2)."""
+    p = cli.parser("python -m train", __doc__)
+    p.add_argument("--size", type=cli.one_of(SIZES), default=None, metavar=cli.choices(SIZES).replace(" ", ""),
+                   help="run train/configs/<size>.toml; tiny when neither --size nor --config is given")
+    p.add_argument("--config", default=None, metavar="TOML", help="a recipe file instead of a size's (not with --size)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory; unset: runs/<size> or runs/<config stem>")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the recipe and arguments, print the plan and exit (no data, no network, no writes)")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="resume from this checkpoint folder, <run>/<stage>/ckpt/step_N; unset: the unfinished "
+                        "stage's latest checkpoint, automatically")
+    p.add_argument("--stages", default=None, metavar="A,B",
+                   help="comma-separated stages to run; unset: all (earlier stages must be done or selected)")
+    p.add_argument("--data-root", default="data/shakespeare", metavar="DIR", help="the offline corpus (make data)")
     p.add_argument("--no-generate", action="store_true", help="skip the export + generation at the end")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps of the current stage (testing)")
+    p.add_argument("--threads", type=cli.positive_int, default=None, metavar="N",
+                   help="CPU threads for torch; unset: torch's choice (1 is faster on a busy machine)")
+    p.add_argument("--max-steps", type=cli.positive_int, default=None, metavar="N",
+                   help="stop after N (>= 1) steps of the current stage (testing); unset: run to the end")
     a = p.parse_args(argv)
+    if a.size is not None and a.config is not None:
+        raise UsageError("give --size or --config, not both")
+    if a.config is None and a.size is None:
+        a.size = "tiny"
     if a.out is None:
-        a.out = f"runs/{a.size}"
+        a.out = f"runs/{a.size if a.config is None else Path(a.config).stem}"
     if a.threads is not None:
-        if a.threads < 1:
-            print(f"error: --threads must be >= 1, got {a.threads}", file=sys.stderr)
-            return 2
         torch.set_num_threads(a.threads)
     try:
         return run(a)
-    except (UsageError, DataError, ck.CheckpointError, TrainingDiverged, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # config validation (ModelConfig / StageConfig)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (DataError, ck.CheckpointError, TrainingDiverged) as e:  # expected failures of the data / run
+        raise cli.BadInput(str(e)) from e
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    return cli.run(main, argv)
