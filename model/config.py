@@ -9,10 +9,8 @@ norms + router + shared experts + top_k routed experts (+ dense FFNs of dense la
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 
 GROUP = 32  # INT4 quant group along the input dimension (format: model/quant.py)
@@ -252,28 +250,28 @@ def _fmt(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.config", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="S", help=f"preset: {', '.join(PRESETS)} (default S)")
+    """The CLI; expected failures raise (model.cli.run prints them as one line, exit 2)."""
+    from model import cli  # noqa: PLC0415  (the accounting above stays importable without the CLI helpers)
+
+    p = cli.parser("python -m model.config", __doc__)
+    p.add_argument("--size", type=cli.one_of(list(PRESETS)), default="S", metavar="PRESET",
+                   help=f"preset: {cli.choices(list(PRESETS))}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--context", type=int, default=2048, help="context for the attention FLOPs term")
+    p.add_argument("--context", type=cli.nonneg_int, default=2048, metavar="N",
+                   help="context (tokens, >= 0) for the attention FLOPs term")
     p.add_argument("--all", action="store_true", help="print a markdown table of every preset")
     a = p.parse_args(argv)
-    try:
-        if a.all:
-            print(f"| preset | total | active | GFLOPs/token (ctx 0 / {a.context}) | INT4 MB | read/token MB | KV 2k MB | KV 8k MB |")
-            print("|---|---|---|---|---|---|---|---|")
-            for n in PRESETS:
-                r = accounting(get_config(n), a.context)
-                print(f"| {n} | {_fmt(r['total_params'])} | {_fmt(r['active_params'])} | "
-                      f"{r['flops_per_token'] / 1e9:.3f} / {r['flops_per_token_at_context'] / 1e9:.3f} | "
-                      f"{r['int4_bytes'] / 1e6:.1f} | {r['int4_bytes_read_per_token'] / 1e6:.1f} | "
-                      f"{r['kv_cache_bytes_2k'] / 1e6:.1f} | {r['kv_cache_bytes_8k'] / 1e6:.1f} |")
-            return 0
-        r = accounting(get_config(a.size), a.context)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.all:
+        print(f"| preset | total | active | GFLOPs/token (ctx 0 / {a.context}) | INT4 MB | read/token MB | KV 2k MB | KV 8k MB |")
+        print("|---|---|---|---|---|---|---|---|")
+        for n in PRESETS:
+            r = accounting(get_config(n), a.context)
+            print(f"| {n} | {_fmt(r['total_params'])} | {_fmt(r['active_params'])} | "
+                  f"{r['flops_per_token'] / 1e9:.3f} / {r['flops_per_token_at_context'] / 1e9:.3f} | "
+                  f"{r['int4_bytes'] / 1e6:.1f} | {r['int4_bytes_read_per_token'] / 1e6:.1f} | "
+                  f"{r['kv_cache_bytes_2k'] / 1e6:.1f} | {r['kv_cache_bytes_8k'] / 1e6:.1f} |")
+        return 0
+    r = accounting(get_config(a.size), a.context)
     if a.json:
         print(json.dumps(r))
         return 0
@@ -291,4 +289,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from model.cli import run
+
+    raise SystemExit(run(main))

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from model import cli
 from model.config import ModelConfig, flops_per_token, get_config, int4_weight_bytes, kv_cache_bytes
 from train import scaling
 from train.scaling_law import LawParams, default_starts, fit_law, predict
@@ -118,10 +119,10 @@ def test_optimize_cli(tmp_path, capsys):
     assert flops_per_token(cfg, 2048) <= 0.9e9
     assert int4_weight_bytes(cfg)["total"] + kv_cache_bytes(cfg, 2048) <= 1e9
     # bad input: one line naming the problem, non-zero exit
-    assert scaling.main(["optimize", "--memory-gb", "1", "--fit", str(fit)]) == 2
+    assert cli.run(scaling.main, ["optimize", "--memory-gb", "1", "--fit", str(fit)]) == 2
     assert "compute budget" in capsys.readouterr().err
-    assert scaling.main(["optimize", "--memory-gb", "1", "--active-flops", "1e9",
-                         "--fit", str(tmp_path / "missing.json")]) == 2
+    assert cli.run(scaling.main, ["optimize", "--memory-gb", "1", "--active-flops", "1e9",
+                                  "--fit", str(tmp_path / "missing.json")]) == 2
     assert "no fitted law" in capsys.readouterr().err
 
 

@@ -19,12 +19,10 @@ train/scaling_opt.py.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -368,41 +366,53 @@ def print_fit(fit: dict, log=print) -> None:
 # ------------------------------------------------------------------------------------------------------
 # CLI
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.scaling", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    """The CLI; expected failures raise (model.cli.run prints them as one line, exit 2)."""
+    from model import cli  # noqa: PLC0415
+
+    ap = cli.parser("python -m train.scaling", __doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="sweep | fit | optimize | report | all")
 
     def sweep_args(s):
-        s.add_argument("--grid", default="cpu", help="cpu | paper (paper: GPUs + real data; --dry-run lists it)")
-        s.add_argument("--out", default=str(DEFAULT_CSV))
+        s.add_argument("--grid", type=cli.one_of(("cpu", "paper")), default="cpu", metavar="cpu|paper",
+                       help="the grid (paper: GPUs + real data; --dry-run lists it)")
+        s.add_argument("--out", default=str(DEFAULT_CSV), metavar="CSV", help="results CSV (rewritten per point)")
         s.add_argument("--corpus", default="shakespeare", help="shakespeare[:root] or a UTF-8 text file")
-        s.add_argument("--val-tokens", type=int, default=65536)
-        s.add_argument("--only", default="", help="comma-separated point names")
-        s.add_argument("--limit", type=int, default=None, help="run at most this many unfinished points")
+        s.add_argument("--val-tokens", type=cli.positive_int, default=65536, metavar="N",
+                       help="held-out bytes every point is evaluated on")
+        s.add_argument("--only", default="", metavar="A,B", help="comma-separated point names (empty: all)")
+        s.add_argument("--limit", type=cli.positive_int, default=None, metavar="N",
+                       help="run at most this many unfinished points; unset: all")
         # one thread: on a shared 2-core machine two OpenMP threads per process spin against other jobs
         # (a 5 s point took minutes); on a quiet machine 2 helps little at these widths
-        s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+        s.add_argument("--threads", type=cli.positive_int, default=1, metavar="N", help="torch CPU threads")
         s.add_argument("--dry-run", action="store_true", help="list the grid and exit")
 
-    s = sub.add_parser("sweep", help="train the grid (resumable)")
+    def fit_args(f):
+        f.add_argument("--n-boot", type=cli.nonneg_int, default=100, metavar="N",
+                       help="bootstrap refits for the 95%% CIs (0: none)")
+        f.add_argument("--starts", type=cli.int_range(1, 64), default=64, metavar="N",
+                       help="L-BFGS starts taken from the 64-point grid (1..64)")
+
+    def add(name: str, help: str):
+        return sub.add_parser(name, help=help, description=help, formatter_class=cli.HelpFormatter)
+
+    s = add("sweep", "train the grid (resumable)")
     sweep_args(s)
-    f = sub.add_parser("fit", help="fit the law to a sweep CSV")
-    f.add_argument("csv", nargs="?", default=str(DEFAULT_CSV))
-    f.add_argument("--n-boot", type=int, default=100)
-    f.add_argument("--starts", type=int, default=64, help="L-BFGS starts taken from the 64-point grid")
-    f.add_argument("--out", default=str(DEFAULT_FIT), help="fitted-law JSON (read by optimize/report)")
-    o = sub.add_parser("optimize", help="best architecture under phone memory/compute budgets")
+    f = add("fit", "fit the law to a sweep CSV")
+    f.add_argument("csv", nargs="?", default=str(DEFAULT_CSV), help="the sweep CSV")
+    fit_args(f)
+    f.add_argument("--out", default=str(DEFAULT_FIT), metavar="JSON", help="fitted-law JSON (read by optimize/report)")
+    o = add("optimize", "best architecture under phone memory/compute budgets")
     from train.scaling_opt import add_optimize_args  # noqa: PLC0415
 
     add_optimize_args(o)
-    r = sub.add_parser("report", help="plots + bench/results/scaling.md from the CSV and fit JSON")
-    r.add_argument("--csv", default=str(DEFAULT_CSV))
-    r.add_argument("--fit", default=str(DEFAULT_FIT))
-    r.add_argument("--out-dir", default=str(RESULTS))
-    a = sub.add_parser("all", help="sweep + fit + report")
+    r = add("report", "plots + bench/results/scaling.md from the CSV and fit JSON")
+    r.add_argument("--csv", default=str(DEFAULT_CSV), help="the sweep CSV")
+    r.add_argument("--fit", default=str(DEFAULT_FIT), metavar="JSON", help="the fitted-law JSON")
+    r.add_argument("--out-dir", default=str(RESULTS), metavar="DIR", help="where the plots and scaling.md go")
+    a = add("all", "sweep + fit + report")
     sweep_args(a)
-    a.add_argument("--n-boot", type=int, default=100)
-    a.add_argument("--starts", type=int, default=64, help="L-BFGS starts taken from the 64-point grid")
+    fit_args(a)
     args = ap.parse_args(argv)
     try:
         if args.cmd in ("sweep", "all"):
@@ -439,14 +449,12 @@ def main(argv: list[str] | None = None) -> int:
 
             make_report(args.csv, args.fit, args.out_dir)
             return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (RuntimeError, ImportError) as e:  # a diverged point; a missing optional plotting dependency
+        raise cli.BadInput(str(e)) from e
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from model.cli import run
+
+    raise SystemExit(run(main))

@@ -183,15 +183,25 @@ def optimize(params: LawParams, budget: Budget, space: SearchSpace | None = None
 # ------------------------------------------------------------------------------------------------------
 # CLI
 def add_optimize_args(p) -> None:
-    p.add_argument("--memory-gb", type=float, required=True, help="INT4 weights + fp16 KV cache budget (GB = 1e9 B)")
-    p.add_argument("--context", type=int, default=2048, help="context for the KV cache and attention FLOPs")
-    p.add_argument("--active-flops", type=float, default=None, help="max forward FLOPs per token at --context")
-    p.add_argument("--latency-ms", type=float, default=None, help="max decode ms/token (bytes read / bandwidth)")
-    p.add_argument("--bandwidth-gbs", type=float, default=40.0, help="memory bandwidth for the latency estimate")
-    p.add_argument("--tokens", type=float, default=6e12, help="training tokens D")
-    p.add_argument("--fit", default="bench/results/scaling_fit.json", help="fitted law JSON (python -m train.scaling fit)")
-    p.add_argument("--base", default="S", help="preset supplying vocab / RoPE / context (get_config base)")
-    p.add_argument("--frontier", type=int, default=12, help="frontier rows to print")
+    from model import cli  # noqa: PLC0415
+    from model.config import PRESETS  # noqa: PLC0415
+
+    p.add_argument("--memory-gb", type=cli.positive_float, required=True, metavar="GB",
+                   help="INT4 weights + fp16 KV cache budget (GB = 1e9 B)")
+    p.add_argument("--context", type=cli.positive_int, default=2048, metavar="N",
+                   help="context for the KV cache and attention FLOPs")
+    p.add_argument("--active-flops", type=cli.positive_float, default=None, metavar="FLOPS",
+                   help="max forward FLOPs per token at --context (this and/or --latency-ms is required)")
+    p.add_argument("--latency-ms", type=cli.positive_float, default=None, metavar="MS",
+                   help="max decode ms/token (bytes read / bandwidth)")
+    p.add_argument("--bandwidth-gbs", type=cli.positive_float, default=40.0, metavar="GBS",
+                   help="memory bandwidth (GB/s) for the latency estimate")
+    p.add_argument("--tokens", type=cli.positive_float, default=6e12, metavar="D", help="training tokens D")
+    p.add_argument("--fit", default="bench/results/scaling_fit.json", metavar="JSON",
+                   help="fitted law JSON (python -m train.scaling fit)")
+    p.add_argument("--base", type=cli.one_of(list(PRESETS)), default="S", metavar="PRESET",
+                   help=f"preset supplying vocab / RoPE / context (get_config base): {cli.choices(list(PRESETS))}")
+    p.add_argument("--frontier", type=cli.positive_int, default=12, metavar="N", help="frontier rows to print")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
