@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         ctx.log(f"FAILED checks: {', '.join(failed)}")
         return 1
-    ctx.log(f"all {len(res['checks'])} correctness checks passed")
+    ctx.log(f"all {len(res['checks'])} correctness checks passed" if res["checks"] else
+            "no correctness checks ran (--only)")
     return 0
 
 

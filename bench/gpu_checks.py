@@ -69,15 +69,16 @@ def check_routing(ctx, s) -> list[dict]:
 
 
 def _same_selection(ids, rids, rscores, bias, special) -> tuple[bool, int]:
-    """ids == the reference's, except that two experts whose selection scores are within ~8 ulp (a GPU's fast
-    exp can order those either way) may come in either order. The NaN / inf rows must match exactly."""
+    """ids == the reference's, except that two experts whose selection scores agree to ~1e-6 (a few ulp of a
+    GPU's approximate exp and divide; scores are <= 1, the bias is added identically) may come in either order.
+    The NaN / inf rows must match exactly."""
     sel = rscores if bias is None else rscores + bias.cpu().float()
     sel = torch.where(torch.isnan(sel), float("-inf"), sel)
     rows = (ids != rids).any(1).nonzero().flatten()
     if any(int(r) in special for r in rows):
         return False, len(rows)
     a, b = sel.gather(1, ids[rows]), sel.gather(1, rids[rows])
-    tied = (a == b) | ((a - b).abs() <= 1e-6 * b.abs().clamp_min(1e-30))
+    tied = (a == b) | ((a - b).abs() <= 1e-6 * b.abs() + 1e-7)
     return bool(tied.all()), len(rows)
 
 

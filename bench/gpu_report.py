@@ -33,8 +33,8 @@ def _f(v, fmt=".1f") -> str:
 def _cell(r: dict) -> str:
     if r.get("tflops") is None:
         return f"n/a ({r.get('error') or 'not run'})"
-    c = f"{r['tflops']:.1f} ({r['pct_dense']:.0f}%, {r['ms']:.3f} ms)" if r.get("pct_dense") is not None \
-        else f"{r['tflops']:.1f} ({r['ms']:.3f} ms)"
+    tf = f"{r['tflops']:.1f}" if r["tflops"] >= 1 else f"{r['tflops']:.2g}"
+    c = f"{tf} ({r['pct_dense']:.0f}%, {r['ms']:.3f} ms)" if r.get("pct_dense") is not None else f"{tf} ({r['ms']:.3f} ms)"
     return c + (f" [{r['error']}]" if r.get("error") else "")
 
 

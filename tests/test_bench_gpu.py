@@ -64,3 +64,11 @@ def test_without_cuda_and_without_dry_run_exits_2_in_one_line(tmp_path):
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stdout == "" and p.stderr.startswith("no CUDA device: ") and p.stderr.count("\n") == 1, p.stderr
     assert not list(tmp_path.iterdir()), "nothing may be written without a GPU"
+
+
+def test_bad_arguments_exit_2_in_one_line(tmp_path):
+    for args in (["--only", "checks,plots"], ["--budget-s", "0"]):
+        p = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--out", str(tmp_path), *args], cwd=ROOT,
+                           env=_env(), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, (args, p.stderr)
+    assert not list(tmp_path.iterdir())
