@@ -2,10 +2,12 @@
 
 backend: "auto" (Triton on CUDA, reference on CPU), "triton", "reference", "megablocks" (optional CUDA extra).
 The choice is logged once per (requested, resolved, device) triple.
+Under torch.compile the routed experts are one custom op, mobilemoe::moe_experts (bottom of this file).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 
@@ -29,7 +31,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     else:
         raise ValueError(f"unknown moe backend {backend!r}: auto|triton|reference|megablocks")
     key = (backend, resolved, device.type)
-    if key not in _logged:
+    # dynamo cannot trace a Logger call (a graph break in every compiled MoE block): a compiled model's first
+    # eager call (evaluation, generation) logs the choice instead
+    if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         log.info("MoE backend: %s (requested %s, device %s)", resolved, backend, device.type)
     return resolved
@@ -181,9 +185,9 @@ def _slices_gemm(x_SD, w_ENK, bounds: list[int]):
     return _SlicedGemm.apply(x_SD, w_ENK, bounds)
 
 
-def moe_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend: str = "auto",
-                act_fq: Callable | None = None) -> torch.Tensor:
-    resolved = resolve_backend(backend, x_TD.device)
+def dispatch_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, resolved: str,
+                     act_fq: Callable | None = None) -> torch.Tensor:
+    """The routed experts on an already resolved backend, eagerly (autograd through the backend's own pieces)."""
     if resolved == "reference":
         return moe_experts_reference(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, act_fq)
     if resolved == "triton":
@@ -193,3 +197,145 @@ def moe_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend: str 
     from kernels.megablocks_adapter import moe_experts_megablocks  # noqa: PLC0415
 
     return moe_experts_megablocks(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, act_fq)
+
+
+def moe_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend: str = "auto",
+                act_fq: Callable | None = None) -> torch.Tensor:
+    """Routed experts. Under torch.compile every backend runs through the custom op mobilemoe::moe_experts
+    (below: one opaque node, backward by recompute); eager calls run the backend directly."""
+    resolved = resolve_backend(backend, x_TD.device)
+    if torch.compiler.is_compiling():
+        act_name = act_fq_name(act_fq)
+        if act_name is not None:
+            return moe_experts_op(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, resolved, act_name)
+    return dispatch_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, resolved, act_fq)
+
+
+# ---- torch.compile: the routed experts as one torch.library custom op, so a compiled MoE block has no graph
+# break ---------------------------------------------------------------------------------------------------------
+#     mobilemoe::moe_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq) -> y_TD
+#     mobilemoe::moe_experts_backward(dy_TD, <the same inputs>) -> (dx_TD, dgates_TK, dw_gate_up_EFD, dw_down_EDF)
+#
+# Why an opaque op: both backends are data-dependent inside (a sort by expert id, per-expert row counts read on
+# the host, Triton launches whose grids depend on them), which dynamo can only trace by breaking the graph or
+# specialising on the counts. The op hides all of that behind a fake implementation whose output shapes depend
+# on the input shapes alone: y is (T, D) in x's dtype.
+#
+# Backward = recompute. The forward op runs the dispatch without building an autograd graph; the backward op
+# runs it again with grad enabled and calls torch.autograd.grad, so the gradients are exactly those of the
+# existing backward (the reference's _RowGather/_SlicedGemm, the Triton autograd.Functions) with no second
+# derivation to keep in step. The price is one extra forward of the routed experts per step (2 of the step's 6
+# expert GEMMs); the saving is that no (S, 2F) / (S, D) activations are held between forward and backward (the
+# routed experts are checkpointed). kernels.moe.moe_experts therefore uses the op only while torch.compile is
+# tracing; eager calls keep the direct path and its saved activations.
+#
+# act_fq (the QAT activation fake-quant) cannot cross the op boundary as a callable; it travels as
+# "module:qualname" and is imported back inside the op. A callable without such a name (a lambda, a closure)
+# makes moe_experts fall back to the direct path, i.e. a graph break at the MoE block.
+
+_C = torch._C
+_AUTOGRAD_KEYS = (_C.DispatchKey.AutogradFunctionality, _C.DispatchKey.AutogradOther,
+                  _C.DispatchKey.AutogradNestedTensor, _C.DispatchKey.ADInplaceOrView)
+_fn_cache: dict[str, Callable] = {}
+
+
+def act_fq_name(fn: Callable | None) -> str | None:
+    """'' for no fake-quant, 'module:qualname' when that path imports back to fn itself, else None."""
+    if fn is None:
+        return ""
+    name = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', '<none>')}"
+    if "<" in name:  # <lambda>, <locals>: not importable
+        return None
+    try:
+        return name if _resolve(name) is fn else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def _resolve(name: str) -> Callable | None:
+    if not name:
+        return None
+    fn = _fn_cache.get(name)
+    if fn is None:
+        module, qual = name.split(":", 1)
+        fn = importlib.import_module(module)
+        for part in qual.split("."):
+            fn = getattr(fn, part)
+        _fn_cache[name] = fn
+    return fn
+
+
+def _check(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq):
+    if backend not in ("reference", "triton", "megablocks"):
+        raise ValueError(f"mobilemoe::moe_experts: backend must be a resolved backend "
+                         f"(reference|triton|megablocks), got {backend!r}")
+    if ids_TK.dim() != 2 or x_TD.dim() != 2 or x_TD.shape[0] != ids_TK.shape[0]:
+        raise ValueError(f"mobilemoe::moe_experts: x_TD {tuple(x_TD.shape)} and ids_TK {tuple(ids_TK.shape)} "
+                         f"must be 2-D with the same T")
+    if gates_TK.shape != ids_TK.shape:
+        raise ValueError(f"mobilemoe::moe_experts: gates_TK {tuple(gates_TK.shape)} != ids_TK "
+                         f"{tuple(ids_TK.shape)}")
+    if w_gate_up_EFD.dim() != 3 or w_down_EDF.dim() != 3:
+        raise ValueError("mobilemoe::moe_experts: w_gate_up_EFD and w_down_EDF must be 3-D (E, 2F, D), (E, D, F)")
+
+
+@torch.library.custom_op("mobilemoe::moe_experts", mutates_args=())
+def moe_experts_op(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor,
+                   w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor, backend: str,
+                   act_fq: str) -> torch.Tensor:
+    _check(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq)
+    with torch.no_grad():
+        y_TD = dispatch_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend,
+                                _resolve(act_fq))
+    return y_TD.contiguous()
+
+
+@moe_experts_op.register_fake
+def _(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq):
+    _check(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq)
+    return x_TD.new_empty((ids_TK.shape[0], w_down_EDF.shape[1]))
+
+
+@torch.library.custom_op("mobilemoe::moe_experts_backward", mutates_args=())
+def moe_experts_backward_op(dy_TD: torch.Tensor, x_TD: torch.Tensor, ids_TK: torch.Tensor,
+                            gates_TK: torch.Tensor, w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
+                            backend: str, act_fq: str
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq)
+    # A custom op's implementation runs with the autograd dispatch keys excluded (it is "below autograd"), so
+    # enable_grad alone would record nothing; put the keys back for the recompute only.
+    exclude = _C._dispatch_tls_local_exclude_set()
+    for k in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(k)
+    leaves = [t.detach().requires_grad_() for t in (x_TD, gates_TK, w_gate_up_EFD, w_down_EDF)]
+    with _C._ForceDispatchKeyGuard(_C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        y_TD = dispatch_experts(leaves[0], ids_TK, leaves[1], leaves[2], leaves[3], backend,
+                                _resolve(act_fq))
+        grads = torch.autograd.grad(y_TD, leaves, dy_TD, allow_unused=True)
+    # an input that did not reach y (only possible with T = 0) has an exact zero gradient
+    return tuple((torch.zeros_like(t) if g is None else g).contiguous() for g, t in zip(grads, leaves))
+
+
+@moe_experts_backward_op.register_fake
+def _(dy_TD, x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq):
+    _check(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (x_TD, gates_TK, w_gate_up_EFD, w_down_EDF))
+
+
+def _setup_context(ctx, inputs, output):
+    x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq = inputs
+    ctx.save_for_backward(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF)
+    ctx.backend, ctx.act_fq = backend, act_fq
+
+
+def _backward(ctx, dy_TD):
+    x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF = ctx.saved_tensors
+    dx, dgates, dw13, dw2 = moe_experts_backward_op(dy_TD, x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF,
+                                                    ctx.backend, ctx.act_fq)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, None, dgates if need[2] else None, dw13 if need[3] else None,
+            dw2 if need[4] else None, None, None)
+
+
+moe_experts_op.register_autograd(_backward, setup_context=_setup_context)

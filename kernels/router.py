@@ -53,7 +53,10 @@ def route(logits_TE, top_k, score="softmax", norm_topk=True, bias_E=None, backen
 def load_balance_loss(scores_TE: torch.Tensor, ids_TK: torch.Tensor, n_experts: int, score: str = "softmax"):
     """Switch/megablocks LB loss  E * sum_e f_e * P_e  (f: fraction of token-slots, P: mean router prob)."""
     T, K = ids_TK.shape
-    counts_E = torch.bincount(ids_TK.reshape(-1), minlength=n_experts).float()
+    # a fixed-length count (not bincount, whose output length depends on the ids' values and makes
+    # torch.compile break the graph); integer adds, so exact in any order
+    flat = ids_TK.reshape(-1)
+    counts_E = flat.new_zeros(n_experts).scatter_add(0, flat, torch.ones_like(flat)).float()
     f_E = counts_E / (T * K)
     probs_TE = scores_TE if score == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
     P_E = probs_TE.mean(dim=0)
