@@ -14,8 +14,19 @@ import numpy as np
 import pytest
 
 from model.chat_template import EOS, SPECIAL_TOKENS
-from train.store import (MANIFEST, StoreError, StoreMixture, TokenStore, apportion, build_store, data_report,
-                         packing, permute, token_dtype, write_store)
+from train.store import (
+    MANIFEST,
+    StoreError,
+    StoreMixture,
+    TokenStore,
+    apportion,
+    build_store,
+    data_report,
+    packing,
+    permute,
+    token_dtype,
+    write_store,
+)
 from train.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,7 +219,10 @@ def test_batches_are_a_pure_function_of_seed_and_step(two_stores):
     assert not np.array_equal(first[1], first[2])
     assert not np.array_equal(mixture(two_stores, seed=1).rows(3), first[3])
     ids, mask = a.get(4)
-    assert ids.dtype.is_floating_point is False and np.array_equal(ids.numpy(), first[4]) and mask.shape == (8, 16)
+    assert np.array_equal(ids.numpy(), first[4]) and mask.shape == (8, 16) and bool(mask.all())
+    # a rank's Batcher-interface batch: its own rows read, the others' left 0
+    ids1, _ = StoreMixture(a.stores, [0.7, 0.3], 16, 8, names=["a", "b"], rank=1, world=2).get(4)
+    assert np.array_equal(ids1[4:].numpy(), first[4][4:]) and not ids1[:4].any()
 
 
 def test_rank_slices_are_disjoint_and_make_the_global_batch(two_stores):
@@ -322,3 +336,50 @@ def test_data_report_warns_on_repeats(two_stores):
     assert b.epochs > 4 and warn
     _, none = data_report(stores, [0.7, 0.3], 16, 8, steps=10, max_epochs=4)
     assert none == []
+
+
+def test_open_stores_checks_the_run_tokenizer(corpus, tmp_path):
+    from train.store import is_store, open_stores
+
+    build_store(str(corpus["jsonl"]), corpus["tok"], tmp_path / "s", shard_tokens=50_000, progress=False)
+    assert is_store(str(tmp_path / "s")) and not is_store(str(corpus["jsonl"])) and not is_store("hf:a/b")
+    run_copy = load_tokenizer(corpus["tok_path"])
+    run_copy.add_special_tokens(["<|extra|>"])  # the run's copy of a pretrained tokenizer: same base, more specials
+    assert open_stores([str(tmp_path / "s")], run_copy)[0].n_tokens > 0
+    other = train_bpe(corpus["docs"][:300], 300, SPECIAL_TOKENS)
+    with pytest.raises(StoreError, match="another tokenizer"):
+        open_stores([str(tmp_path / "s")], other)
+
+
+def test_recipe_stage_reads_a_token_store(tmp_path, capsys, monkeypatch):
+    """The trainer wiring: a stage whose source is a store folder trains from StoreMixture (dry run: epochs and
+    the repeat warning; a mix of a store and a file is one line, exit 2)."""
+    from model import cli
+    from train import recipe as R
+    from train.testing import make_corpus, read_log, stage_toml, write_recipe
+
+    files = make_corpus(tmp_path / "c")
+    run = tmp_path / "run"
+    probe = write_recipe(tmp_path, files, stage_toml("pretrain", "pretrain", files["train"], 3))
+    tok, tok_path = R.prepare_tokenizer(R.load_recipe(None, str(probe)), run, "unused")
+    build_store(files["train"], tok, tmp_path / "store", shard_tokens=1000, progress=False)
+    cfg = write_recipe(tmp_path, files, stage_toml("pretrain", "pretrain", str(tmp_path / "store"), 400))
+    assert cli.run(R.main, ["--config", str(cfg), "--out", str(run), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"store {tmp_path / 'store'}: 8 rows/step" in out and "epochs" in out and "warning:" in out
+    calls = []
+    real_get = StoreMixture.get
+    monkeypatch.setattr(StoreMixture, "get", lambda self, step: calls.append(step) or real_get(self, step))
+    assert cli.run(R.main, ["--config", str(cfg), "--out", str(run), "--max-steps", "2", "--no-generate",
+                            "--threads", "1"]) == 0
+    assert calls == [0, 1]  # the stage's batches came from the store loader
+    log = read_log(run / "pretrain")
+    assert [r["step"] for r in log] == [0, 1] and all(np.isfinite(r["loss"]) for r in log)
+    mixed = stage_toml("pretrain", "pretrain", str(tmp_path / "store"), 3) + \
+        '[[stages.data]]\nsource = "' + files["train"] + '"\nweight = 1.0\n'
+    (tmp_path / "m").mkdir()
+    cfg2 = write_recipe(tmp_path / "m", files, mixed)
+    capsys.readouterr()
+    assert cli.run(R.main, ["--config", str(cfg2), "--out", str(tmp_path / "run2"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mixes token stores" in err[0]

@@ -24,7 +24,6 @@ by `iter_source(..., stats=...)` and printed by the trainer. A missing local fil
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -234,6 +233,19 @@ def iter_source(source: str, text_field: str = "text", split: str = "train", sta
                     st["skipped"] += 1
         elif p.is_file():
             raise DataError(f"{f}: unsupported data file type {suf!r} (use .txt, .jsonl or .parquet)")
+
+
+BPE_MAX_CHARS = 1 << 30  # a BPE trained on a hub / file source reads at most this much text (~1 GB)
+
+
+def take_chars(docs: Iterator[str], max_chars: int = BPE_MAX_CHARS) -> Iterator[str]:
+    """The documents of a (possibly endless, streamed) source until max_chars characters have been yielded."""
+    n = 0
+    for d in docs:
+        if n >= max_chars:
+            return
+        n += len(d)
+        yield d
 
 
 def _iter_hub(source: str, text_field: str, split: str, st: dict, streaming: bool, raw: bool = False) -> Iterator:

@@ -33,9 +33,10 @@ from model import cli
 from model.config import count_params
 from model.precision import policy_for
 from train import ckpt as ck
+from train import store as tstore
 from train.batches import Batcher, LMSource, SFTSource, eval_pairs, eval_windows
 from train.chat import SPECIAL_TOKENS, encode_chat_batch, render_prompt, special_ids
-from train.data import DataError, iter_source, quality_text, shakespeare_splits
+from train.data import DataError, iter_source, quality_text, shakespeare_splits, take_chars
 from train.loop import (
     StageConfig,
     TrainingDiverged,
@@ -172,10 +173,15 @@ def print_plan(rec: Recipe, mcfg, stages: list[StageConfig], out: str) -> None:
         mem = memory_estimate(mcfg, st, gpus)
         print(f"  {st.name:<9} {st.kind:<9} {st.tokens:>16,} {st.seq_len:>6} {st.global_batch:>6} {st.steps:>10,} "
               f"{st.lr:>8.1e} {st.schedule:<8} {mem['total'] / 2**30:>7.1f}Gi" + ("  (QAT)" if st.qat else ""))
-        for d in rec.mixture(st.name):
+        mix = rec.mixture(st.name)
+        for d in mix:
             print(f"      data {d.source}  weight {d.mix_weight}"
                   + (f"  field {d.text_field}" if d.text_field else "")
                   + (f"  format {d.format}" if d.format else ""))
+        if tstore.stage_uses_stores([d.source for d in mix], [d.is_chat for d in mix], st.name):
+            for line in tstore.plan_lines([d.source for d in mix], [d.mix_weight for d in mix], st.seq_len,
+                                          st.global_batch, st.steps):
+                print(f"      {line}")
     ev = rec.eval
     print(f"  eval: held-out {ev.heldout} (max {ev.max_tokens} tokens) vs its unigram entropy"
           + (f"; SFT pairs {ev.heldout_sft}" if ev.heldout_sft else ""))
@@ -257,6 +263,9 @@ class DataCache:
         if src == "shakespeare:quality":
             return self._cached(src, lambda: self._enc([q for q in map(quality_text, self.splits()[0]) if q]))
         limit = int(spec.get("max_tokens", 50_000_000))
+        if tstore.is_store(src):  # already tokenized on disk: read the first `limit` tokens, no cache copy
+            ts = tstore.open_stores([src], self.tok)[0]
+            return torch.from_numpy(ts.read(0, min(ts.n_tokens, limit)).astype("int64"))
 
         def build():
             st: dict = {}
@@ -303,6 +312,17 @@ class DataCache:
             return self._pairs(pairs)
 
         return self._cached(f"{src}:sft", build)
+
+    def batcher(self, mix, st: StageConfig, seed: int):
+        """A stage's batch stream: train/store.py's StoreMixture when its sources are token stores (each rank
+        reads only its own rows, nothing held in memory), else the in-memory Batcher."""
+        srcs = [d.source for d in mix]
+        if tstore.stage_uses_stores(srcs, [d.is_chat for d in mix], st.name):
+            rank, world = dist_info()
+            return tstore.StoreMixture(tstore.open_stores(srcs, self.tok), [d.mix_weight for d in mix], st.seq_len,
+                                       st.global_batch, seed, names=srcs, rank=rank, world=world)
+        return Batcher([self.source(d.as_dict()) for d in mix], [d.mix_weight for d in mix], st.seq_len,
+                       st.global_batch, seed)
 
     def source(self, spec: dict):
         is_chat = spec["source"] in ("shakespeare:sft", "shakespeare:sft_heldout") or spec.get("format") == "chat"
@@ -385,7 +405,7 @@ def eval_suite(rec: Recipe, data: DataCache, mcfg, device, micro_batch: int):
     """-> eval_fn(model) giving heldout_loss, unigram (and sft_loss, sft_unigram when configured)."""
     ev = rec.eval
     T = ev.seq_len
-    hx, hm = eval_windows(data.lm({"source": ev.heldout}).long(), T, ev.max_tokens)
+    hx, hm = eval_windows(data.lm({"source": ev.heldout, "max_tokens": ev.max_tokens + 1}).long(), T, ev.max_tokens)
     uni = unigram_entropy(hx, hm, mcfg.vocab_size)
     sx = sm = None
     if ev.heldout_sft:
@@ -486,8 +506,7 @@ def run(args) -> int:
             ptq_eval = eval_fn(model)
         model = wrap_fsdp(model, policy)
         mix = rec.mixture(st.name)
-        batcher = Batcher([data.source(d.as_dict()) for d in mix], [d.mix_weight for d in mix], st.seq_len,
-                          st.global_batch, seed + len(results))
+        batcher = data.batcher(mix, st, seed + len(results))
         tracker = None
         if rank == 0:
             tracker = Tracker(run_dir, group=run_dir.name, stage=st.name,
@@ -551,7 +570,7 @@ def prepare_tokenizer(rec: Recipe, run_dir: Path, data_root: str):
         if tk.train_on == "shakespeare:train":
             texts = shakespeare_splits(data_root)[0]
         else:
-            texts = list(iter_source(tk.train_on))
+            texts = take_chars(iter_source(tk.train_on))  # a bounded prefix of a (maybe endless) stream
         save_tokenizer(train_bpe(texts, tk.vocab_size, SPECIAL_TOKENS), path)
     else:  # "pretrained" (recipe_config admits no other kind)
         if tk.file:

@@ -71,7 +71,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # ------------------------------------------------------------------------------------------------------
 # fingerprints
 def tokenizer_fingerprint(tok) -> str:
-    return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+    """The tokenizer minus its added-token list: the same for a pretrained tokenizer.json and a run's copy of
+    it with the chat special tokens added (train/recipe.py), which encode plain text to the same ids. The EOS
+    id, which added tokens can change, is compared on its own (manifest "eos_id")."""
+    d = json.loads(tok.to_str())
+    d.pop("added_tokens", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def source_fingerprint(source: str, text_field: str, split: str) -> dict:
@@ -495,13 +500,14 @@ class StoreMixture:
     packed window (documents separated by EOS); packing(ids) gives document ids / positions for masking."""
 
     def __init__(self, stores: list[TokenStore], weights: list[float], seq_len: int, global_batch: int,
-                 seed: int = 0, salt: int = 0, names: list[str] | None = None):
+                 seed: int = 0, salt: int = 0, names: list[str] | None = None, rank: int = 0, world: int = 1):
         if not stores or len(stores) != len(weights):
             raise StoreError("a mixture needs one weight per store and at least one store")
         eos = {s.eos_id for s in stores}
         if len(eos) != 1:
             raise StoreError(f"the mixture's stores use different EOS ids {sorted(eos)} (different tokenizers?)")
         self.stores, self.T, self.B, self.seed, self.salt = stores, seq_len, global_batch, seed, salt
+        self.rank, self.world = rank, world
         self.names = names or [str(s.path) for s in stores]
         self.eos_id = eos.pop()
         self.weights = [float(w) for w in weights]
@@ -547,17 +553,72 @@ class StoreMixture:
             out[r] = st.read(int(w) * self.T, self.T + 1, out=buf)
         return out
 
-    def get(self, step: int, rank: int = 0, world: int = 1):
-        """(ids (b, T+1), mask (b, T)) as torch int64 tensors, the train.batches.Batcher interface; with the
-        default rank/world it is the whole global batch, as train.loop expects today."""
+    def get(self, step: int):
+        """(ids (B, T+1), mask (B, T)) as torch int64 tensors: the train.batches.Batcher interface, whose caller
+        (train.loop) takes rows [rank*B/W, (rank+1)*B/W) and counts mask.sum() as the global target count. Only
+        this object's own rank's rows are read; the others are left 0 (every target counts, so the mask is
+        all ones and the count is right)."""
         import torch  # noqa: PLC0415
 
-        ids = torch.from_numpy(self.rows(step, rank, world))
-        return ids, torch.ones(ids.shape[0], self.T, dtype=torch.long)
+        ids = torch.zeros(self.B, self.T + 1, dtype=torch.long)
+        per = self.B // self.world
+        ids[self.rank * per:(self.rank + 1) * per] = torch.from_numpy(self.rows(step, self.rank, self.world))
+        return ids, torch.ones(self.B, self.T, dtype=torch.long)
 
     def usage(self, steps: int) -> list[SourceUse]:
         return [SourceUse(nm, w, r, nw * self.T, steps * r * self.T, (steps * r / nw) if nw else 0.0)
                 for nm, w, r, nw in zip(self.names, self.weights, self.n_rows, self.windows)]
+
+
+DEFAULT_MAX_EPOCHS = 4.0  # repeating data up to ~4 epochs costs little (Muennighoff et al. 2023); more is warned
+
+
+def is_store(source: str) -> bool:
+    """A mixture / eval source that names a token-store folder."""
+    return not source.startswith(("hf:", "shakespeare:")) and (Path(source) / MANIFEST).is_file()
+
+
+def open_stores(sources: list[str], tok=None) -> list[TokenStore]:
+    """The stores, checked against the run's tokenizer (same base tokenizer and EOS id) when given."""
+    stores = [TokenStore(s) for s in sources]
+    if tok is not None:
+        from model.chat_template import EOS  # noqa: PLC0415
+
+        fp, eos = tokenizer_fingerprint(tok), tok.token_to_id(EOS)
+        for src, st in zip(sources, stores):
+            m = st.manifest
+            if m.get("tokenizer") not in (None, fp) or st.eos_id != eos:
+                raise StoreError(f"store {src} was built with another tokenizer (fingerprint {m.get('tokenizer')}, "
+                                 f"EOS id {st.eos_id}; this run's: {fp}, {eos}); rebuild it with "
+                                 f"`python -m train.data prepare --tokenizer <run>/tokenizer.json`")
+            if st.vocab_size > tok.get_vocab_size(with_added_tokens=True):
+                raise StoreError(f"store {src}: vocab {st.vocab_size} > the run tokenizer's "
+                                 f"{tok.get_vocab_size(with_added_tokens=True)}")
+    return stores
+
+
+def stage_uses_stores(sources: list[str], chat: list[bool], stage: str) -> bool:
+    """True when a stage reads token stores (every source is one), False when it reads none; a mix is refused
+    (one stage reads through one loader) and so is a store given as a chat source."""
+    flags = [is_store(s) for s in sources]
+    for s, f, c in zip(sources, flags, chat):
+        if f and c:
+            raise StoreError(f"stage {stage}: {s} is a token store (text tokens), not a chat source")
+    if any(flags) and not all(flags):
+        raise StoreError(f"stage {stage}: mixes token stores ({', '.join(s for s, f in zip(sources, flags) if f)}) "
+                         f"with other sources ({', '.join(s for s, f in zip(sources, flags) if not f)}); prepare "
+                         f"them all with `python -m train.data prepare`, or none")
+    return bool(flags) and all(flags)
+
+
+def plan_lines(sources: list[str], weights: list[float], seq_len: int, global_batch: int, steps: int,
+               max_epochs: float = DEFAULT_MAX_EPOCHS) -> list[str]:
+    """The dry run's lines for a stage reading stores: per store its rows per step, unique vs planned tokens
+    and epochs, then a warning per store repeated more than `max_epochs` times. Reads only manifests."""
+    use, warn = data_report(open_stores(sources), weights, seq_len, global_batch, steps, names=sources,
+                            max_epochs=max_epochs)
+    return [f"store {u.name}: {u.rows_per_step} rows/step, {u.unique_tokens:,} unique tokens, "
+            f"{u.planned_tokens:,} planned, {u.epochs:.2f} epochs" for u in use] + [f"warning: {w}" for w in warn]
 
 
 def packing(ids_BT: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -576,7 +637,7 @@ def packing(ids_BT: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def data_report(stores: list[TokenStore], weights: list[float], seq_len: int, global_batch: int, steps: int,
-                names: list[str] | None = None, max_epochs: float = 4.0) -> tuple[list[SourceUse], list[str]]:
+                names: list[str] | None = None, max_epochs: float = DEFAULT_MAX_EPOCHS) -> tuple[list[SourceUse], list[str]]:
     """What a stage would read of each store (unique vs planned tokens, epochs) and a warning per source that
     would repeat its data more than `max_epochs` times. Reads only the manifests."""
     mix = StoreMixture(stores, weights, seq_len, global_batch, names=names)
