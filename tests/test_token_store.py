@@ -118,10 +118,11 @@ def test_token_dtype_uint16_vs_uint32(corpus, tmp_path):
     assert np.array_equal(got, expected_stream(big, docs)) and got.max() > 65535
 
 
-@pytest.mark.parametrize("fault", ["shard_tmp:1", "shard_renamed:1", "manifest:0", "manifest:3"])
-def test_killed_build_resumes_byte_identical(corpus, tmp_path, fault):
+@pytest.mark.parametrize("fault,extra", [("shard_tmp:1", []), ("shard_renamed:1", []), ("manifest:0", []),
+                                         ("manifest:3", []), ("manifest:1", ["--max-tokens", "31000"])])
+def test_killed_build_resumes_byte_identical(corpus, tmp_path, fault, extra):
     cmd = [sys.executable, "-m", "train.data", "prepare", "--source", str(corpus["jsonl"]), "--tokenizer",
-           str(corpus["tok_path"]), "--shard-tokens", "9000", "--batch-docs", "64", "--no-progress"]
+           str(corpus["tok_path"]), "--shard-tokens", "9000", "--batch-docs", "64", "--no-progress", *extra]
     ref = tmp_path / "ref"
     r = subprocess.run(cmd + ["--out", str(ref)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -137,6 +138,8 @@ def test_killed_build_resumes_byte_identical(corpus, tmp_path, fault):
     r = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert store_bytes(out) == store_bytes(ref)
+    if extra:
+        assert json.loads((ref / MANIFEST).read_text())["tokens"] == 31000
     assert not list(out.glob(".shard_*.tmp-*"))
 
 
@@ -383,3 +386,29 @@ def test_recipe_stage_reads_a_token_store(tmp_path, capsys, monkeypatch):
     assert cli.run(R.main, ["--config", str(cfg2), "--out", str(tmp_path / "run2"), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mixes token stores" in err[0]
+
+
+def test_hub_source_is_streamed_never_listed(corpus, tmp_path, monkeypatch):
+    """A hub id goes through datasets.load_dataset(..., streaming=True) and is consumed lazily: an endless
+    (fake, offline) stream with --max-tokens ends, and its store is that stream's prefix."""
+    import itertools
+
+    import datasets
+
+    seen = {}
+
+    def endless():
+        for i in itertools.count():
+            yield {"text": corpus["docs"][i % len(corpus["docs"])]}
+
+    def fake_load(name, conf=None, split=None, streaming=False):
+        seen.update(name=name, conf=conf, split=split, streaming=streaming)
+        return endless()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    man = build_store("hf:org/web:sample", corpus["tok"], tmp_path / "s", shard_tokens=4000, max_tokens=10_000,
+                      progress=False)
+    assert seen == dict(name="org/web", conf="sample", split="train", streaming=True)
+    assert man["tokens"] == 10_000 and [s["tokens"] for s in man["shards"]] == [4000, 4000, 2000]
+    want = expected_stream(corpus["tok"], corpus["docs"])[:10_000]
+    assert np.array_equal(TokenStore(tmp_path / "s").read(0, 10_000).astype(np.int64), want)

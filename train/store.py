@@ -224,9 +224,14 @@ def build_store(source: str, tok, out: str | os.PathLike, *, text_field: str = "
         lock.close()
 
 
-def _batches(docs: Iterator[str], n: int) -> Iterator[list[str]]:
+def _batches(docs: Iterator[str], n: int, first: int) -> Iterator[list[str]]:
+    """Batches of n documents, the first one `first` long: a resumed build keeps the uninterrupted build's
+    batch boundaries, so it reads as far ahead as that build did (the manifest's row counts agree under a
+    --max-tokens cap too)."""
+    size = first or n
     while True:
-        b = list(itertools.islice(docs, n))
+        b = list(itertools.islice(docs, size))
+        size = n
         if not b:
             return
         yield b
@@ -281,7 +286,7 @@ def _build(man, out, tok, docs, stats, dtype, eos, batch_docs, progress, tqdm) -
     first = True
     done = False
     try:
-        for batch in _batches(docs, batch_docs):
+        for batch in _batches(docs, batch_docs, batch_docs - start_doc % batch_docs):
             ids_all: list[int] = []
             for enc in tok.encode_batch_fast(batch, add_special_tokens=False):
                 ids = enc.ids
