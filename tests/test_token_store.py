@@ -155,6 +155,7 @@ def test_resume_refuses_a_different_build_and_foreign_folders(corpus, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(StoreError, match="not a token store"):
         build_store(str(corpus["jsonl"]), corpus["tok"], tmp_path / "mine", progress=False)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # nothing written into it
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     # a damaged listed shard is named, not silently rebuilt over
     man = json.loads((out / MANIFEST).read_text())
@@ -412,3 +413,15 @@ def test_hub_source_is_streamed_never_listed(corpus, tmp_path, monkeypatch):
     assert man["tokens"] == 10_000 and [s["tokens"] for s in man["shards"]] == [4000, 4000, 2000]
     want = expected_stream(corpus["tok"], corpus["docs"])[:10_000]
     assert np.array_equal(TokenStore(tmp_path / "s").read(0, 10_000).astype(np.int64), want)
+
+
+def test_a_second_prepare_on_the_same_store_is_refused(corpus, tmp_path):
+    import fcntl
+
+    out = tmp_path / "s"
+    out.mkdir()
+    with open(out / ".prepare.lock", "w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a running prepare holds it
+        with pytest.raises(StoreError, match="another prepare is writing"):
+            build_store(str(corpus["jsonl"]), corpus["tok"], out, progress=False)
+    assert build_store(str(corpus["jsonl"]), corpus["tok"], out, progress=False)["complete"]

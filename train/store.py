@@ -161,14 +161,17 @@ def _open_out(out: Path, want: dict) -> dict:
                 raise StoreError(f"{f}: listed in the manifest with {s['tokens']} tokens but "
                                  f"{'missing' if n < 0 else f'{n} bytes long'} (a damaged store; use a new --out)")
         return man
-    if out.exists():
+    _refuse_foreign(out)
+    return dict(want, shards=[], complete=False)
+
+
+def _refuse_foreign(out: Path) -> None:
+    if out.exists() and not (out / MANIFEST).is_file():
         if not out.is_dir():
             raise StoreError(f"--out {out}: a file, not a folder")
-        stray = [p.name for p in out.iterdir() if not p.name.startswith(".")]
-        if stray:
+        if any(not p.name.startswith(".") for p in out.iterdir()):
             raise StoreError(f"--out {out}: not empty and not a token store (no {MANIFEST}); refusing to write "
                              f"into it")
-    return dict(want, shards=[], complete=False)
 
 
 def build_store(source: str, tok, out: str | os.PathLike, *, text_field: str = "text", split: str = "train",
@@ -199,9 +202,9 @@ def build_store(source: str, tok, out: str | os.PathLike, *, text_field: str = "
     want = dict(format=FORMAT, dtype=dtype.name, vocab_size=vocab, eos_id=eos, eos_token=eos_token,
                 shard_tokens=shard_tokens, max_tokens=max_tokens, tokenizer=tokenizer_fingerprint(tok),
                 source=source_fingerprint(source, text_field, split) if docs is None else dict(spec=source))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.mkdir(exist_ok=True)
-    lock = open(out / ".lock", "w")  # noqa: SIM115  (held for the whole build)
+    _refuse_foreign(out)  # before the lock file, so a foreign folder gets nothing written into it
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".prepare.lock", "w")  # noqa: SIM115  (held for the whole build)
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
