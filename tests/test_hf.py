@@ -1,5 +1,6 @@
-"""model/hf.py: a transformers Qwen2MoeForCausalLM loaded from our export gives our logits (fp32, <= 1e-4),
-export -> import is bit-exact, a hub-style Qwen2-MoE checkpoint imports, and inexpressible features are refused."""
+"""model/hf.py: a transformers Qwen2MoeForCausalLM (softmax router) or Glm4MoeForCausalLM (sigmoid router +
+selection bias) loaded from our export gives our logits (fp32, <= 1e-4), export -> import is bit-exact,
+hub-style Qwen2-MoE / Glm4-MoE checkpoints import, and inexpressible features are refused."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model.config import get_config
 from model.hf import export_hf, import_hf
@@ -32,8 +33,25 @@ SHAPES = {
 }
 
 
+# sigmoid routing (-> Glm4-MoE) with a non-zero selection bias: the paper presets' router on tiny shapes, plus
+# no renormalisation, a leading dense layer, two shared experts, no shared expert, untied embeddings
+SIGMOID = dict(router_score="sigmoid", router_bias_coeff=1e-3, lb_loss_weight=0.0, z_loss_weight=1e-4)
+GLM_SHAPES = {
+    "paper-S-reduced": dict(  # get_config("S") with only the width shrunk: 60 experts, top-4, 1 shared
+        base="S", d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, expert_ffn_dim=32, shared_ffn_dim=32,
+        vocab_size=256, max_seq_len=64),
+    "gqa4-top3-untied-nonorm-dense1-2shared": dict(
+        **SIGMOID, n_layers=3, n_heads=8, n_kv_heads=2, top_k=3, tie_embeddings=False, norm_topk_prob=False,
+        dense_layers=(0,), n_shared_experts=2, shared_ffn_dim=64, vocab_size=512),
+    "gqa2-top4-noshared-hd64": dict(
+        **SIGMOID, n_layers=2, d_model=96, n_heads=4, n_kv_heads=2, head_dim=64, n_experts=8, top_k=4,
+        expert_ffn_dim=32, n_shared_experts=0, vocab_size=300, rope_theta=500000.0),
+}
+
+
 def _model(overrides: dict, seed: int = 0) -> MobileMoE:
-    m = MobileMoE(get_config("tiny", seed=seed, **overrides)).eval()
+    overrides = dict(overrides)
+    m = MobileMoE(get_config(overrides.pop("base", "tiny"), seed=seed, **overrides)).eval()
     # a sharper router than the init's near-uniform one, so the top-k choice and the renormalisation matter
     with torch.no_grad():
         for layer in m.layers:
@@ -46,8 +64,20 @@ def _ids(V: int, B: int = 2, T: int = 24) -> torch.Tensor:
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(123))
 
 
+def _biased(m: MobileMoE, seed: int = 1) -> MobileMoE:
+    """A selection bias as training leaves it (entries a few hundredths to tenths), big enough to change
+    which experts are picked."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in m.layers:
+            if layer.is_moe:
+                layer.moe.expert_bias.copy_((torch.rand(m.cfg.n_experts, generator=g) - 0.5) * 0.6)
+    return m
+
+
 def _hf_logits(d: Path, ids: torch.Tensor) -> torch.Tensor:
-    hf = transformers.Qwen2MoeForCausalLM.from_pretrained(d)
+    arch = json.loads((d / "config.json").read_text())["architectures"][0]
+    hf = getattr(transformers, arch).from_pretrained(d)
     assert hf.dtype == torch.float32
     with torch.no_grad():
         return hf.eval()(ids).logits
@@ -74,6 +104,99 @@ def test_transformers_logit_parity_and_exact_round_trip(tmp_path, name):
     assert set(got) == set(ref)
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
+
+
+@pytest.mark.parametrize("name", list(GLM_SHAPES))
+def test_glm4_moe_logit_parity_and_exact_round_trip(tmp_path, name):
+    m = _biased(_model(GLM_SHAPES[name]))
+    assert m.cfg.router_score == "sigmoid" and m.cfg.router_bias_coeff > 0
+    out = export_hf(m, tmp_path / "hf")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["Glm4MoeForCausalLM"] and conf["rope_parameters"]["partial_rotary_factor"] == 1.0
+    ids = _ids(m.cfg.vocab_size)
+    with torch.no_grad():
+        ours = m(ids)
+    theirs = _hf_logits(out, ids)
+    err = float((theirs - ours).abs().max())
+    assert err <= 1e-4, f"{name}: max |logit diff| {err}"
+    assert float(ours.abs().max()) > 0.1
+    back = import_hf(out)
+    assert back.cfg == m.cfg
+    ref, got = m.state_dict(), back.state_dict()
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+@pytest.mark.parametrize("key, value", [("bias", 0.0), ("partial_rotary_factor", 0.5), ("norm_topk_prob", None)])
+def test_glm4_moe_parity_is_sensitive_to_bias_rope_and_renormalisation(tmp_path, key, value):
+    """Zeroing the exported selection bias, Glm4-MoE's default half-head RoPE, or flipping the
+    renormalisation moves the transformers logits far beyond 1e-4: the parity above checks each."""
+    m = _biased(_model(GLM_SHAPES["paper-S-reduced"]))
+    out = export_hf(m, tmp_path / "hf")
+    conf = json.loads((out / "config.json").read_text())
+    del conf["mobilemoe"]
+    if key == "bias":
+        sd = load_file(str(out / "model.safetensors"))
+        sd = {k: (v * value if k.endswith("e_score_correction_bias") else v) for k, v in sd.items()}
+        save_file(sd, str(out / "model.safetensors"))
+    elif key == "partial_rotary_factor":
+        conf["rope_parameters"][key] = value
+        conf[key] = value
+    else:
+        conf[key] = not conf[key]
+    (out / "config.json").write_text(json.dumps(conf))
+    ids = _ids(m.cfg.vocab_size)
+    with torch.no_grad():
+        assert float((_hf_logits(out, ids) - m(ids)).abs().max()) > 1e-3
+
+
+def _glm_hub_checkpoint(path: Path, **over) -> tuple[Path, object]:
+    """A Glm4-MoE written by transformers itself (save_pretrained): layer 0 dense, a non-zero bias, no metadata."""
+    conf = transformers.Glm4MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=6,
+        num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=256,
+        first_k_dense_replace=1, num_nextn_predict_layers=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}, **over)
+    torch.manual_seed(0)
+    hf = transformers.Glm4MoeForCausalLM(conf).eval()
+    with torch.no_grad():
+        gate = hf.model.layers[1].mlp.gate
+        gate.weight.normal_(0, 0.5)
+        gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def test_import_transformers_written_glm4_moe(tmp_path):
+    path, hf = _glm_hub_checkpoint(tmp_path / "hub")
+    m = import_hf(path)
+    c = m.cfg
+    assert (c.router_score, c.dense_layers, c.n_shared_experts, c.shared_ffn_dim) == ("sigmoid", (0,), 1, 32)
+    assert c.router_bias_coeff > 0 and bool(m.layers[1].moe.expert_bias.ne(0).any())
+    ids = _ids(128)
+    with torch.no_grad():
+        assert float((hf(ids).logits - m(ids)).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("over, match", [(dict(use_qk_norm=True), "use_qk_norm"),
+                                         (dict(attention_bias=True), "attention_bias"),
+                                         (dict(routed_scaling_factor=2.5), "routed_scaling_factor"),
+                                         (dict(n_group=2, topk_group=1), "group-limited")])
+def test_import_refuses_inexpressible_glm4_moe(tmp_path, over, match):
+    path, _ = _glm_hub_checkpoint(tmp_path / "hub", **over)
+    with pytest.raises(ValueError, match=match):
+        import_hf(path)
+
+
+def test_import_refuses_partial_rope_glm4_moe(tmp_path):
+    path, _ = _glm_hub_checkpoint(tmp_path / "hub")
+    conf = json.loads((path / "config.json").read_text())
+    conf["rope_parameters"]["partial_rotary_factor"] = 0.5
+    (path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        import_hf(path)
 
 
 def test_dense_model_parity(tmp_path):
@@ -171,8 +294,11 @@ def test_import_refuses_bad_input(tmp_path):
 
 
 def test_export_refuses_inexpressible_features(tmp_path):
-    m = _model(dict(n_layers=1, vocab_size=128, router_score="sigmoid"))
-    with pytest.raises(ValueError, match="router_score"):
+    m = _model(dict(SIGMOID, n_layers=3, vocab_size=128, dense_layers=(1,)))
+    with pytest.raises(ValueError, match="Glm4-MoE cannot express dense_layers"):
+        export_hf(m, tmp_path / "a")
+    m = _model(dict(SIGMOID, n_layers=1, vocab_size=128, shared_ffn_dim=96))  # 96 is not a multiple of 64
+    with pytest.raises(ValueError, match="shared width"):
         export_hf(m, tmp_path / "a")
     m = _model(dict(n_layers=1, vocab_size=128, router_bias_coeff=1e-3))
     export_hf(m, tmp_path / "b")  # a zero bias selects exactly like no bias: expressible
