@@ -134,25 +134,50 @@ class ModelConfig:
 # Presets. See README "Model sizes" for the reasoning; the accounting below reproduces the table.
 # Vocabulary 49152 (SmolLM2's open BPE tokenizer) for S/M/L: a 202k vocabulary would spend a third of
 # S's 0.3B active budget on the embedding.
+# The MoE layer the paper publishes for S/M/L (shared by the three presets below).
+_PAPER_MOE = dict(
+    n_experts=60, top_k=4, n_shared_experts=1, router_score="sigmoid", norm_topk_prob=True,
+    router_bias_coeff=1e-3, lb_loss_weight=0.0, z_loss_weight=1e-4, max_seq_len=8192, rope_theta=500000.0,
+)
+
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
         n_experts=16, top_k=2, expert_ffn_dim=64, n_shared_experts=1, shared_ffn_dim=128,
         max_seq_len=512, rope_theta=10000.0,
     ),
-    # S/M/L: fine-grained experts of width D/8 (see README, Model sizes), one always-on
-    # shared expert of the same width, moderate sparsity (E/k = 10.7-12, total/active 4.3-5.9).
+    # S/M/L: the paper's MoE layer (every layer): 60 fine-grained routed experts + 1 always-on shared expert of
+    # the same width, top-4, sigmoid scores with the k selected gates renormalised, auxiliary-loss-free
+    # balancing (selection-only bias, update rate 1e-3), router z-loss 1e-4, no load-balancing loss. Shapes
+    # (not published) are ours: deep and thin, GQA, head_dim 64, expert width a multiple of 32 (INT4 g32);
+    # see README "Model sizes". RoPE base 500k for the whole run: 2k pre-training, then 8k without a base change.
+    # ffn_dim is only used by layers listed in dense_layers (none here).
     "S": dict(
+        vocab_size=49152, d_model=1280, n_layers=30, n_heads=20, n_kv_heads=4, ffn_dim=3584,
+        **_PAPER_MOE, expert_ffn_dim=160, shared_ffn_dim=160,
+    ),
+    "M": dict(
+        vocab_size=49152, d_model=1792, n_layers=29, n_heads=28, n_kv_heads=7, ffn_dim=4864,
+        **_PAPER_MOE, expert_ffn_dim=256, shared_ffn_dim=256,
+    ),
+    "L": dict(
+        vocab_size=49152, d_model=2048, n_layers=40, n_heads=32, n_kv_heads=8, ffn_dim=5632,
+        **_PAPER_MOE, expert_ffn_dim=320, shared_ffn_dim=320,
+    ),
+    # The earlier softmax designs, kept because bench/results/*.md measured them (under the names S/M/L):
+    # fine-grained experts of width D/8, one shared expert of the same width, softmax router + LB loss,
+    # E/k = 10.7-12, total/active 4.3-5.9.
+    "S-softmax": dict(
         vocab_size=49152, d_model=1280, n_layers=28, n_heads=20, n_kv_heads=5, ffn_dim=3584,
         n_experts=64, top_k=6, expert_ffn_dim=160, n_shared_experts=1, shared_ffn_dim=160,
         max_seq_len=4096, rope_theta=500000.0,
     ),
-    "M": dict(
+    "M-softmax": dict(
         vocab_size=49152, d_model=1536, n_layers=30, n_heads=24, n_kv_heads=6, ffn_dim=4096,
         n_experts=96, top_k=8, expert_ffn_dim=192, n_shared_experts=1, shared_ffn_dim=192,
         max_seq_len=4096, rope_theta=500000.0,
     ),
-    "L": dict(
+    "L-softmax": dict(
         vocab_size=49152, d_model=2048, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=5632,
         n_experts=96, top_k=8, expert_ffn_dim=256, n_shared_experts=1, shared_ffn_dim=256,
         max_seq_len=4096, rope_theta=500000.0,

@@ -25,7 +25,7 @@ from model.model import MobileMoE
 from model.quant import pack_int4, quantize_int4
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = {"S": (1.3e9, 0.3e9), "M": (2.8e9, 0.5e9), "L": (5.3e9, 0.9e9)}  # (total, active)
+PAPER = {"S": (1.3e9, 0.272e9), "M": (2.8e9, 0.528e9), "L": (5.3e9, 0.922e9)}  # (total, active), published
 
 # tiny variants that exercise every accounting branch: untied head, dense layers, a dense model,
 # head_dim != d_model / n_heads, several shared experts
@@ -119,6 +119,30 @@ def test_paper_presets_are_fine_grained_moderately_sparse_with_shared_experts():
         assert c.expert_ffn_dim < c.ffn_dim / 4  # fine-grained: much narrower than a dense FFN
         total, active = count_params(c)
         assert 3 <= total / active <= 8  # moderate sparsity (OLMoE-1B-7B is ~5.3)
+
+
+def test_paper_presets_use_the_published_moe_layer():
+    """60 routed + 1 shared expert, top-4, sigmoid with top-k renormalisation, auxiliary-loss-free balancing at
+    rate 1e-3, z-loss 1e-4 and no LB loss; 8k context; shapes GPU / INT4 friendly."""
+    for size in ("S", "M", "L"):
+        c = get_config(size)
+        assert (c.n_experts, c.n_shared_experts, c.top_k) == (60, 1, 4), size
+        assert (c.router_score, c.norm_topk_prob, c.router_bias_coeff) == ("sigmoid", True, 1e-3), size
+        assert (c.lb_loss_weight, c.z_loss_weight) == (0.0, 1e-4), size
+        assert c.dense_layers == () and c.max_seq_len == 8192 and c.head_dim == 64, size
+        assert c.n_kv_heads < c.n_heads and c.expert_ffn_dim % 32 == 0, size
+        # one shared expert as wide as a routed one: what Glm4Moe / llama.cpp glm4moe can express
+        assert c.shared_ffn_dim == c.expert_ffn_dim, size
+
+
+def test_softmax_variants_keep_the_measured_designs():
+    """bench/results/*.md measured these under the names S/M/L before the paper presets took the names."""
+    for size, (total, active, E, k) in {"S-softmax": (1_298_177_280, 300_391_680, 64, 6),
+                                        "M-softmax": (2_831_543_808, 495_840_768, 96, 8),
+                                        "L-softmax": (5_324_802_048, 895_617_024, 96, 8)}.items():
+        c = get_config(size)
+        assert (c.router_score, c.n_experts, c.top_k, c.router_bias_coeff) == ("softmax", E, k, 0.0), size
+        assert count_params(c) == (total, active), size
 
 
 def test_dense_baseline_shape():
