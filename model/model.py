@@ -150,6 +150,7 @@ class MoE(nn.Module):
         self.register_buffer("load_accum", torch.zeros(E), persistent=False)
         self.qat = False
         self.compute_dtype: torch.dtype | None = None
+        self.ep_group = None  # set by MobileMoE.set_expert_parallel: w_gate_up / w_down hold the local experts
         self.last = {}
 
     def forward(self, x_BTD):
@@ -182,8 +183,14 @@ class MoE(nn.Module):
             w13, w2, act_fq = fake_quant_int4(w13), fake_quant_int4(w2), fake_quant_act_int8
             xin = fake_quant_act_int8(x_TD)
         cdt = self.compute_dtype or x_TD.dtype  # no policy: the input's dtype, as before
-        y_TD = moe_experts(_to(xin, cdt), ids_TK, gates_TK.float(), _to(w13, cdt), _to(w2, cdt),
-                           backend=backend, act_fq=act_fq)
+        if self.ep_group is None:
+            y_TD = moe_experts(_to(xin, cdt), ids_TK, gates_TK.float(), _to(w13, cdt), _to(w2, cdt),
+                               backend=backend, act_fq=act_fq)
+        else:  # tokens travel to the ranks owning their experts and back (model/expert_parallel.py)
+            from model.expert_parallel import expert_parallel_experts  # noqa: PLC0415  (imports torch.distributed)
+
+            y_TD = expert_parallel_experts(_to(xin, cdt), ids_TK, gates_TK.float(), _to(w13, cdt), _to(w2, cdt),
+                                           self.ep_group, backend=backend, act_fq=act_fq)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.reshape(B, T, D)
@@ -265,6 +272,26 @@ class MobileMoE(nn.Module):
         for m in self.modules():
             if isinstance(m, (QLinear, MoE)):
                 m.compute_dtype = cdt
+        return self
+
+    @torch.no_grad()
+    def set_expert_parallel(self, group) -> MobileMoE:
+        """Shard the routed experts over the process group `group` (model/expert_parallel.py): each MoE keeps
+        only this rank's E / P consecutive experts (w_gate_up, w_down become new, smaller Parameters) and its
+        forward exchanges tokens with all_to_all. Call on every rank of `group`, before FSDP wrapping and before
+        building the optimizer; the router, shared expert and everything else stay replicated (their gradients
+        need averaging over the group: model/expert_parallel.py's allreduce_replicated_grads or
+        shard_model_ep). One-way: the state dict then holds local experts only."""
+        from model.expert_parallel import local_expert_range  # noqa: PLC0415
+
+        a, b = local_expert_range(self.cfg.n_experts, group)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                if m.ep_group is not None:
+                    raise RuntimeError("set_expert_parallel: the experts are already sharded")
+                m.w_gate_up = nn.Parameter(m.w_gate_up[a:b].clone())
+                m.w_down = nn.Parameter(m.w_down[a:b].clone())
+                m.ep_group = group
         return self
 
     def embed(self, ids_BT):

@@ -16,6 +16,11 @@ latest checkpoint (or from --resume <checkpoint dir>). Multi-GPU / multi-node: l
              --rdzv_endpoint=$HEAD:29500 --rdzv_id=mmoe -m train --size M --out runs/M
 Each stage's model is FSDP2-sharded (torch.distributed.fsdp.fully_shard per block + root), NCCL on GPUs,
 gloo on CPU.
+
+Expert parallelism (model/expert_parallel.py; train/README.md, "Expert parallelism"): `[hardware] ep = 4` in the
+recipe shards the routed experts over groups of 4 ranks on a (dp_shard = world / ep) x ep mesh, tokens exchanged
+by all_to_all; ep must divide n_experts and the world size (one node's 8 GPUs: ep = 8 or 4). The recipe checks
+and plans it (--dry-run); training with ep > 1 is not wired into train.loop yet and stops with an error.
 """
 
 from __future__ import annotations
@@ -167,6 +172,11 @@ def print_plan(rec: Recipe, mcfg, stages: list[StageConfig], out: str) -> None:
     print(f"  tokenizer: {tk.kind} " + (f"(train BPE {tk.vocab_size} on {tk.train_on})" if tk.kind == "bpe"
                                         else f"{tk.name or tk.file}"))
     print(f"  hardware: {dev}, planned GPUs {gpus} (FSDP2 across them)" if dev != "cpu" else f"  hardware: {dev}")
+    if rec.hardware.ep > 1:
+        ep = rec.hardware.ep
+        dp = f"{gpus // ep}" if dev != "cpu" else f"(world / {ep})"
+        print(f"  expert parallel: ep {ep} (mesh dp_shard {dp} x ep {ep}, {mcfg.n_experts // ep} experts per "
+              f"rank); not yet wired into training")
     print(f"  {'stage':<9} {'kind':<9} {'tokens':>16} {'seq':>6} {'batch':>6} {'steps':>10} {'lr':>8} "
           f"{'sched':<8} {'mem/GPU':>9}")
     for st in stages:
@@ -449,6 +459,15 @@ def run(args) -> int:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
+    ep = rec.hardware.ep
+    if ep > 1:
+        if world % ep:
+            raise UsageError(f"{rec.path}: [hardware] ep: {ep} does not divide the world size {world}")
+        # model/expert_parallel.py has the layer, its tests and shard_model_ep; what train.loop still lacks:
+        # the grad norm over parameters on two meshes (experts: dp_shard, the rest: all ranks) and
+        # checkpoint / full-model gathering of expert shards whose shape differs per ep rank
+        raise UsageError(f"{rec.path}: [hardware] ep = {ep}: expert-parallel training is not wired into "
+                         f"train.loop yet (the layer is model/expert_parallel.py); use ep = 1")
     for i, st in enumerate(stages, 1):
         if st.global_batch % (st.micro_batch * world):
             raise UsageError(f"{rec.path}: [stages.{i}] global_batch: {st.global_batch} is not a multiple of "

@@ -7,7 +7,8 @@ Sections and keys (anything else is an error, with a "did you mean"):
     [model]               preset = <model.config PRESETS> + any ModelConfig field as an override
     [tokenizer]           kind = "bpe" (vocab_size, train_on) | "pretrained" (name or file)
     [eval]                heldout (LM source, required), heldout_sft (chat source), max_tokens, seq_len
-    [hardware]            device = "cpu" | "cuda" | "auto" (cuda when available), gpus (planning figure)
+    [hardware]            device = "cpu" | "cuda" | "auto" (cuda when available), gpus (planning figure),
+                          ep (expert-parallel group size: divides n_experts and gpus; 1 = no EP)
     [[stages]]            the train.loop.StageConfig fields, and its mixture:
     [[stages.data]]       source, weight, text_field, format = "text" | "chat", split, max_tokens, max_rows
 
@@ -102,6 +103,7 @@ class EvalConfig:
 class HardwareConfig:
     device: str = "cpu"
     gpus: int = 1
+    ep: int = 1  # expert parallelism: routed experts sharded over groups of ep ranks (model/expert_parallel.py)
 
 
 @dataclass
@@ -383,13 +385,22 @@ def _eval(path: str, t: Any, mcfg: ModelConfig) -> EvalConfig:
     return EvalConfig(heldout=held, heldout_sft=sft, max_tokens=tb.integer("max_tokens", 32768, lo=1), seq_len=seq)
 
 
-def _hardware(path: str, t: Any) -> HardwareConfig:
+def _hardware(path: str, t: Any, mcfg: ModelConfig) -> HardwareConfig:
     tb = _Table(path, "[hardware]", t, [f.name for f in dataclasses.fields(HardwareConfig)])
     dev = tb.text("device", "cpu", allowed=DEVICES)
     gpus = tb.integer("gpus", 1, lo=1)
     if dev == "cpu" and gpus != 1:
         raise tb.err("gpus", f"is a planning figure for device = \"cuda\"; got {gpus} with device = \"cpu\"")
-    return HardwareConfig(device=dev, gpus=gpus)
+    ep = tb.integer("ep", 1, lo=1)
+    if ep > 1:
+        if mcfg.n_experts == 0:
+            raise tb.err("ep", f"{ep}: expert parallelism needs routed experts; [model] has n_experts = 0")
+        if mcfg.n_experts % ep:
+            raise tb.err("ep", f"{ep} does not divide [model] n_experts {mcfg.n_experts} (each rank owns "
+                               f"n_experts / ep experts)")
+        if dev != "cpu" and gpus % ep:
+            raise tb.err("ep", f"{ep} does not divide [hardware] gpus {gpus} (the world is dp_shard x ep)")
+    return HardwareConfig(device=dev, gpus=gpus, ep=ep)
 
 
 _STAGE_KEYS = [f.name for f in dataclasses.fields(StageConfig)]
@@ -481,7 +492,7 @@ def parse_recipe(text: str, path: str) -> Recipe:
             raise RecipeError(f"{path}: [{sec}]: missing section (required)")
     tok = _tokenizer(path, raw["tokenizer"])
     ev = _eval(path, raw["eval"], mcfg)
-    hw = _hardware(path, raw.get("hardware", {}))
+    hw = _hardware(path, raw.get("hardware", {}), mcfg)
     if tok.kind == "bpe" and tok.vocab_size > mcfg.vocab_size:
         raise RecipeError(f"{path}: [tokenizer] vocab_size: {tok.vocab_size} exceeds [model] vocab_size "
                           f"{mcfg.vocab_size} (the embedding has a row per token)")
