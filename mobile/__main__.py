@@ -4,6 +4,7 @@
   export   --random-init --size tiny|S|M|L|dense-1B --out F.mmoe [--seed N] [--tokenizer tokenizer.json]
   generate --model F.mmoe --prompt "..." --max-new-tokens N [--greedy] [--threads T] [--chat] [--temperature X]
            [--top-p P] [--seed S] [--prompt-ids 1,2,3] [--ids] [--profile] [--float]
+           [--mem-budget MB [--cache-policy lru|lfu|pin]]
   info     --model F.mmoe      (header, tensor table summary)
   export --format gguf (--ckpt DIR | --random-init --size S | --from-mmoe F.mmoe) --out F.gguf --type f32|f16|q4_0
            llama.cpp GGUF (mobile/gguf_export.py)
@@ -92,7 +93,18 @@ def _generate(a) -> int:
     prompt = _prompt_args(a)
     from mobile.engine import Engine, routing_stats  # noqa: PLC0415
 
-    with Engine(a.model, threads=a.threads, float_path=a.float) as eng:
+    from mobile.engine import DEFAULT_CACHE_POLICY  # noqa: PLC0415
+
+    if a.cache_policy and a.mem_budget is None:
+        raise BadInput("--cache-policy chooses how the expert cache of --mem-budget evicts: give --mem-budget too")
+    try:
+        eng = Engine(a.model, threads=a.threads, float_path=a.float, mem_budget_mb=a.mem_budget,
+                     cache_policy=a.cache_policy or DEFAULT_CACHE_POLICY)
+    except ValueError as e:
+        if str(e).startswith("memory budget"):  # the C engine's refusal: name the option
+            raise BadInput(f"--mem-budget {a.mem_budget:g}: {e}") from None
+        raise
+    with eng:
         ids = prompt if isinstance(prompt, list) else eng.tokenize(prompt)
         if not ids:
             raise BadInput("empty prompt: it tokenizes to no tokens")
@@ -115,6 +127,12 @@ def _generate(a) -> int:
         print(f"-- prefill: {g.prompt_tokens} tokens, {g.prefill_tok_s:.1f} tok/s", file=stats)
         print(f"-- decode: {g.decode_tokens} tokens, {g.decode_tok_s:.1f} tok/s", file=stats)
         print(f"-- peak RSS: {rss_mb:.1f} MB (this process, Python included)", file=stats)
+        cs = g.cache_stats
+        if cs:
+            print(f"-- expert cache: policy {cs['policy']}, {cs['slots_per_layer']} slots a layer, budget "
+                  f"{cs['budget_mb']:.1f} MB (min {cs['min_budget_mb']:.1f}), hits {cs['hits']} misses {cs['misses']} "
+                  f"(hit rate {100 * cs['hit_rate']:.1f}%), read {cs['bytes_read'] / 2**20:.1f} MB, "
+                  f"stalled {cs['stall_s']:.3f} s", file=stats)
         if a.profile:
             tot = sum(g.profile.values()) or 1.0
             for k, v in g.profile.items():
@@ -208,6 +226,12 @@ def build_parser():
     g.add_argument("--ids", action="store_true", help="print the generated token ids instead of text")
     g.add_argument("--profile", action="store_true", help="per-op timers")
     g.add_argument("--float", action="store_true", help="debug: dequantized fp32 path instead of the int kernels")
+    g.add_argument("--mem-budget", type=float_range(0.0, lo_open=True), default=None, metavar="MB",
+                   help="peak RSS budget in MiB for this process (Python included): the routed experts stay in the "
+                        "file and are read on demand into an expert cache sized from it; below the model's "
+                        "minimum is an error naming it (default: off, everything mmapped)")
+    g.add_argument("--cache-policy", type=one_of(("lru", "lfu", "pin")), default=None, metavar="lru|lfu|pin",
+                   help="expert-cache eviction under --mem-budget (default: lfu, the best measured)")
     i = sub.add_parser("info", help="validate a .mmoe file, print its header and tensor table",
                        formatter_class=p.formatter_class,
                        description="Validate a .mmoe file with the C engine's loader, then print its header and "

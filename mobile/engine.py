@@ -5,6 +5,8 @@
     out = eng.generate("To be", max_new_tokens=32, greedy=True)
     out.text, out.ids, out.prefill_tok_s, out.decode_tok_s, eng.profile()
     eng.expert_counts()                          # per MoE layer: (token, k) slots each expert received
+    Engine("L.mmoe", mem_budget_mb=600)          # routed experts stay in the file, read into an expert cache
+    eng.cache_stats()                            # hits, misses, bytes read, slots a layer, ... (budget runs)
 
 The library is looked up at $MMOE_LIB, else mobile/build/libmmoe.so (built by `make mobile`).
 """
@@ -22,6 +24,12 @@ import numpy as np
 from mobile.format import HEADER_SIZE, LAYER_MOE, read_header
 
 TIMERS = ("attention", "router", "experts", "shared", "lm_head", "other")
+# mmoe.h MMOE_CS_* order
+CACHE_STATS = ("hits", "misses", "evictions", "bytes_read", "read_ns", "stall_ns", "slots_per_layer", "slot_bytes",
+               "moe_layers", "policy", "direct_io", "io_threads", "budget", "min_budget", "resident_bytes")
+CACHE_POLICIES = ("lru", "lfu", "pin")  # mmoe.h MMOE_CACHE_* order
+DEFAULT_CACHE_POLICY = "lfu"  # best hit rate measured (mobile/README.md, "Running under a memory budget")
+MiB = 1 << 20
 _LIB = None
 
 
@@ -53,6 +61,11 @@ def load_lib(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         "mmoe_profile_reset": (None, [c_p]),
         "mmoe_expert_counts": (None, [c_p, c_p]),
         "mmoe_expert_counts_reset": (None, [c_p]),
+        "mmoe_model_open_streaming": (c_p, [ctypes.c_char_p, ctypes.c_char_p, c_sz]),
+        "mmoe_min_budget": (ctypes.c_int64, [c_p, c_i, c_i, c_i]),
+        "mmoe_ctx_new_streaming": (c_p, [c_p, c_i, c_i, c_i, ctypes.c_uint64, c_i, c_i, ctypes.c_char_p, c_sz]),
+        "mmoe_cache_stats": (c_i, [c_p, c_p]),
+        "mmoe_cache_stats_reset": (None, [c_p]),
         "mmoe_tokenize": (c_i, [c_p, ctypes.c_char_p, c_sz, c_p, c_i]),
         "mmoe_token_bytes": (c_i, [c_p, ctypes.c_int32, ctypes.c_char_p, c_i]),
         "mmoe_token_is_stop": (c_i, [c_p, ctypes.c_int32]),
@@ -109,6 +122,7 @@ class Generation:
     decode_tokens: int
     profile: dict = field(default_factory=dict)
     expert_counts: list = field(default_factory=list)  # Engine.expert_counts() of this generation
+    cache_stats: dict = field(default_factory=dict)  # Engine.cache_stats() of this generation ({}: no budget)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -120,20 +134,44 @@ class Generation:
 
 
 class Engine:
-    """One model + one context (KV cache, thread pool). Not thread-safe; close() or use as a context manager."""
+    """One model + one context (KV cache, thread pool). Not thread-safe; close() or use as a context manager.
+
+    mem_budget_mb (MiB, as the peak-RSS figures): run within that peak RSS of this whole process (Python's own
+    memory at open included, see mmoe.h): every tensor except the routed experts is read into memory, the
+    experts are read from the file on demand into an expert cache (cache_policy "lru", "lfu" or "pin";
+    io_threads read threads) sized from what the budget leaves. Outputs are bit-identical to the default
+    (everything mmapped). A budget below the minimum raises ValueError naming both."""
 
     def __init__(self, path: str | os.PathLike, threads: int = 1, max_ctx: int = 0, float_path: bool = False,
-                 lib: str | os.PathLike | None = None):
+                 lib: str | os.PathLike | None = None, mem_budget_mb: float | None = None,
+                 cache_policy: str = DEFAULT_CACHE_POLICY, io_threads: int = 2):
         self.lib = load_lib(lib)
         err = ctypes.create_string_buffer(512)
-        self._m = self.lib.mmoe_model_open(os.fsencode(path), err, len(err))
+        stream = mem_budget_mb is not None
+        if stream:
+            mb = float(mem_budget_mb)
+            if not (mb > 0 and mb < 2**40):  # NaN fails both
+                raise ValueError(f"mem_budget_mb must be a finite number > 0, got {mem_budget_mb!r}")
+            if cache_policy not in CACHE_POLICIES:
+                raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
+            if not 1 <= int(io_threads) <= 16:
+                raise ValueError(f"io_threads must be in [1, 16], got {io_threads!r}")
+        opener = self.lib.mmoe_model_open_streaming if stream else self.lib.mmoe_model_open
+        self._m = opener(os.fsencode(path), err, len(err))
         if not self._m:
             raise ValueError(err.value.decode(errors="replace"))
-        self._c = self.lib.mmoe_ctx_new(self._m, int(threads), int(max_ctx), 1 if float_path else 0, err, len(err))
+        if stream:
+            self._c = self.lib.mmoe_ctx_new_streaming(self._m, int(threads), int(max_ctx), 1 if float_path else 0,
+                                                      int(mb * MiB), CACHE_POLICIES.index(cache_policy),
+                                                      int(io_threads), err, len(err))
+        else:
+            self._c = self.lib.mmoe_ctx_new(self._m, int(threads), int(max_ctx), 1 if float_path else 0, err,
+                                            len(err))
         if not self._c:
             self.lib.mmoe_model_close(self._m)
             self._m = None
             raise ValueError(err.value.decode(errors="replace"))
+        self.threads = int(threads)
         self.vocab_size = self.info("vocab_size")
         self.eos_id = self.info("eos_id")
         self.max_ctx = int(max_ctx) if 0 < max_ctx <= self.info("max_seq_len") else self.info("max_seq_len")
@@ -230,6 +268,33 @@ class Engine:
     def expert_counts_reset(self) -> None:
         self.lib.mmoe_expert_counts_reset(self._c)
 
+    def cache_stats(self) -> dict:
+        """The expert cache's figures since the last cache_stats_reset (generate resets them): hits / misses
+        count (MoE layer, forward step, selected expert) uses, plus hit_rate, evictions, bytes_read, read_s (I/O
+        thread time), stall_s (compute waiting for reads), slots_per_layer, policy, direct_io, budget_mb,
+        min_budget_mb, resident_mb. {} without a memory budget."""
+        a = np.zeros(len(CACHE_STATS), dtype=np.uint64)
+        if self.lib.mmoe_cache_stats(self._c, _ptr(a)) != 0:
+            return {}
+        d = {k: int(v) for k, v in zip(CACHE_STATS, a.tolist())}
+        uses = d["hits"] + d["misses"]
+        d["hit_rate"] = d["hits"] / uses if uses else 0.0
+        d["policy"] = CACHE_POLICIES[d["policy"]]
+        d["direct_io"] = bool(d["direct_io"])
+        d["read_s"], d["stall_s"] = d.pop("read_ns") * 1e-9, d.pop("stall_ns") * 1e-9
+        for k in ("budget", "min_budget", "resident_bytes"):
+            d[k.replace("_bytes", "") + "_mb"] = d.pop(k) / MiB
+        return d
+
+    def cache_stats_reset(self) -> None:
+        self.lib.mmoe_cache_stats_reset(self._c)
+
+    def min_budget_mb(self, threads: int | None = None, max_ctx: int | None = None, io_threads: int = 2) -> float:
+        """The smallest mem_budget_mb a context of this (streaming) model accepts."""
+        t = threads if threads is not None else self.threads
+        c = max_ctx if max_ctx is not None else self.max_ctx
+        return int(self.lib.mmoe_min_budget(self._m, int(t), int(c), int(io_threads))) / MiB
+
     def sample(self, logits: np.ndarray, temperature: float, top_p: float, rng: ctypes.c_uint64) -> int:
         lg = np.ascontiguousarray(logits, dtype=np.float32)
         return int(self.lib.mmoe_sample(_ptr(lg), len(lg), float(temperature), float(top_p), ctypes.byref(rng)))
@@ -243,6 +308,7 @@ class Engine:
         self.reset()
         self.profile_reset()
         self.expert_counts_reset()
+        self.cache_stats_reset()
         rng = ctypes.c_uint64(self.lib.mmoe_rng_seed(seed))
         temp = 0.0 if greedy else temperature
         t0 = time.perf_counter()
@@ -261,4 +327,4 @@ class Engine:
             n_dec += 1
         return Generation(ids=out, text=self.decode(out), prompt_tokens=len(ids), prefill_s=prefill_s,
                           decode_s=decode_s, decode_tokens=n_dec, profile=self.profile(),
-                          expert_counts=self.expert_counts())
+                          expert_counts=self.expert_counts(), cache_stats=self.cache_stats())

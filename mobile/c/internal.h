@@ -29,8 +29,10 @@ typedef struct {
 } mmoe_config;
 
 typedef struct {
-    const uint8_t *base;  /* n_experts records of rec_bytes: [gate_up block | pad][down block | pad] */
+    const uint8_t *base;  /* n_experts records of rec_bytes: [gate_up block | pad][down block | pad]; NULL when
+                           * the model streams its experts (mmoe_model_open_streaming): read them via the cache */
     size_t rec_bytes, down_off;
+    uint64_t file_off;    /* the tensor's offset in the file (validated: E * rec_bytes bytes lie inside it) */
     int F, D;
 } mmoe_experts;
 
@@ -63,6 +65,11 @@ struct mmoe_model {
     mmoe_config cfg;
     const uint8_t *data; size_t size;
     int mapped; /* data came from mmap (unmap on close) */
+    /* streaming (mmoe_model_open_streaming): data is an anonymous copy of every byte outside the routed-expert
+     * tensors; the experts are read from fd (or fd_direct, opened O_DIRECT) by the expert cache (cache.c) */
+    int stream, fd, fd_direct;
+    uint64_t resident_bytes; /* bytes copied into data (page-rounded per range) */
+    uint64_t open_rss;       /* this process's VmRSS once the model was open (0: unknown) */
     mmoe_q4_matrix tok_emb, lm_head;
     const float *norm;
     mmoe_layer *layers;
@@ -83,5 +90,27 @@ mmoe_pool *mmoe_pool_new(int n_threads);
 void mmoe_pool_free(mmoe_pool *p);
 int mmoe_pool_size(const mmoe_pool *p);
 void mmoe_pool_run(mmoe_pool *p, mmoe_task_fn fn, void *arg, int n_tasks);
+
+/* expert cache (cache.c): per-MoE-layer slots of one expert record each, filled by pread on I/O threads */
+typedef struct mmoe_cache mmoe_cache;
+size_t mmoe_cache_slot_bytes(const mmoe_model *m);  /* one slot: a record plus its O_DIRECT alignment slack */
+size_t mmoe_cache_meta_bytes(const mmoe_model *m, int slots_per_layer); /* its tables and queue */
+int mmoe_model_moe_layers(const mmoe_model *m);
+mmoe_cache *mmoe_cache_new(const mmoe_model *m, int slots_per_layer, int policy, int io_threads, char *err,
+                           size_t errlen);
+void mmoe_cache_free(mmoe_cache *c);
+/* One wave of layer l's pending experts need[0..n) (ascending ids; cnt = their token slots): experts already
+ * cached go to present[], reads for as many of the others as there are free slots are issued on the I/O
+ * threads and those experts go to loaded[] (valid after mmoe_cache_wait). first: the layer-step's first wave
+ * (hit / miss counters and the policy's frequencies are updated there only). */
+void mmoe_cache_begin(mmoe_cache *c, int l, const int *need, const int *cnt, int n, int first, int *present,
+                      int *n_present, int *loaded, int *n_loaded);
+int mmoe_cache_wait(mmoe_cache *c, char *err, size_t errlen); /* 0, or -1: a read failed (err says which) */
+const uint8_t *mmoe_cache_record(const mmoe_cache *c, int l, int e); /* the record of a present/loaded expert */
+void mmoe_cache_prompt_begin(mmoe_cache *c); /* an eval from position 0 starts: count its routing */
+void mmoe_cache_prompt_end(mmoe_cache *c);   /* ... it ended: the pin policy learns its hot sets */
+void mmoe_cache_stats_get(const mmoe_cache *c, uint64_t *out);
+void mmoe_cache_stats_clear(mmoe_cache *c);
+uint64_t mmoe_read_rss(void); /* VmRSS of this process in bytes, 0 if unknown */
 
 #endif

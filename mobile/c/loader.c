@@ -1,6 +1,6 @@
 /* .mmoe loader: mmap read-only, then validate every header field, table entry and tokenizer byte range
  * before any pointer into the file is formed. Layout: mobile/FORMAT.md (writer: mobile/format.py). */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* O_DIRECT, MADV_NOHUGEPAGE, MAP_ANONYMOUS */
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -277,6 +277,7 @@ static int parse(mmoe_model *m, char *err, size_t errlen) {
             const uint8_t *p = bind(&b, NM("moe.experts"), DT_Q4_EXPERTS, 3, E, F, D);
             if (!p) goto fail;
             L->experts.base = p;
+            L->experts.file_off = (uint64_t)(p - d);
             L->experts.down_off = align64(q4_bytes(2 * (uint64_t)F, D));
             L->experts.rec_bytes = L->experts.down_off + align64(q4_bytes(D, F));
             L->experts.F = (int)F;
@@ -309,7 +310,15 @@ static void model_free(mmoe_model *m) {
     mmoe_tokenizer_free(&m->tok);
     free(m->layers);
     if (m->mapped) munmap((void *)m->data, m->size);
+    if (m->fd >= 0) close(m->fd);
+    if (m->fd_direct >= 0) close(m->fd_direct);
     free(m);
+}
+
+static mmoe_model *model_alloc(void) {
+    mmoe_model *m = calloc(1, sizeof *m);
+    if (m) m->fd = m->fd_direct = -1;
+    return m;
 }
 
 mmoe_model *mmoe_model_from_buffer(const void *buf, size_t size, char *err, size_t errlen) {
@@ -317,7 +326,7 @@ mmoe_model *mmoe_model_from_buffer(const void *buf, size_t size, char *err, size
         mmoe_seterr(err, errlen, "buffer must be non-NULL and %u-byte aligned", MMOE_ALIGN);
         return NULL;
     }
-    mmoe_model *m = calloc(1, sizeof *m);
+    mmoe_model *m = model_alloc();
     if (!m) {
         mmoe_seterr(err, errlen, "out of memory");
         return NULL;
@@ -331,7 +340,8 @@ mmoe_model *mmoe_model_from_buffer(const void *buf, size_t size, char *err, size
     return m;
 }
 
-mmoe_model *mmoe_model_open(const char *path, char *err, size_t errlen) {
+/* keep_fd: the descriptor stays open in m->fd (streaming) instead of being closed after the mmap */
+static mmoe_model *open_mapped(const char *path, int keep_fd, char *err, size_t errlen) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) {
         mmoe_seterr(err, errlen, "%s: cannot open (%s)", path, strerror(errno));
@@ -350,17 +360,20 @@ mmoe_model *mmoe_model_open(const char *path, char *err, size_t errlen) {
         return NULL;
     }
     void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
+    if (!keep_fd) close(fd);
     if (p == MAP_FAILED) {
         mmoe_seterr(err, errlen, "%s: mmap failed (%s)", path, strerror(errno));
+        if (keep_fd) close(fd);
         return NULL;
     }
-    mmoe_model *m = calloc(1, sizeof *m);
+    mmoe_model *m = model_alloc();
     if (!m) {
         munmap(p, (size_t)st.st_size);
+        if (keep_fd) close(fd);
         mmoe_seterr(err, errlen, "out of memory");
         return NULL;
     }
+    if (keep_fd) m->fd = fd;
     m->data = p;
     m->size = (size_t)st.st_size;
     m->mapped = 1;
@@ -370,6 +383,124 @@ mmoe_model *mmoe_model_open(const char *path, char *err, size_t errlen) {
         model_free(m);
         return NULL;
     }
+    return m;
+}
+
+mmoe_model *mmoe_model_open(const char *path, char *err, size_t errlen) { return open_mapped(path, 0, err, errlen); }
+
+typedef struct {
+    uint64_t off, end;
+} span;
+
+/* pread [off, off + len) of fd into dst; -1 on an error or a short file */
+static int pread_all(int fd, uint8_t *dst, uint64_t off, uint64_t len) {
+    uint64_t got = 0;
+    while (got < len) {
+        ssize_t k = pread(fd, dst + got, len - got, (off_t)(off + got));
+        if (k < 0 && errno == EINTR) continue;
+        if (k == 0) errno = 0;
+        if (k <= 0) return -1;
+        got += (uint64_t)k;
+    }
+    return 0;
+}
+
+/* Streaming open: validate through the mapping (only the header, the table and the tokenizer are touched),
+ * drop the mapping, then pread every byte outside the routed-expert tensors into an anonymous region of the
+ * file's size at the same offsets and parse that copy again (so every pointer the binder forms is into memory
+ * we own and was validated on the bytes it points at). The experts' ranges of the region are never touched,
+ * so they never become resident; NOHUGEPAGE keeps a huge page from making a hole resident. Why not keep the
+ * mapping for the resident tensors: mapped file pages count toward RSS like anonymous ones but the kernel's
+ * fault-around also maps neighbouring cached pages, expert bytes included, and would blur the budget. */
+mmoe_model *mmoe_model_open_streaming(const char *path, char *err, size_t errlen) {
+    mmoe_model *m = open_mapped(path, 1, err, errlen);
+    if (!m) return NULL;
+    uint32_t nl = m->cfg.n_layers, ns = 0;
+    span *sp = malloc(sizeof(span) * (nl + 1));
+    if (!sp) {
+        model_free(m);
+        mmoe_seterr(err, errlen, "out of memory");
+        return NULL;
+    }
+    for (uint32_t l = 0; l < nl; l++) /* the expert tensors' ranges, sorted by offset (they never overlap) */
+        if (m->layers[l].is_moe) {
+            const mmoe_experts *x = &m->layers[l].experts;
+            span v = {x->file_off, x->file_off + (uint64_t)m->cfg.n_experts * x->rec_bytes};
+            uint32_t i = ns++;
+            while (i > 0 && sp[i - 1].off > v.off) {
+                sp[i] = sp[i - 1];
+                i--;
+            }
+            sp[i] = v;
+        }
+    uint64_t size = m->size, tok_off = mmoe_rd64(m->data + 48), tok_size = mmoe_rd64(m->data + 56);
+    mmoe_tokenizer_free(&m->tok);
+    memset(&m->tok, 0, sizeof m->tok);
+    free(m->layers);
+    m->layers = NULL;
+    munmap((void *)m->data, m->size);
+    m->mapped = 0;
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+        free(sp);
+        model_free(m);
+        mmoe_seterr(err, errlen, "%s: cannot reserve %llu bytes of address space (%s)", path,
+                    (unsigned long long)size, strerror(errno));
+        return NULL;
+    }
+#ifdef MADV_NOHUGEPAGE
+    madvise(p, size, MADV_NOHUGEPAGE);
+#endif
+    m->data = p;
+    m->mapped = 1;
+    uint64_t at = 0, resident = 0;
+    int bad = 0, tok_done = 0, rd_errno = 0;
+    for (uint32_t i = 0; i <= ns && !bad; i++) { /* the gaps between expert tensors */
+        uint64_t end = i < ns ? sp[i].off : size;
+        if (end > at) {
+            bad = pread_all(m->fd, (uint8_t *)p + at, at, end - at);
+            resident += (end + 4095) / 4096 * 4096 - at / 4096 * 4096;
+            tok_done |= tok_off >= at && tok_size <= end - tok_off;
+        }
+        if (i < ns) at = sp[i].end;
+    }
+    if (!bad && !tok_done) { /* a tokenizer blob overlapping expert bytes (validated in range, so legal) */
+        bad = pread_all(m->fd, (uint8_t *)p + tok_off, tok_off, tok_size);
+        resident += tok_size + 8192;
+    }
+    if (bad) rd_errno = errno;
+    free(sp);
+#ifdef POSIX_FADV_DONTNEED
+    posix_fadvise(m->fd, 0, 0, POSIX_FADV_DONTNEED); /* the copies are ours: leave the page cache as it was */
+#endif
+    char e2[256] = "";
+    if (bad) {
+        mmoe_seterr(err, errlen, "%s: read failed while loading (%s)", path,
+                    rd_errno ? strerror(rd_errno) : "short read: was the file truncated?");
+        model_free(m);
+        return NULL;
+    }
+    if (parse(m, e2, sizeof e2)) { /* the file changed under us */
+        mmoe_seterr(err, errlen, "%s: %s", path, e2);
+        model_free(m);
+        return NULL;
+    }
+    for (uint32_t l = 0; l < nl; l++)
+        if (m->layers[l].is_moe) m->layers[l].experts.base = NULL; /* only through the cache from now on */
+    m->stream = 1;
+    m->resident_bytes = resident;
+#ifdef O_DIRECT
+    const char *nd = getenv("MMOE_NO_DIRECT");
+    if (!(nd && *nd && strcmp(nd, "0"))) {
+        int fd = open(path, O_RDONLY | O_DIRECT);
+        struct stat a, b;
+        if (fd >= 0 && fstat(fd, &a) == 0 && fstat(m->fd, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+            m->fd_direct = fd;
+        else if (fd >= 0)
+            close(fd);
+    }
+#endif
+    m->open_rss = mmoe_read_rss();
     return m;
 }
 

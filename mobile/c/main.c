@@ -20,6 +20,7 @@ enum { EXIT_BAD_INPUT = 2, EXIT_INTERNAL = 1 };
 #define CTX_MAX (1L << 20)
 #define THREADS_MAX 256L
 #define SEED_MAX 0x7fffffffL
+#define BUDGET_MAX_MB (1L << 24)
 
 static double now(void) {
     struct timespec ts;
@@ -51,11 +52,34 @@ static void help(void) {
            "  --profile                per-op timers on stderr (default: off)\n"
            "  --float                  debug: dequantized fp32 weights instead of the int kernels (default: off)\n"
            "  --check                  only load and validate the file, print one 'ok:' line (default: off)\n"
+           "  --mem-budget MB          run within MB MiB of peak RSS: weights other than the routed experts are\n"
+           "                           read into memory, the experts stay in the file and are read on demand\n"
+           "                           into an expert cache sized from the budget (0 = off: everything mmapped;\n"
+           "                           a budget below the model's minimum is refused, naming it) (default: 0)\n"
+           "  --cache-policy P         expert-cache eviction under --mem-budget: lru, lfu, or pin (each layer's\n"
+           "                           most-routed experts of the prompt stay cached) (default: lfu)\n"
+           "  --io-threads N           expert-read threads under --mem-budget, in [1, 16] (default: 2)\n"
            "  -h, --help               this help\n"
            "\n"
-           "Environment: MMOE_KERNELS=scalar|avx2|neon|dotprod|i8mm forces a kernel set.\n"
+           "Environment: MMOE_KERNELS=scalar|avx2|neon|dotprod|i8mm forces a kernel set; MMOE_NO_DIRECT=1: no\n"
+           "O_DIRECT for expert reads (plain pread + fadvise DONTNEED).\n"
            "Exit status: 0 ok, 2 bad input (one line on stderr), 1 internal error.\n",
            N_NEW_MAX, THREADS_MAX, SEED_MAX);
+}
+
+/* This process's peak RSS in KiB from /proc/self/status, -1 where there is none. */
+static long vm_hwm_kb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return -1;
+    char line[256];
+    long kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmHWM:", 6)) {
+            kb = strtol(line + 6, NULL, 10);
+            break;
+        }
+    fclose(f);
+    return kb;
 }
 
 /* Whole-string integer in [lo, hi]: no trailing garbage, no overflow. */
@@ -87,7 +111,8 @@ static int parse_float(const char *s, const char *what, double lo, int lo_open, 
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *prompt = NULL, *prompt_ids = NULL;
-    long n_new = 64, threads = 1, seed = 0, max_ctx = 0;
+    long n_new = 64, threads = 1, seed = 0, max_ctx = 0, budget_mb = 0, io_threads = 2;
+    int policy = MMOE_CACHE_LFU;
     float temp = 0.8f, top_p = 0.95f;
     int greedy = 0, print_ids = 0, profile = 0, float_path = 0, ignore_eos = 0, check = 0;
     for (int i = 1; i < argc; i++) {
@@ -109,6 +134,17 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--ctx")) { NEEDV BAD(parse_int(v, a, 1, CTX_MAX, &max_ctx)) }
         else if (!strcmp(a, "--temp")) { NEEDV BAD(parse_float(v, a, 0.0, 0, INFINITY, ">= 0", &temp)) }
         else if (!strcmp(a, "--top-p")) { NEEDV BAD(parse_float(v, a, 0.0, 1, 1.0, "in (0, 1]", &top_p)) }
+        else if (!strcmp(a, "--mem-budget")) { NEEDV BAD(parse_int(v, a, 0, BUDGET_MAX_MB, &budget_mb)) }
+        else if (!strcmp(a, "--io-threads")) { NEEDV BAD(parse_int(v, a, 1, 16, &io_threads)) }
+        else if (!strcmp(a, "--cache-policy")) {
+            NEEDV policy = -1;
+            for (int k = 0; k < 3; k++)
+                if (!strcmp(v, mmoe_cache_policy_names[k])) policy = k;
+            if (policy < 0) {
+                fprintf(stderr, "error: --cache-policy must be lru, lfu or pin, got '%s'\n", v);
+                return EXIT_BAD_INPUT;
+            }
+        }
         else if (!strcmp(a, "--greedy")) greedy = 1;
         else if (!strcmp(a, "--ids")) print_ids = 1;
         else if (!strcmp(a, "--profile")) profile = 1;
@@ -141,7 +177,8 @@ int main(int argc, char **argv) {
         return EXIT_BAD_INPUT;
     }
     char err[512];
-    mmoe_model *m = mmoe_model_open(model_path, err, sizeof err);
+    mmoe_model *m = budget_mb && !check ? mmoe_model_open_streaming(model_path, err, sizeof err)
+                                        : mmoe_model_open(model_path, err, sizeof err);
     if (!m) {
         fprintf(stderr, "error: %s\n", err);
         return EXIT_BAD_INPUT;
@@ -204,8 +241,20 @@ int main(int argc, char **argv) {
         rc = EXIT_BAD_INPUT;
         goto done;
     }
-    c = mmoe_ctx_new(m, (int)threads, (int)(max_ctx ? max_ctx : n_prompt + n_new), float_path ? MMOE_FLOAT_PATH : 0,
-                     err, sizeof err);
+    int ctx_len = (int)(max_ctx ? max_ctx : n_prompt + n_new), flags = float_path ? MMOE_FLOAT_PATH : 0;
+    if (budget_mb) {
+        uint64_t budget = (uint64_t)budget_mb << 20;
+        int64_t min = mmoe_min_budget(m, (int)threads, ctx_len, (int)io_threads);
+        if ((int64_t)budget < min) { /* bad input: the user asked for less than this model can run in */
+            fprintf(stderr, "error: --mem-budget %ld MB is below the minimum for %s with this context and these "
+                    "threads: %lld MB\n", budget_mb, model_path, (long long)((min + (1 << 20) - 1) >> 20));
+            rc = EXIT_BAD_INPUT;
+            goto done;
+        }
+        c = mmoe_ctx_new_streaming(m, (int)threads, ctx_len, flags, budget, policy, (int)io_threads, err, sizeof err);
+    } else {
+        c = mmoe_ctx_new(m, (int)threads, ctx_len, flags, err, sizeof err);
+    }
     if (!c) {
         fprintf(stderr, "error: %s\n", err);
         goto done;
@@ -247,7 +296,24 @@ int main(int argc, char **argv) {
     fprintf(stderr, "prefill: %d tokens in %.3f s, %.1f tok/s\n", n_prompt, t_prefill, n_prompt / (t_prefill > 0 ? t_prefill : 1e-9));
     fprintf(stderr, "decode: %d tokens in %.3f s, %.1f tok/s\n", n_decode, t_decode,
             n_decode / (t_decode > 0 ? t_decode : 1e-9));
-    fprintf(stderr, "peak RSS: %.1f MB\n", ru.ru_maxrss / 1024.0);
+    /* VmHWM: ru_maxrss survives exec on Linux, so under a big parent (pytest, make) it reports the parent's */
+    long hwm_kb = vm_hwm_kb();
+    fprintf(stderr, "peak RSS: %.1f MB%s\n", (hwm_kb >= 0 ? hwm_kb : ru.ru_maxrss) / 1024.0,
+            hwm_kb >= 0 ? " (VmHWM)" : "");
+    uint64_t cs[MMOE_CS_COUNT];
+    if (mmoe_cache_stats(c, cs) == 0) {
+        uint64_t uses = cs[MMOE_CS_HITS] + cs[MMOE_CS_MISSES];
+        fprintf(stderr, "expert cache: policy %s, %llu slots a layer x %llu layers, budget %.1f MB (min %.1f MB), "
+                "resident weights %.1f MB, io %s x %llu\n", mmoe_cache_policy_names[cs[MMOE_CS_POLICY]],
+                (unsigned long long)cs[MMOE_CS_SLOTS_PER_LAYER], (unsigned long long)cs[MMOE_CS_MOE_LAYERS],
+                cs[MMOE_CS_BUDGET] / 1048576.0, cs[MMOE_CS_MIN_BUDGET] / 1048576.0, cs[MMOE_CS_RESIDENT] / 1048576.0,
+                cs[MMOE_CS_DIRECT_IO] ? "O_DIRECT" : "pread+DONTNEED", (unsigned long long)cs[MMOE_CS_IO_THREADS]);
+        fprintf(stderr, "expert cache: hits %llu misses %llu (hit rate %.1f%%), evictions %llu, read %.1f MB in "
+                "%.3f s of I/O, compute stalled %.3f s\n", (unsigned long long)cs[MMOE_CS_HITS],
+                (unsigned long long)cs[MMOE_CS_MISSES], uses ? 100.0 * cs[MMOE_CS_HITS] / uses : 0.0,
+                (unsigned long long)cs[MMOE_CS_EVICTIONS], cs[MMOE_CS_BYTES_READ] / 1048576.0,
+                cs[MMOE_CS_READ_NS] * 1e-9, cs[MMOE_CS_STALL_NS] * 1e-9);
+    }
     if (profile) {
         double s[MMOE_T_COUNT], tot = 0.0;
         mmoe_profile_get(c, s);

@@ -18,6 +18,11 @@ mmoe_model *mmoe_model_open(const char *path, char *err, size_t errlen);
 /* Same validation on a caller-owned buffer (kept alive by the caller until close); fuzzing uses it. */
 mmoe_model *mmoe_model_from_buffer(const void *buf, size_t size, char *err, size_t errlen);
 void mmoe_model_close(mmoe_model *m);
+/* Open for running under a memory budget: the same validation, then every byte outside the routed-expert
+ * tensors is read into memory (pread; the mapping is dropped) and the experts stay in the file, read on demand
+ * by the context's expert cache (mmoe_ctx_new_streaming). MMOE_NO_DIRECT=1 in the environment disables
+ * O_DIRECT (plain pread + posix_fadvise(DONTNEED) is the fallback anyway where the filesystem refuses it). */
+mmoe_model *mmoe_model_open_streaming(const char *path, char *err, size_t errlen);
 
 /* Config as the engine sees it: keys "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
  * "n_experts", "top_k", "max_seq_len", "eos_id", "tok_vocab"; -1 for an unknown key. */
@@ -31,6 +36,30 @@ void mmoe_ctx_free(mmoe_ctx *c);
 void mmoe_ctx_reset(mmoe_ctx *c);          /* empty the KV cache */
 int mmoe_ctx_pos(const mmoe_ctx *c);       /* tokens in the KV cache */
 const char *mmoe_ctx_kernels(const mmoe_ctx *c);
+
+/* ---- running under a memory budget (a model opened with mmoe_model_open_streaming) ----------------------
+ * The budget bounds this process's peak RSS (VmHWM): the process as it was when the model had been opened
+ * (mmoe_model_open_streaming measures its VmRSS, resident weights included) + the context's buffers (KV
+ * cache, activations) + the expert cache's tables and slots + a fixed allowance for thread stacks and the
+ * caller's logits. Memory the caller allocates later is its own. What is left after the rest becomes expert
+ * slots, the same number for every MoE layer (at most n_experts); the minimum is top_k slots a layer.
+ * Outputs are bit-identical to the all-resident engine whatever the budget or policy. */
+enum { MMOE_CACHE_LRU = 0, MMOE_CACHE_LFU = 1, MMOE_CACHE_PIN = 2 };
+extern const char *const mmoe_cache_policy_names[3]; /* "lru", "lfu", "pin" */
+#define MMOE_IO_THREADS_DEFAULT 2
+/* The smallest budget (bytes) a context of these parameters accepts; io_threads <= 0: the default. */
+int64_t mmoe_min_budget(const mmoe_model *m, int n_threads, int max_ctx, int io_threads);
+/* As mmoe_ctx_new plus the expert cache. A budget below mmoe_min_budget fails (err names both figures). */
+mmoe_ctx *mmoe_ctx_new_streaming(const mmoe_model *m, int n_threads, int max_ctx, int flags, uint64_t mem_budget,
+                                 int policy, int io_threads, char *err, size_t errlen);
+/* Expert-cache figures (hits / misses count (layer, step, selected expert) uses; counters since the last
+ * reset): out has MMOE_CS_COUNT entries. Returns -1 (nothing written) for a context without a cache. */
+enum { MMOE_CS_HITS, MMOE_CS_MISSES, MMOE_CS_EVICTIONS, MMOE_CS_BYTES_READ, MMOE_CS_READ_NS, MMOE_CS_STALL_NS,
+       MMOE_CS_SLOTS_PER_LAYER, MMOE_CS_SLOT_BYTES, MMOE_CS_MOE_LAYERS, MMOE_CS_POLICY, MMOE_CS_DIRECT_IO,
+       MMOE_CS_IO_THREADS, MMOE_CS_BUDGET, MMOE_CS_MIN_BUDGET, MMOE_CS_RESIDENT, MMOE_CS_COUNT };
+extern const char *const mmoe_cache_stat_names[MMOE_CS_COUNT];
+int mmoe_cache_stats(const mmoe_ctx *c, uint64_t *out);
+void mmoe_cache_stats_reset(mmoe_ctx *c); /* counters only: the cached experts stay */
 
 /* Run n tokens (a prompt as a batch, or one token) after the cached ones. Writes logits of the last token
  * (vocab_size floats) or, if all_logits, of every token (n * vocab_size). Returns 0, or -1 with err set. */

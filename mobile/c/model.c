@@ -34,12 +34,18 @@ struct mmoe_ctx {
     /* routed-expert gather buffers (tokens of one expert) */
     int8_t *gxq, *ghq;
     float *gxs, *ghs, *ggu, *ghid, *gout;
-    int *gslot;
+    int *gslot;            /* gathered item -> its expert */
+    int *grow, *gcnt;      /* gathered item -> its first row and row count in the gathered buffers */
+    int *gpend, *gneed, *gncnt, *gpres, *gload, *gidx; /* expert-cache waves (E each; gidx: expert -> item) */
     int *slot_row;        /* slot (t * K + k) -> its row in the gathered expert buffers */
     struct mm_item *items; /* E + 4 matmuls of one batched job */
     int att_impl;          /* MMOE_ATT_SCALAR / MMOE_ATT_SIMD (same values either way) */
     double t[MMOE_T_COUNT];
     uint64_t *ecount;      /* [layer][expert]: (token, k) slots routed there since the last reset */
+    mmoe_cache *cache;     /* routed experts read from the file (mmoe_ctx_new_streaming), else NULL */
+    uint64_t budget, min_budget;
+    int failed;            /* an expert read failed during this eval: errmsg says why */
+    char errmsg[256];
 };
 
 static double now(void) {
@@ -266,19 +272,56 @@ static void route(mmoe_ctx *c, const mmoe_layer *L, uint64_t *ecount, int n) {
     }
 }
 
-static mmoe_q4_matrix expert_mat(const mmoe_experts *x, int e, int down) {
-    const uint8_t *p = x->base + (size_t)e * x->rec_bytes + (down ? x->down_off : 0);
+static mmoe_q4_matrix expert_mat(const mmoe_ctx *c, const mmoe_layer *L, int l, int e, int down) {
+    const mmoe_experts *x = &L->experts;
+    const uint8_t *p = c->cache ? mmoe_cache_record(c->cache, l, e) : x->base + (size_t)e * x->rec_bytes;
+    p += down ? x->down_off : 0;
     int rows = down ? x->D : 2 * x->F, cols = down ? x->F : x->D;
     mmoe_q4_matrix m = {p, (const mmoe_fp16 *)(const void *)(p + (size_t)rows * cols / 2), rows, cols};
     return m;
 }
 
-/* Routed experts plus the shared expert(s): gather, per expert, the token-slots that picked it (a small batch),
- * then run every selected expert's gate_up and the shared gate_up as one threaded job, SwiGLU + quantize, and
- * every down projection as a second job. Result (sum of the K slots in slot order, then + shared) in c->y. */
-static void experts(mmoe_ctx *c, const mmoe_layer *L, int n) {
-    int D = c->D, K = c->K, F = L->experts.F, S = L->has_shared ? L->sh_down.cols : 0, ni = 0, rows = 0;
+/* The gathered items sel[0..ns) (their weights must be in memory) and, if with_shared, the shared expert(s):
+ * every gate_up as one threaded job, SwiGLU + quantize per row, every down projection as a second job. Each
+ * output row depends only on its own inputs, so running the items in several groups (the expert cache's
+ * waves) gives the same bits as one group. */
+static void expert_group(mmoe_ctx *c, const mmoe_layer *L, int l, const int *sel, int ns, int with_shared, int n) {
+    int D = c->D, F = L->experts.F, S = with_shared && L->has_shared ? L->sh_down.cols : 0, ni = 0;
     mm_item *it = c->items;
+    for (int q = 0; q < ns; q++) {
+        int j = sel[q], r0 = c->grow[j];
+        it[ni++] = (mm_item){expert_mat(c, L, l, c->gslot[j], 0), c->gxq + (size_t)r0 * D, c->gxs + r0, c->gcnt[j],
+                             2 * F, c->ggu + (size_t)r0 * 2 * F};
+    }
+    if (S) it[ni++] = (mm_item){L->sh_gate_up, c->xq, c->xs, n, 2 * S, c->gu};
+    if (!ni) return;
+    matmul_multi(c, it, ni);
+    for (int q = 0; q < ns; q++) {
+        int j = sel[q], r0 = c->grow[j];
+        for (int i = r0; i < r0 + c->gcnt[j]; i++) swiglu(c->ggu + (size_t)i * 2 * F, c->ghid + (size_t)i * F, F);
+        quantize_rows(c, c->ghid + (size_t)r0 * F, c->ghq + (size_t)r0 * F, c->ghs + r0, c->gcnt[j], F);
+    }
+    if (S) {
+        for (int t = 0; t < n; t++) swiglu(c->gu + (size_t)t * 2 * S, c->hid + (size_t)t * S, S);
+        quantize_rows(c, c->hid, c->hq, c->hs, n, S);
+    }
+    ni = 0; /* second job: the same experts in the same order, now their down projections */
+    for (int q = 0; q < ns; q++) {
+        int j = sel[q], r0 = c->grow[j];
+        it[ni++] = (mm_item){expert_mat(c, L, l, c->gslot[j], 1), c->ghq + (size_t)r0 * F, c->ghs + r0, c->gcnt[j],
+                             D, c->gout + (size_t)r0 * D};
+    }
+    if (S) it[ni++] = (mm_item){L->sh_down, c->hq, c->hs, n, D, c->tmp};
+    matmul_multi(c, it, ni);
+}
+
+/* Routed experts plus the shared expert(s): gather, per expert, the token-slots that picked it (a small batch),
+ * compute them (expert_group), sum the K slots in slot order, then + shared; result in c->y. With an expert
+ * cache, the experts already cached (and the shared one) are computed while the I/O threads read the others;
+ * when a prefill chunk selects more experts than a layer has slots this repeats in waves. Returns -1 when a
+ * read failed (c->errmsg). */
+static int experts(mmoe_ctx *c, const mmoe_layer *L, int l, int n) {
+    int D = c->D, K = c->K, ni = 0, rows = 0;
     for (int e = 0; e < c->E; e++) {
         int cnt = 0;
         for (int s = 0; s < n * K; s++)
@@ -290,26 +333,47 @@ static void experts(mmoe_ctx *c, const mmoe_layer *L, int n) {
             }
         if (!cnt) continue;
         c->gslot[ni] = e; /* the expert of item ni */
-        it[ni++] = (mm_item){expert_mat(&L->experts, e, 0), c->gxq + (size_t)rows * D, c->gxs + rows, cnt, 2 * F,
-                             c->ggu + (size_t)rows * 2 * F};
+        c->grow[ni] = rows;
+        c->gcnt[ni++] = cnt;
         rows += cnt;
     }
-    if (S) it[ni++] = (mm_item){L->sh_gate_up, c->xq, c->xs, n, 2 * S, c->gu};
-    matmul_multi(c, it, ni);
-    for (int i = 0; i < rows; i++) swiglu(c->ggu + (size_t)i * 2 * F, c->ghid + (size_t)i * F, F);
-    quantize_rows(c, c->ghid, c->ghq, c->ghs, rows, F);
-    if (S) {
-        for (int t = 0; t < n; t++) swiglu(c->gu + (size_t)t * 2 * S, c->hid + (size_t)t * S, S);
-        quantize_rows(c, c->hid, c->hq, c->hs, n, S);
+    if (!c->cache) {
+        for (int j = 0; j < ni; j++) c->gpend[j] = j;
+        expert_group(c, L, l, c->gpend, ni, 1, n);
+    } else {
+        int np = ni, first = 1;
+        for (int j = 0; j < ni; j++) {
+            c->gpend[j] = j;
+            c->gidx[c->gslot[j]] = j;
+        }
+        while (np > 0) {
+            int npres = 0, nload = 0;
+            for (int q = 0; q < np; q++) {
+                c->gneed[q] = c->gslot[c->gpend[q]];
+                c->gncnt[q] = c->gcnt[c->gpend[q]];
+            }
+            mmoe_cache_begin(c->cache, l, c->gneed, c->gncnt, np, first, c->gpres, &npres, c->gload, &nload);
+            for (int q = 0; q < npres; q++) c->gpres[q] = c->gidx[c->gpres[q]];
+            expert_group(c, L, l, c->gpres, npres, first, n); /* overlaps the reads just issued */
+            if (mmoe_cache_wait(c->cache, c->errmsg, sizeof c->errmsg)) {
+                c->failed = 1;
+                return -1;
+            }
+            for (int q = 0; q < nload; q++) c->gload[q] = c->gidx[c->gload[q]];
+            expert_group(c, L, l, c->gload, nload, 0, n);
+            /* what is left: the experts neither present nor loaded in this wave (ascending order kept) */
+            int k = 0;
+            for (int q = 0; q < np; q++) {
+                int j = c->gpend[q], done = 0;
+                for (int i = 0; i < npres && !done; i++) done = c->gpres[i] == j;
+                for (int i = 0; i < nload && !done; i++) done = c->gload[i] == j;
+                if (!done) c->gpend[k++] = j;
+            }
+            np = k;
+            first = 0;
+        }
     }
-    /* second job: the same experts in the same order, now their down projections */
-    for (int i = 0; i < ni - (S ? 1 : 0); i++) {
-        int r0 = (int)(it[i].xs - c->gxs);
-        it[i] = (mm_item){expert_mat(&L->experts, c->gslot[i], 1), c->ghq + (size_t)r0 * F, c->ghs + r0, it[i].M, D,
-                          c->gout + (size_t)r0 * D};
-    }
-    if (S) it[ni - 1] = (mm_item){L->sh_down, c->hq, c->hs, n, D, c->tmp};
-    matmul_multi(c, it, ni);
+    int S = L->has_shared;
     for (int t = 0; t < n; t++) { /* sum the K slots in slot order, as the PyTorch reference does */
         float *y = c->y + (size_t)t * D;
         for (int i = 0; i < D; i++) y[i] = 0.0f;
@@ -321,6 +385,7 @@ static void experts(mmoe_ctx *c, const mmoe_layer *L, int n) {
         if (S)
             for (int i = 0; i < D; i++) y[i] += c->tmp[(size_t)t * D + i];
     }
+    return 0;
 }
 
 /* SwiGLU FFN (shared expert or dense FFN) on the already-quantized c->xq; result in c->tmp */
@@ -332,7 +397,7 @@ static void ffn(mmoe_ctx *c, const mmoe_q4_matrix *gu, const mmoe_q4_matrix *dn,
     matmul(c, dn, c->hq, c->hs, n, c->tmp, c->D);
 }
 
-static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits, int all_logits) {
+static int forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits, int all_logits) {
     const mmoe_model *m = c->m;
     const mmoe_config *cf = &m->cfg;
     int D = c->D;
@@ -378,7 +443,8 @@ static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits,
             t1 = now();
             c->t[MMOE_T_ROUTER] += t1 - t0;
             t0 = t1;
-            experts(c, L, n); /* routed + shared, one job each for gate_up and down: timed as "experts" */
+            /* routed + shared, one job each for gate_up and down: timed as "experts" */
+            if (experts(c, L, (int)l, n)) return -1;
             for (size_t i = 0; i < (size_t)n * D; i++) c->x[i] += c->y[i];
             c->t[MMOE_T_EXPERTS] += now() - t0;
         } else { /* a dense layer's FFN counts as "experts" (the FFN the routed experts replace) */
@@ -395,6 +461,7 @@ static void forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits,
     c->t[MMOE_T_OTHER] += t1 - t0;
     if (logits) matmul(c, &m->lm_head, c->xq, c->xs, cnt, logits, (int)cf->vocab_size);
     c->t[MMOE_T_LM_HEAD] += now() - t1;
+    return 0;
 }
 
 int mmoe_eval(mmoe_ctx *c, const int32_t *ids, int n, float *logits, int all_logits, char *err, size_t errlen) {
@@ -412,14 +479,22 @@ int mmoe_eval(mmoe_ctx *c, const int32_t *ids, int n, float *logits, int all_log
             mmoe_seterr(err, errlen, "eval: token id %d out of range [0, %u)", ids[i], V);
             return -1;
         }
+    int prompt = c->cache && c->pos == 0; /* the pin policy learns its hot sets from a prompt's routing */
+    if (prompt) mmoe_cache_prompt_begin(c->cache);
     for (int s = 0; s < n; s += MMOE_BATCH) {
         int cnt = n - s < MMOE_BATCH ? n - s : MMOE_BATCH;
         float *out = NULL;
         if (all_logits) out = logits + (size_t)s * V;
         else if (s + cnt == n) out = logits;
-        forward_chunk(c, ids + s, cnt, out, all_logits);
+        if (forward_chunk(c, ids + s, cnt, out, all_logits)) { /* only an expert read can fail */
+            mmoe_seterr(err, errlen, "eval: %s", c->errmsg);
+            c->failed = 0;
+            if (prompt) mmoe_cache_prompt_end(c->cache);
+            return -1;
+        }
         c->pos += cnt;
     }
+    if (prompt) mmoe_cache_prompt_end(c->cache);
     return 0;
 }
 
@@ -427,34 +502,21 @@ int mmoe_eval(mmoe_ctx *c, const int32_t *ids, int n, float *logits, int all_log
 void mmoe_ctx_free(mmoe_ctx *c) {
     if (!c) return;
     if (c->pool) mmoe_pool_free(c->pool);
+    mmoe_cache_free(c->cache);
     void *bufs[] = {c->kc, c->vc, c->rope_inv, c->x, c->xn, c->q, c->k, c->v, c->att, c->tmp, c->y, c->gu, c->hid,
                     c->rlog, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
-                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->slot_row, c->items, c->ecount};
+                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->grow, c->gcnt, c->gpend, c->gneed,
+                    c->gncnt, c->gpres, c->gload, c->gidx, c->slot_row, c->items, c->ecount};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
 
 static int imax(int a, int b) { return a > b ? a : b; }
 
-mmoe_ctx *mmoe_ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flags, char *err, size_t errlen) {
+/* the model's dimensions as the context uses them */
+static void ctx_dims(mmoe_ctx *c, const mmoe_model *m, int max_ctx) {
     const mmoe_config *cf = &m->cfg;
-    if (n_threads < 1 || n_threads > 256) {
-        mmoe_seterr(err, errlen, "threads must be in [1, 256], got %d", n_threads);
-        return NULL;
-    }
-    if (max_ctx <= 0 || (uint32_t)max_ctx > cf->max_seq_len) max_ctx = (int)cf->max_seq_len;
-    mmoe_ctx *c = calloc(1, sizeof *c);
-    if (!c) goto oom;
     c->m = m;
-    c->float_path = (flags & MMOE_FLOAT_PATH) != 0;
-    c->ks = mmoe_kernels_best();
-    if (!c->ks) {
-        mmoe_seterr(err, errlen, "no usable kernel set (check MMOE_KERNELS)");
-        free(c);
-        return NULL;
-    }
-    /* the scalar kernel set also takes the scalar attention (bit-identical anyway: see attention.c) */
-    c->att_impl = strcmp(c->ks->name, "scalar") ? mmoe_att_best_impl() : MMOE_ATT_SCALAR;
     c->max_ctx = max_ctx;
     c->D = (int)cf->d_model;
     c->H = (int)cf->n_heads;
@@ -473,46 +535,123 @@ mmoe_ctx *mmoe_ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flag
         if (L->has_shared) c->Fmax = imax(c->Fmax, L->sh_down.cols);
     }
     c->Kmax = imax(imax(c->D, c->QD), c->Fmax);
-    size_t B = MMOE_BATCH, D = (size_t)c->D, kv = (size_t)cf->n_layers * (size_t)max_ctx * (size_t)c->KVD;
-    size_t EK = c->E ? (size_t)c->E : 1, KK = c->K ? (size_t)c->K : 1, F = (size_t)c->Fmax;
+}
+
+/* Every buffer of a context and its size, in one table: ctx_new allocates it, mmoe_min_budget adds it up. */
+typedef struct {
+    void **p;
+    size_t n;
+} ctx_buf;
+#define CTX_BUFS 48 /* >= the BUF lines below */
+static int ctx_bufs(mmoe_ctx *c, int n_threads, ctx_buf *b) {
+    const mmoe_config *cf = &c->m->cfg;
+    size_t B = MMOE_BATCH, D = (size_t)c->D, kv = (size_t)cf->n_layers * (size_t)c->max_ctx * (size_t)c->KVD;
+    size_t EK = c->E ? (size_t)c->E : 1, KK = c->K ? (size_t)c->K : 1, F = (size_t)c->Fmax, f = sizeof(float);
+    int n = 0;
+#define BUF(field, bytes) (b[n++] = (ctx_buf){(void **)&c->field, (bytes)})
+    BUF(kc, kv * 2);
+    BUF(vc, kv * 2);
+    BUF(rope_inv, f * (size_t)c->hd / 2);
+    BUF(x, f * B * D);
+    BUF(xn, f * B * D);
+    BUF(q, f * B * (size_t)c->QD);
+    BUF(k, f * B * (size_t)c->KVD);
+    BUF(v, f * B * (size_t)c->KVD);
+    BUF(att, f * B * (size_t)c->QD);
+    BUF(tmp, f * B * D);
+    BUF(y, f * B * D);
+    BUF(gu, f * B * 2 * F);
+    BUF(hid, f * B * F);
+    BUF(rlog, f * B * EK);
+    BUF(scores, f * MMOE_ATT_GROUP * (size_t)n_threads * (size_t)c->max_ctx);
+    BUF(xq, B * (size_t)c->Kmax);
+    BUF(hq, B * F);
+    BUF(xs, f * B);
+    BUF(hs, f * B);
+    BUF(gates, f * B * KK);
+    BUF(ids, sizeof(int32_t) * B * KK);
+    BUF(gxq, B * KK * D);
+    BUF(ghq, B * KK * F);
+    BUF(gxs, f * B * KK);
+    BUF(ghs, f * B * KK);
+    BUF(ggu, f * B * KK * 2 * F);
+    BUF(ghid, f * B * KK * F);
+    BUF(gout, f * B * KK * D);
+    BUF(gslot, sizeof(int) * B * KK);
+    BUF(grow, sizeof(int) * B * KK);
+    BUF(gcnt, sizeof(int) * B * KK);
+    BUF(gpend, sizeof(int) * EK);
+    BUF(gneed, sizeof(int) * EK);
+    BUF(gncnt, sizeof(int) * EK);
+    BUF(gpres, sizeof(int) * EK);
+    BUF(gload, sizeof(int) * EK);
+    BUF(gidx, sizeof(int) * EK);
+    BUF(slot_row, sizeof(int) * B * KK);
+    BUF(items, sizeof(mm_item) * (EK + 4));
+    BUF(ecount, sizeof(uint64_t) * (size_t)cf->n_layers * EK);
+#undef BUF
+    return n;
+}
+
+static int ctx_clamp(const mmoe_model *m, int max_ctx) {
+    return max_ctx <= 0 || (uint32_t)max_ctx > m->cfg.max_seq_len ? (int)m->cfg.max_seq_len : max_ctx;
+}
+
+/* Budget arithmetic (mmoe.h): what a context needs besides its expert slots, and what one more slot a layer
+ * costs. The allowance covers what is not counted buffer by buffer: thread stacks and TLS (256 KiB a
+ * thread), malloc headers and the caller's logits row. */
+static uint64_t budget_base(const mmoe_model *m, int n_threads, int max_ctx, int io_threads) {
+    mmoe_ctx t;
+    memset(&t, 0, sizeof t);
+    ctx_dims(&t, m, ctx_clamp(m, max_ctx));
+    ctx_buf b[CTX_BUFS];
+    int nb = ctx_bufs(&t, n_threads, b);
+    uint64_t bytes = sizeof(mmoe_ctx);
+    for (int i = 0; i < nb; i++) bytes += b[i].n + 32;
+    uint64_t proc = m->open_rss ? m->open_rss : m->resident_bytes + (4u << 20); /* no /proc: an estimate */
+    uint64_t allowance = (1u << 20) + (256u << 10) * (uint64_t)(n_threads + io_threads) +
+                         4 * (uint64_t)m->cfg.vocab_size;
+    return proc + bytes + mmoe_cache_meta_bytes(m, 0) + allowance;
+}
+
+static uint64_t budget_per_slot(const mmoe_model *m) {
+    uint64_t nm = (uint64_t)mmoe_model_moe_layers(m);
+    return nm * mmoe_cache_slot_bytes(m) + (mmoe_cache_meta_bytes(m, 1) - mmoe_cache_meta_bytes(m, 0));
+}
+
+int64_t mmoe_min_budget(const mmoe_model *m, int n_threads, int max_ctx, int io_threads) {
+    if (io_threads <= 0) io_threads = MMOE_IO_THREADS_DEFAULT;
+    if (n_threads < 1) n_threads = 1;
+    int nm = mmoe_model_moe_layers(m);
+    return (int64_t)(budget_base(m, n_threads, max_ctx, io_threads) + (nm ? m->cfg.top_k * budget_per_slot(m) : 0));
+}
+
+static mmoe_ctx *ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flags, char *err, size_t errlen) {
+    const mmoe_config *cf = &m->cfg;
+    if (n_threads < 1 || n_threads > 256) {
+        mmoe_seterr(err, errlen, "threads must be in [1, 256], got %d", n_threads);
+        return NULL;
+    }
+    max_ctx = ctx_clamp(m, max_ctx);
+    mmoe_ctx *c = calloc(1, sizeof *c);
+    if (!c) goto oom;
+    c->float_path = (flags & MMOE_FLOAT_PATH) != 0;
+    c->ks = mmoe_kernels_best();
+    if (!c->ks) {
+        mmoe_seterr(err, errlen, "no usable kernel set (check MMOE_KERNELS)");
+        free(c);
+        return NULL;
+    }
+    /* the scalar kernel set also takes the scalar attention (bit-identical anyway: see attention.c) */
+    c->att_impl = strcmp(c->ks->name, "scalar") ? mmoe_att_best_impl() : MMOE_ATT_SCALAR;
+    ctx_dims(c, m, max_ctx);
     c->pool = mmoe_pool_new(n_threads);
-    c->kc = malloc(kv * 2);
-    c->vc = malloc(kv * 2);
-    c->rope_inv = malloc(sizeof(float) * (size_t)c->hd / 2);
-    c->x = malloc(sizeof(float) * B * D);
-    c->xn = malloc(sizeof(float) * B * D);
-    c->q = malloc(sizeof(float) * B * (size_t)c->QD);
-    c->k = malloc(sizeof(float) * B * (size_t)c->KVD);
-    c->v = malloc(sizeof(float) * B * (size_t)c->KVD);
-    c->att = malloc(sizeof(float) * B * (size_t)c->QD);
-    c->tmp = malloc(sizeof(float) * B * D);
-    c->y = malloc(sizeof(float) * B * D);
-    c->gu = malloc(sizeof(float) * B * 2 * F);
-    c->hid = malloc(sizeof(float) * B * F);
-    c->rlog = malloc(sizeof(float) * B * EK);
-    c->scores = malloc(sizeof(float) * MMOE_ATT_GROUP * (size_t)n_threads * (size_t)max_ctx);
-    c->xq = malloc(B * (size_t)c->Kmax);
-    c->hq = malloc(B * F);
-    c->xs = malloc(sizeof(float) * B);
-    c->hs = malloc(sizeof(float) * B);
-    c->gates = malloc(sizeof(float) * B * KK);
-    c->ids = malloc(sizeof(int32_t) * B * KK);
-    c->gxq = malloc(B * KK * D);
-    c->ghq = malloc(B * KK * F);
-    c->gxs = malloc(sizeof(float) * B * KK);
-    c->ghs = malloc(sizeof(float) * B * KK);
-    c->ggu = malloc(sizeof(float) * B * KK * 2 * F);
-    c->ghid = malloc(sizeof(float) * B * KK * F);
-    c->gout = malloc(sizeof(float) * B * KK * D);
-    c->gslot = malloc(sizeof(int) * B * KK);
-    c->slot_row = malloc(sizeof(int) * B * KK);
-    c->items = malloc(sizeof(mm_item) * (EK + 4));
-    c->ecount = calloc((size_t)cf->n_layers * EK, sizeof(uint64_t));
-    void *bufs[] = {c->pool, c->kc, c->vc, c->rope_inv, c->x, c->xn, c->q, c->k, c->v, c->att, c->tmp, c->y, c->gu,
-                    c->hid, c->rlog, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
-                    c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->slot_row, c->items, c->ecount};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
-        if (!bufs[i]) goto oom;
+    if (!c->pool) goto oom;
+    ctx_buf b[CTX_BUFS];
+    int nb = ctx_bufs(c, n_threads, b);
+    for (int i = 0; i < nb; i++)
+        if (!(*b[i].p = malloc(b[i].n))) goto oom;
+    memset(c->ecount, 0, sizeof(uint64_t) * (size_t)cf->n_layers * (size_t)(c->E ? c->E : 1));
     /* inv_freq = 1 / theta^(2i / hd) in fp32, as torch computes it */
     for (int i = 0; i < c->hd / 2; i++)
         c->rope_inv[i] = 1.0f / powf(cf->rope_theta, (float)(2 * i) / (float)c->hd);
@@ -521,6 +660,64 @@ oom:
     mmoe_ctx_free(c);
     mmoe_seterr(err, errlen, "out of memory allocating the context (max_ctx %d, %d threads)", max_ctx, n_threads);
     return NULL;
+}
+
+mmoe_ctx *mmoe_ctx_new(const mmoe_model *m, int n_threads, int max_ctx, int flags, char *err, size_t errlen) {
+    if (m->stream) {
+        mmoe_seterr(err, errlen, "this model streams its experts: create the context with mmoe_ctx_new_streaming");
+        return NULL;
+    }
+    return ctx_new(m, n_threads, max_ctx, flags, err, errlen);
+}
+
+mmoe_ctx *mmoe_ctx_new_streaming(const mmoe_model *m, int n_threads, int max_ctx, int flags, uint64_t mem_budget,
+                                 int policy, int io_threads, char *err, size_t errlen) {
+    if (!m->stream) {
+        mmoe_seterr(err, errlen, "a memory budget needs a model opened with mmoe_model_open_streaming");
+        return NULL;
+    }
+    if (io_threads <= 0) io_threads = MMOE_IO_THREADS_DEFAULT;
+    if (n_threads < 1 || n_threads > 256) {
+        mmoe_seterr(err, errlen, "threads must be in [1, 256], got %d", n_threads);
+        return NULL;
+    }
+    uint64_t min = (uint64_t)mmoe_min_budget(m, n_threads, max_ctx, io_threads);
+    if (mem_budget < min) {
+        const double MB = 1024.0 * 1024.0;
+        mmoe_seterr(err, errlen,
+                    "memory budget %.1f MB is below the minimum %.1f MB for this model and context (the process "
+                    "once the model was open: %.1f MB, %.1f MB of it resident weights; + KV cache and buffers; "
+                    "+ %u expert slots a layer)",
+                    mem_budget / MB, min / MB, m->open_rss / MB, m->resident_bytes / MB, m->cfg.top_k);
+        return NULL;
+    }
+    int nm = mmoe_model_moe_layers(m), S = 0;
+    if (nm) {
+        uint64_t s = (mem_budget - budget_base(m, n_threads, max_ctx, io_threads)) / budget_per_slot(m);
+        S = s > m->cfg.n_experts ? (int)m->cfg.n_experts : (int)s;
+    }
+    mmoe_ctx *c = ctx_new(m, n_threads, max_ctx, flags, err, errlen);
+    if (!c) return NULL;
+    c->cache = mmoe_cache_new(m, S, policy, io_threads, err, errlen);
+    if (!c->cache) {
+        mmoe_ctx_free(c);
+        return NULL;
+    }
+    c->budget = mem_budget;
+    c->min_budget = min;
+    return c;
+}
+
+int mmoe_cache_stats(const mmoe_ctx *c, uint64_t *out) {
+    if (!c->cache) return -1;
+    mmoe_cache_stats_get(c->cache, out);
+    out[MMOE_CS_BUDGET] = c->budget;
+    out[MMOE_CS_MIN_BUDGET] = c->min_budget;
+    return 0;
+}
+
+void mmoe_cache_stats_reset(mmoe_ctx *c) {
+    if (c->cache) mmoe_cache_stats_clear(c->cache);
 }
 
 void mmoe_ctx_reset(mmoe_ctx *c) { c->pos = 0; }
