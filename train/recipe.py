@@ -19,8 +19,8 @@ gloo on CPU.
 
 Expert parallelism (model/expert_parallel.py; train/README.md, "Expert parallelism"): `[hardware] ep = 4` in the
 recipe shards the routed experts over groups of 4 ranks on a (dp_shard = world / ep) x ep mesh, tokens exchanged
-by all_to_all; ep must divide n_experts and the world size (one node's 8 GPUs: ep = 8 or 4). The recipe checks
-and plans it (--dry-run); training with ep > 1 is not wired into train.loop yet and stops with an error.
+by all_to_all; ep must divide n_experts and the world size (60 experts on 8-GPU nodes: ep = 2 or 4). The recipe
+checks and plans it (--dry-run); training with ep > 1 is not wired into train.loop yet and stops with an error.
 """
 
 from __future__ import annotations
