@@ -1,6 +1,6 @@
 """The training loop: one stage = AdamW + an LR schedule over a deterministic batch stream, with gradient
-accumulation, CE + weighted load-balance + z-loss, held-out evaluation, atomic resumable checkpoints,
-NaN/inf stop, wandb / jsonl logging, and FSDP2 when launched under torchrun.
+accumulation, CE + weighted load-balance + z-loss, held-out evaluation, atomic resumable checkpoints
+(sharded: each rank saves its own shards; resumable at another world size — train/ckpt.py), NaN/inf stop, wandb / jsonl logging, and FSDP2 when launched under torchrun.
 
 Determinism: the global batch of step s is a pure function of (seed, s) (train/batches.py), so the data
 position is the step; with fixed threads and deterministic algorithms on CPU a run killed and resumed from a
@@ -224,30 +224,6 @@ class StageResult:
     extra: dict = field(default_factory=dict)
 
 
-def _full_state(model, optim):
-    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optim, options=opts)
-
-
-def _load_full_state(model, optim, model_state, optim_state):
-    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, strict=False)
-    model_state = {k: v for k, v in model_state.items()}
-    set_model_state_dict(model, model_state, options=opts)
-    set_optimizer_state_dict(model, optim, optim_state, options=opts)
-
-
 def train_stage(model, cfg: StageConfig, batcher: Batcher, *, stage_dir: str | os.PathLike | None = None,
                 eval_fn=None, tracker=None, resume: str | os.PathLike | None = "auto", fingerprint: str = "",
                 tokenizer_json=None, progress: bool = True, device: torch.device | str = "cpu",
@@ -281,9 +257,7 @@ def train_stage(model, cfg: StageConfig, batcher: Batcher, *, stage_dir: str | o
     elif resume not in (None, "auto"):
         path = Path(resume)
     if path is not None:
-        ms, payload, st = ck.load_checkpoint(path, fingerprint or None)
-        _load_full_state(model, optim, ms, payload["optim"])
-        ck.set_rng_state(payload["rng"])
+        st = ck.restore_checkpoint(path, model, optim, fingerprint or None)  # either layout, any world size
         start = int(st["step"])
         if rank == 0:
             print(f"[{cfg.name}] resumed from {path} at step {start}", file=sys.stderr)
@@ -384,12 +358,9 @@ def train_stage(model, cfg: StageConfig, batcher: Batcher, *, stage_dir: str | o
             if tracker is not None and rank == 0:
                 tracker.log_eval(ev, step)
         if sdir is not None and ((step + 1) % cfg.ckpt_every == 0 or is_last):
-            msd, osd = _full_state(model, optim)
-            if rank == 0:
-                st = dict(stage=cfg.name, fingerprint=fingerprint, data_position=step + 1, schedule_step=step + 1)
-                last_good = ck.save_checkpoint(sdir, step + 1, msd, osd, st, tokenizer_json)
-            if world > 1:
-                dist.barrier()
+            # every rank writes its own shards: no full model / optimizer state is gathered anywhere
+            st = dict(stage=cfg.name, fingerprint=fingerprint, data_position=step + 1, schedule_step=step + 1)
+            last_good = ck.save_sharded_checkpoint(sdir, step + 1, model, optim, st, tokenizer_json)
     if bar is not None:
         bar.close()
     seconds = time.time() - t0
