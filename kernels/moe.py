@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import types
 from collections.abc import Callable
 
 import torch
@@ -230,7 +231,7 @@ def moe_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend: str 
 # tracing; eager calls keep the direct path and its saved activations.
 #
 # act_fq (the QAT activation fake-quant) cannot cross the op boundary as a callable; it travels as
-# "module:qualname" and is imported back inside the op. A callable without such a name (a lambda, a closure)
+# "module:name" and is imported back inside the op. A callable without such a name (a lambda, a closure)
 # makes moe_experts fall back to the direct path, i.e. a graph break at the MoE block.
 
 _C = torch._C
@@ -240,12 +241,19 @@ _fn_cache: dict[str, Callable] = {}
 
 
 def act_fq_name(fn: Callable | None) -> str | None:
-    """'' for no fake-quant, 'module:qualname' when that path imports back to fn itself, else None."""
+    """'' for no fake-quant, 'module:name' when that path imports back to fn itself, else None."""
     if fn is None:
         return ""
-    name = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', '<none>')}"
-    if "<" in name:  # <lambda>, <locals>: not importable
+    if not isinstance(fn, types.FunctionType):  # a partial, a callable object: no importable name
         return None
+    # __name__, not __qualname__: under dynamo (2.13) a traced function argument's __qualname__ reads as the
+    # getset descriptor. So only module-level functions qualify; eagerly that is checked by importing the name
+    # back, while tracing (dynamo cannot run importlib) it is trusted and the op imports it when it runs.
+    name = fn.__module__ + ":" + fn.__name__
+    if "<" in name:  # <lambda>: not importable
+        return None
+    if torch.compiler.is_compiling():
+        return name
     try:
         return name if _resolve(name) is fn else None
     except (ImportError, AttributeError):

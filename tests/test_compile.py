@@ -94,10 +94,13 @@ def test_compiled_model_runs_the_custom_op(eager_and_compiled, monkeypatch):
     assert calls.count(False) == n_moe and calls.count(True) == n_moe
 
 
-def test_moe_block_has_no_graph_break_from_cold(monkeypatch):
-    """explain on one MoE block with the backend-choice log not yet done (as in a first compiled step)."""
+@pytest.mark.parametrize("qat", [False, True])
+def test_moe_block_has_no_graph_break_from_cold(monkeypatch, qat):
+    """explain on one MoE block with the backend-choice log not yet done (as in a first compiled step); under QAT
+    the activation fake-quant crosses the op by name."""
     monkeypatch.setattr(kmoe, "_logged", set())
     moe = _model().layers[1].moe
+    moe.qat = qat
     x = torch.randn(B, T, 64)
     ex = torch._dynamo.explain(moe)(x)
     assert ex.graph_break_count == 0, [str(b.reason) for b in ex.break_reasons]
@@ -163,7 +166,11 @@ def test_op_equals_direct_dispatch(dtype, qat):
 
 
 def test_act_fq_without_an_importable_name_is_not_sent_through_the_op():
+    def local(h):
+        return h
+
     assert act_fq_name(lambda h: h) is None
+    assert act_fq_name(local) is None  # its module has no such name
     assert act_fq_name(fake_quant_act_int8) == "model.quant:fake_quant_act_int8"
 
 
