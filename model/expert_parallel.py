@@ -143,6 +143,28 @@ def local_expert_range(n_experts: int, group) -> tuple[int, int]:
     return r * L, (r + 1) * L
 
 
+def as_ep_mesh(ep, device_type: str):
+    """A 1-D DeviceMesh for `ep` (a DeviceMesh, returned as is, or a ProcessGroup)."""
+    from torch.distributed.device_mesh import DeviceMesh  # noqa: PLC0415
+
+    if isinstance(ep, DeviceMesh):
+        if ep.ndim != 1:
+            raise ValueError(f"expert parallelism: the ep mesh must be 1-D, got {ep.ndim}-D (pass mesh['ep'])")
+        return ep
+    return DeviceMesh.from_group(ep, device_type)
+
+
+def shard_experts(w_E: torch.Tensor, mesh):
+    """The (E, ...) expert tensor as a DTensor sharded on dim 0 over the 1-D `mesh`, from this rank's slice
+    (every rank holds the same full tensor here, so no data moves). Global shapes stay (E, ...): DCP checkpoints
+    and full state dicts see whole experts, and FSDP2 over a dp_shard mesh with the same parent composes with it
+    (a 2-D DTensor, dp_shard x ep)."""
+    from torch.distributed.tensor import DTensor, Shard  # noqa: PLC0415
+
+    a, b = local_expert_range(w_E.shape[0], mesh.get_group())
+    return DTensor.from_local(w_E[a:b].detach().clone(), mesh, [Shard(0)], run_check=False)
+
+
 def is_expert_param(name: str) -> bool:
     """A routed-expert weight (sharded over ep); every other parameter is replicated across the EP group."""
     return name.endswith("moe.w_gate_up") or name.endswith("moe.w_down")
@@ -159,10 +181,47 @@ def allreduce_replicated_grads(model: torch.nn.Module, group) -> None:
             p.grad.div_(P)
 
 
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for an expert-parallel model, whose gradients mix plain tensors and
+    DTensors on several meshes (the builtin refuses both mixes). Plain gradients count once (replicated after
+    allreduce_replicated_grads, or one process); a sharded DTensor's local pieces are disjoint across its mesh,
+    so their squared norms are summed over every dim of that mesh. -> the total norm (before clipping); the
+    gradients are scaled by min(1, max_norm / (norm + 1e-6)), as the builtin does."""
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    dev = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
+    plain = torch.zeros((), dtype=torch.float64, device=dev)
+    by_mesh: dict = {}  # first-seen order: the same on every rank (same parameter order)
+    for g in grads:
+        if isinstance(g, DTensor):
+            if any(pl.is_replicate() or pl.is_partial() for pl in g.placements):  # Shard / _StridedShard only
+                raise ValueError(f"clip_grad_norm_: a gradient with placements {g.placements} (only sharded "
+                                 f"DTensors and plain tensors are summed correctly)")
+            sq = by_mesh.setdefault(g.device_mesh, torch.zeros((), dtype=torch.float64, device=dev))
+            sq += g.to_local().double().pow(2).sum()
+        else:
+            plain += g.double().pow(2).sum()
+    total = plain
+    for mesh, sq in by_mesh.items():
+        for d in range(mesh.ndim):
+            dist.all_reduce(sq, group=mesh.get_group(d))
+        total = total + sq
+    norm = total.sqrt().float()
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
 def shard_model_ep(model, world_mesh, dp_mesh, policy=None):
-    """FSDP2 for an expert-parallel model (after model.set_expert_parallel): each MoE's expert weights
-    fully_shard over `dp_mesh` (the ranks holding the same experts), everything else over `world_mesh` (all
-    dp_shard * ep ranks, 1-D). Mixed precision as train/recipe.py's shard_model: blocks gathered in the compute
+    """FSDP2 for an expert-parallel model (after model.set_expert_parallel(mesh["ep"])): each MoE's expert
+    weights fully_shard over `dp_mesh` = mesh["dp_shard"] (the ranks holding the same experts; it must come from
+    the same 2-D mesh as the ep mesh), everything else over `world_mesh` (all dp_shard * ep ranks, 1-D). Mixed precision as train/recipe.py's shard_model: blocks gathered in the compute
     dtype, router and norm gains in their own fp32 groups."""
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 

@@ -150,7 +150,7 @@ class MoE(nn.Module):
         self.register_buffer("load_accum", torch.zeros(E), persistent=False)
         self.qat = False
         self.compute_dtype: torch.dtype | None = None
-        self.ep_group = None  # set by MobileMoE.set_expert_parallel: w_gate_up / w_down hold the local experts
+        self.ep_group = None  # set by MobileMoE.set_expert_parallel: w_gate_up / w_down become ep-sharded DTensors
         self.last = {}
 
     def forward(self, x_BTD):
@@ -179,6 +179,8 @@ class MoE(nn.Module):
         if self.training:
             self.load_accum += counts_E.detach()
         w13, w2, act_fq, xin = self.w_gate_up, self.w_down, None, x_TD
+        if self.ep_group is not None:  # DTensors of all E experts sharded over ep: this rank's E / P of them
+            w13, w2 = w13.to_local(), w2.to_local()
         if self.qat:
             w13, w2, act_fq = fake_quant_int4(w13), fake_quant_int4(w2), fake_quant_act_int8
             xin = fake_quant_act_int8(x_TD)
@@ -275,23 +277,24 @@ class MobileMoE(nn.Module):
         return self
 
     @torch.no_grad()
-    def set_expert_parallel(self, group) -> MobileMoE:
-        """Shard the routed experts over the process group `group` (model/expert_parallel.py): each MoE keeps
-        only this rank's E / P consecutive experts (w_gate_up, w_down become new, smaller Parameters) and its
-        forward exchanges tokens with all_to_all. Call on every rank of `group`, before FSDP wrapping and before
-        building the optimizer; the router, shared expert and everything else stay replicated (their gradients
-        need averaging over the group: model/expert_parallel.py's allreduce_replicated_grads or
-        shard_model_ep). One-way: the state dict then holds local experts only."""
-        from model.expert_parallel import local_expert_range  # noqa: PLC0415
+    def set_expert_parallel(self, ep) -> MobileMoE:
+        """Shard the routed experts over `ep`, a 1-D DeviceMesh (e.g. mesh["ep"] of a dp_shard x ep mesh) or a
+        ProcessGroup (model/expert_parallel.py): w_gate_up / w_down become DTensors of all E experts, Shard(0)
+        over ep, each rank holding its E / P consecutive experts, and the forward exchanges tokens with
+        all_to_all. Call on every rank of `ep`, before FSDP wrapping and before building the optimizer. The
+        router, shared expert and everything else stay replicated (their gradients need averaging over ep:
+        model/expert_parallel.py's allreduce_replicated_grads, or shard_model_ep). The state dict keeps the
+        global (E, ...) shapes: a full state dict (torch.distributed.checkpoint.state_dict) gathers the experts."""
+        from model.expert_parallel import as_ep_mesh, shard_experts  # noqa: PLC0415
 
-        a, b = local_expert_range(self.cfg.n_experts, group)
+        mesh = as_ep_mesh(ep, self.tok_emb.weight.device.type)
         for m in self.modules():
             if isinstance(m, MoE):
                 if m.ep_group is not None:
                     raise RuntimeError("set_expert_parallel: the experts are already sharded")
-                m.w_gate_up = nn.Parameter(m.w_gate_up[a:b].clone())
-                m.w_down = nn.Parameter(m.w_down[a:b].clone())
-                m.ep_group = group
+                m.w_gate_up = nn.Parameter(shard_experts(m.w_gate_up, mesh))
+                m.w_down = nn.Parameter(shard_experts(m.w_down, mesh))
+                m.ep_group = mesh.get_group()
         return self
 
     def embed(self, ids_BT):
