@@ -138,9 +138,11 @@ def test_cli_tokens_and_budget_vmhwm(models):
 @pytest.mark.parametrize("args,msg", [
     (["--mem-budget", "1"], "below the minimum"),
     (["--mem-budget", "-5"], "--mem-budget must be an integer"),
+    (["--mem-budget", "0"], "--mem-budget must be an integer in [1, "),
     (["--mem-budget", "12x"], "--mem-budget must be an integer"),
     (["--mem-budget", "60", "--cache-policy", "fifo"], "--cache-policy must be lru, lfu or pin"),
     (["--mem-budget", "60", "--io-threads", "0"], "--io-threads must be an integer"),
+    (["--cache-policy", "pin"], "--cache-policy configures the expert cache of --mem-budget"),
 ])
 def test_cli_bad_budget(models, args, msg):
     r = _run(BUILD / "mmoe-run", models["big"], "-n", 4, *args)

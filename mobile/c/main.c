@@ -54,8 +54,8 @@ static void help(void) {
            "  --check                  only load and validate the file, print one 'ok:' line (default: off)\n"
            "  --mem-budget MB          run within MB MiB of peak RSS: weights other than the routed experts are\n"
            "                           read into memory, the experts stay in the file and are read on demand\n"
-           "                           into an expert cache sized from the budget (0 = off: everything mmapped;\n"
-           "                           a budget below the model's minimum is refused, naming it) (default: 0)\n"
+           "                           into an expert cache sized from the budget, in [1, %ld]; a budget below\n"
+           "                           the model's minimum is refused, naming it (default: off, all mmapped)\n"
            "  --cache-policy P         expert-cache eviction under --mem-budget: lru, lfu, or pin (each layer's\n"
            "                           most-routed experts of the prompt stay cached) (default: lru)\n"
            "  --io-threads N           expert-read threads under --mem-budget, in [1, 16] (default: 2)\n"
@@ -64,7 +64,7 @@ static void help(void) {
            "Environment: MMOE_KERNELS=scalar|avx2|neon|dotprod|i8mm forces a kernel set; MMOE_NO_DIRECT=1: no\n"
            "O_DIRECT for expert reads (plain pread + fadvise DONTNEED).\n"
            "Exit status: 0 ok, 2 bad input (one line on stderr), 1 internal error.\n",
-           N_NEW_MAX, THREADS_MAX, SEED_MAX);
+           N_NEW_MAX, THREADS_MAX, SEED_MAX, BUDGET_MAX_MB);
 }
 
 /* This process's peak RSS in KiB from /proc/self/status, -1 where there is none. */
@@ -113,6 +113,7 @@ int main(int argc, char **argv) {
     const char *model_path = NULL, *prompt = NULL, *prompt_ids = NULL;
     long n_new = 64, threads = 1, seed = 0, max_ctx = 0, budget_mb = 0, io_threads = 2;
     int policy = MMOE_CACHE_LRU; /* the best hit rate measured (mobile/README.md) */
+    const char *cache_opt = NULL; /* --cache-policy / --io-threads given: they need --mem-budget */
     float temp = 0.8f, top_p = 0.95f;
     int greedy = 0, print_ids = 0, profile = 0, float_path = 0, ignore_eos = 0, check = 0;
     for (int i = 1; i < argc; i++) {
@@ -134,10 +135,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--ctx")) { NEEDV BAD(parse_int(v, a, 1, CTX_MAX, &max_ctx)) }
         else if (!strcmp(a, "--temp")) { NEEDV BAD(parse_float(v, a, 0.0, 0, INFINITY, ">= 0", &temp)) }
         else if (!strcmp(a, "--top-p")) { NEEDV BAD(parse_float(v, a, 0.0, 1, 1.0, "in (0, 1]", &top_p)) }
-        else if (!strcmp(a, "--mem-budget")) { NEEDV BAD(parse_int(v, a, 0, BUDGET_MAX_MB, &budget_mb)) }
-        else if (!strcmp(a, "--io-threads")) { NEEDV BAD(parse_int(v, a, 1, 16, &io_threads)) }
+        else if (!strcmp(a, "--mem-budget")) { NEEDV BAD(parse_int(v, a, 1, BUDGET_MAX_MB, &budget_mb)) }
+        else if (!strcmp(a, "--io-threads")) { NEEDV BAD(parse_int(v, a, 1, 16, &io_threads)) cache_opt = a; }
         else if (!strcmp(a, "--cache-policy")) {
             NEEDV policy = -1;
+            cache_opt = a;
             for (int k = 0; k < 3; k++)
                 if (!strcmp(v, mmoe_cache_policy_names[k])) policy = k;
             if (policy < 0) {
@@ -166,6 +168,10 @@ int main(int argc, char **argv) {
     }
     if (!model_path) {
         fprintf(stderr, "error: no model file given (usage: mmoe-run MODEL.mmoe -p TEXT; see mmoe-run --help)\n");
+        return EXIT_BAD_INPUT;
+    }
+    if (cache_opt && !budget_mb) {
+        fprintf(stderr, "error: %s configures the expert cache of --mem-budget: give --mem-budget too\n", cache_opt);
         return EXIT_BAD_INPUT;
     }
     if (prompt && prompt_ids) {
