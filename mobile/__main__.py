@@ -91,14 +91,15 @@ def _prompt_args(a) -> list[int] | bytes:
 
 def _generate(a) -> int:
     prompt = _prompt_args(a)
-    from mobile.engine import Engine, routing_stats  # noqa: PLC0415
-
-    from mobile.engine import DEFAULT_CACHE_POLICY  # noqa: PLC0415
+    from mobile.engine import DEFAULT_CACHE_POLICY, Engine, routing_stats  # noqa: PLC0415
 
     if a.cache_policy and a.mem_budget is None:
         raise BadInput("--cache-policy chooses how the expert cache of --mem-budget evicts: give --mem-budget too")
+    # under a budget the KV cache is sized for this run, as mmoe-run does, not for the model's whole context
+    # (a byte-level tokenizer makes at most one token a byte, so the prompt's bytes bound its tokens)
+    ctx = 0 if a.mem_budget is None else len(prompt) + a.max_new_tokens
     try:
-        eng = Engine(a.model, threads=a.threads, float_path=a.float, mem_budget_mb=a.mem_budget,
+        eng = Engine(a.model, threads=a.threads, max_ctx=ctx, float_path=a.float, mem_budget_mb=a.mem_budget,
                      cache_policy=a.cache_policy or DEFAULT_CACHE_POLICY)
     except ValueError as e:
         if str(e).startswith("memory budget"):  # the C engine's refusal: name the option
