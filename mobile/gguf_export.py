@@ -15,6 +15,17 @@ Both use llama.cpp's "NORM" RoPE (rotate adjacent pairs) where we rotate halves 
 wq and wk are permuted within each head (the same permutation llama.cpp's HF converter applies for
 Llama); q.k is unchanged because q and k get the same permutation, and v / wo are untouched.
 
+Sigmoid-routed models (the paper presets S/M/L) go out as llama.cpp's `glm4moe` graph (src/models/glm4-moe.cpp):
+fp32 router with sigmoid gating (expert_gating_func 2), selection on sigmoid + `exp_probs_b` (= our expert_bias;
+the graph requires the tensor, so zeros are written when the bias is off), gates taken from the unbiased scores
+and renormalised when `expert_weights_norm` (llama.cpp clamps the sum at 6.1e-5 where we clamp at 1e-20: equal
+unless the k scores sum below 6e-5), `expert_weights_scale` 1.0 (a missing key reads 0 and zeroes the experts),
+an ungated shared expert of `expert_shared_count` x the expert width (our shared width must be a whole number
+of expert widths, at least one), leading dense layers (`leading_dense_block_count`), no MTP layer
+(`nextn_predict_layers` 0), no q/k norm (the tensors are optional) and zero q/k/v biases (required by older
+llama.cpp, optional in newer). Its RoPE is NEOX (rotate-half, as ours) over rope.dimension_count = head_dim, so
+wq / wk are NOT permuted there; the post-attention norm is named `post_attention_norm`.
+
 Q4_0 is bit-identical to our INT4 format (model/quant.py): a ggml block_q4_0 is one fp16 scale + 16 bytes
 whose low nibbles hold elements 0..15 and high nibbles 16..31, value (nibble - 8) * d, which is exactly
 pack_int4's layout and q * s. So the GGUF Q4_0 and the phone engine's .mmoe read the same weights and the
@@ -44,6 +55,7 @@ from model.config import PRESETS, ModelConfig, get_config
 from model.quant import check_finite, pack_int4, quantize_int4
 
 TYPES = ("f32", "f16", "q4_0")
+GATING_SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID (1 is softmax)
 Q4_0_BLOCK = 32
 Q4_0_BLOCK_BYTES = 18  # fp16 d + 16 nibble bytes
 
@@ -85,8 +97,21 @@ def rope_neox_to_norm(w_RD: torch.Tensor, n_heads: int, head_dim: int) -> torch.
 
 # ---- tensor plan: (gguf name, producer of the fp32 tensor, kind) --------------------------------------------
 # kind "matrix" is written in the requested type; "f32" always F32 (router, norms, bias)
+def is_glm4moe(cfg: ModelConfig) -> bool:
+    """Sigmoid-routed MoE models use llama.cpp's glm4moe graph; softmax MoE ernie4_5-moe, dense ernie4_5."""
+    return cfg.is_moe and cfg.router_score == "sigmoid"
+
+
 def _check_supported(cfg: ModelConfig) -> None:
-    if cfg.is_moe:
+    if is_glm4moe(cfg):
+        if tuple(sorted(cfg.dense_layers)) != tuple(range(len(cfg.dense_layers))):
+            raise ValueError(f"GGUF export: dense layers must lead the stack (got {cfg.dense_layers})")
+        shared = cfg.n_shared_experts * cfg.shared_ffn_dim
+        if shared == 0 or shared % cfg.expert_ffn_dim:
+            raise ValueError(f"GGUF export: llama.cpp's glm4moe graph needs a shared expert whose width is a whole "
+                             f"number of expert widths ({cfg.expert_ffn_dim}); got {cfg.n_shared_experts}x"
+                             f"{cfg.shared_ffn_dim}")
+    elif cfg.is_moe:
         if cfg.router_score != "softmax":
             raise ValueError("GGUF export: llama.cpp's ernie4_5-moe graph routes with softmax; "
                              f"router_score={cfg.router_score!r} is not expressible")
@@ -123,6 +148,10 @@ def _gguf_tensors(cfg: ModelConfig, params: Iterator[tuple[str, torch.Tensor]],
                   buffers: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Map our parameters (streamed) onto GGUF tensors, in the order they arrive."""
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    glm = is_glm4moe(cfg)
+    # glm4moe rotates halves like us (NEOX): no row permutation; ernie4_5 rotates adjacent pairs
+    permute = (lambda w, n: w) if glm else (lambda w, n: rope_neox_to_norm(w, n, hd))
+    ffn_norm = "post_attention_norm" if glm else "ffn_norm"
     for name, t in params:
         t = t.detach().float()
         if name == "tok_emb.weight":
@@ -142,20 +171,29 @@ def _gguf_tensors(cfg: ModelConfig, params: Iterator[tuple[str, torch.Tensor]],
         if rest == "attn_norm.weight":
             yield f"{b}.attn_norm.weight", t, "f32"
         elif rest == "ffn_norm.weight":
-            yield f"{b}.ffn_norm.weight", t, "f32"
+            yield f"{b}.{ffn_norm}.weight", t, "f32"
         elif rest == "attn.wq.weight":
-            yield f"{b}.attn_q.weight", rope_neox_to_norm(t, H, hd), "matrix"
+            yield f"{b}.attn_q.weight", permute(t, H), "matrix"
+            if glm:
+                yield f"{b}.attn_q.bias", torch.zeros(t.shape[0]), "f32"
         elif rest == "attn.wk.weight":
-            yield f"{b}.attn_k.weight", rope_neox_to_norm(t, KV, hd), "matrix"
+            yield f"{b}.attn_k.weight", permute(t, KV), "matrix"
+            if glm:
+                yield f"{b}.attn_k.bias", torch.zeros(t.shape[0]), "f32"
         elif rest == "attn.wv.weight":
             yield f"{b}.attn_v.weight", t, "matrix"
+            if glm:
+                yield f"{b}.attn_v.bias", torch.zeros(t.shape[0]), "f32"
         elif rest == "attn.wo.weight":
             yield f"{b}.attn_output.weight", t, "matrix"
         elif rest == "moe.router.weight":
             yield f"{b}.ffn_gate_inp.weight", t, "f32"
             bias = buffers.get(f"layers.{i}.moe.expert_bias")
-            if bias is not None and cfg.router_bias_coeff > 0 and bool(bias.abs().sum() > 0):
+            on = bias is not None and cfg.router_bias_coeff > 0
+            if on and bool(bias.abs().sum() > 0):
                 yield f"{b}.exp_probs_b.bias", bias.float(), "f32"
+            elif glm:  # required by the glm4moe graph: an off bias is the zeros it acts as
+                yield f"{b}.exp_probs_b.bias", torch.zeros(cfg.n_experts), "f32"
         elif rest == "moe.w_gate_up":  # (E, 2F, D): rows [0,F) gate, [F,2F) up
             Fe = cfg.expert_ffn_dim
             yield f"{b}.ffn_gate_exps.weight", t[:, :Fe].contiguous(), "matrix"
@@ -262,6 +300,8 @@ def tokenizer_metadata(vocab_size: int, tokenizer_json: str | os.PathLike | None
 
 # ---- writer -----------------------------------------------------------------------------------------------
 def arch_name(cfg: ModelConfig) -> str:
+    if is_glm4moe(cfg):
+        return "glm4moe"
     return "ernie4_5-moe" if cfg.is_moe else "ernie4_5"
 
 
@@ -287,7 +327,17 @@ def _writer_with_metadata(cfg: ModelConfig, qtype: str, tokenizer_json, name: st
     w.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
     w.add_float32(f"{arch}.rope.freq_base", float(cfg.rope_theta))
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(cfg.norm_eps))
-    if cfg.is_moe:
+    if is_glm4moe(cfg):
+        w.add_uint32(f"{arch}.expert_count", cfg.n_experts)
+        w.add_uint32(f"{arch}.expert_used_count", cfg.top_k)
+        w.add_uint32(f"{arch}.expert_feed_forward_length", cfg.expert_ffn_dim)
+        w.add_uint32(f"{arch}.expert_shared_count", cfg.n_shared_experts * cfg.shared_ffn_dim // cfg.expert_ffn_dim)
+        w.add_uint32(f"{arch}.leading_dense_block_count", len(cfg.dense_layers))
+        w.add_float32(f"{arch}.expert_weights_scale", 1.0)
+        w.add_bool(f"{arch}.expert_weights_norm", bool(cfg.norm_topk_prob))
+        w.add_uint32(f"{arch}.expert_gating_func", GATING_SIGMOID)
+        w.add_uint32(f"{arch}.nextn_predict_layers", 0)
+    elif cfg.is_moe:
         w.add_uint32(f"{arch}.expert_count", cfg.n_experts)
         w.add_uint32(f"{arch}.expert_used_count", cfg.top_k)
         w.add_uint32(f"{arch}.expert_feed_forward_length", cfg.expert_ffn_dim)
@@ -419,6 +469,7 @@ def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str
         cfg = ModelConfig.from_dict(json.loads(cj))
         _check_supported(cfg)
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        glm = is_glm4moe(cfg)
         table = {e.name: e for e in read_table(mm)}
 
         def raw(e):
@@ -436,6 +487,9 @@ def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str
         def add_f32(gname, e):
             plan.append((gname, tuple(e.shape), None, lambda e=e: raw(e).view("<f4").reshape(e.shape)))
 
+        def add_zeros(gname, n):
+            plan.append((gname, (n,), None, lambda n=n: np.zeros(n, dtype=np.float32)))
+
         def get(n, dtype):
             if n not in table:
                 raise ValueError(f"{mmoe_path}: tensor {n!r} missing")
@@ -450,14 +504,22 @@ def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str
         for i in range(cfg.n_layers):
             p, b = f"layers.{i}.", f"blk.{i}."
             add_f32(b + "attn_norm.weight", get(p + "attn_norm", DT_F32))
-            add_f32(b + "ffn_norm.weight", get(p + "ffn_norm", DT_F32))
-            add_q4(b + "attn_q.weight", get(p + "attn.wq", DT_Q4), H)
-            add_q4(b + "attn_k.weight", get(p + "attn.wk", DT_Q4), KV)
+            add_f32(b + ("post_attention_norm.weight" if glm else "ffn_norm.weight"), get(p + "ffn_norm", DT_F32))
+            add_q4(b + "attn_q.weight", get(p + "attn.wq", DT_Q4), 0 if glm else H)  # glm4moe: NEOX, no permutation
+            if glm:
+                add_zeros(b + "attn_q.bias", H * hd)
+            add_q4(b + "attn_k.weight", get(p + "attn.wk", DT_Q4), 0 if glm else KV)
+            if glm:
+                add_zeros(b + "attn_k.bias", KV * hd)
             add_q4(b + "attn_v.weight", get(p + "attn.wv", DT_Q4))
+            if glm:
+                add_zeros(b + "attn_v.bias", KV * hd)
             add_q4(b + "attn_output.weight", get(p + "attn.wo", DT_Q4))
             if cfg.layer_is_moe(i):
                 add_f32(b + "ffn_gate_inp.weight", get(p + "moe.router", DT_F32))
-                if p + "moe.expert_bias" in table and cfg.router_bias_coeff > 0:
+                if glm:  # the graph requires the bias; the .mmoe holds zeros when it is off
+                    add_f32(b + "exp_probs_b.bias", get(p + "moe.expert_bias", DT_F32))
+                elif p + "moe.expert_bias" in table and cfg.router_bias_coeff > 0:
                     eb = table[p + "moe.expert_bias"]
                     if np.any(raw(eb).view("<f4") != 0):
                         add_f32(b + "exp_probs_b.bias", eb)

@@ -21,6 +21,8 @@ OPTIONAL: dict[str, str] = {
         "needs llama-cpp-python (the bench extra); make bench-mobile installs it",
     "tests/test_gguf.py::test_llama_cpp_runs_the_engines_mmoe_file":
         "needs llama-cpp-python (the bench extra); make bench-mobile installs it",
+    "tests/test_gguf.py::test_llama_cpp_glm4moe_parity_sigmoid_bias_f32":
+        "needs llama-cpp-python (the bench extra); make bench-mobile installs it",
 }
 
 

@@ -96,8 +96,18 @@ def test_rope_permutation_preserves_attention_scores():
 
 
 def test_exporter_refuses_what_llama_cpp_cannot_compute():
-    with pytest.raises(ValueError, match="router_score"):
-        _check_supported(get_config("tiny", router_score="sigmoid"))
+    # sigmoid routing goes to glm4moe: every paper preset is expressible, a shared expert that is not a whole
+    # number of expert widths (or none) and trailing dense layers are not
+    for size in ("S", "M", "L"):
+        _check_supported(get_config(size))
+    sig = dict(router_score="sigmoid", router_bias_coeff=1e-3)
+    _check_supported(get_config("tiny", **sig, norm_topk_prob=False, dense_layers=(0,)))
+    with pytest.raises(ValueError, match="glm4moe graph needs a shared expert"):
+        _check_supported(get_config("tiny", **sig, shared_ffn_dim=96))  # expert width 64
+    with pytest.raises(ValueError, match="glm4moe graph needs a shared expert"):
+        _check_supported(get_config("tiny", **sig, n_shared_experts=0, shared_ffn_dim=0))
+    with pytest.raises(ValueError, match="dense layers must lead"):
+        _check_supported(get_config("tiny", **sig, dense_layers=(3,)))
     with pytest.raises(ValueError, match="norm_topk_prob"):
         _check_supported(get_config("tiny", norm_topk_prob=False))
     with pytest.raises(ValueError, match="dense layers must lead"):
@@ -261,3 +271,84 @@ def test_llama_cpp_runs_the_engines_mmoe_file(tmp_path):
     assert ours.std() > 0.1
     assert _rel_err(got, ours) < 0.05, _rel_err(got, ours)
     assert (got.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+
+
+# ---- sigmoid routing + selection bias -> llama.cpp's glm4moe ------------------------------------------------
+def _sigmoid_model(tmp_path):
+    """The paper presets' router on tiny shapes (sigmoid, top-4 renormalised, one shared expert of the expert
+    width), a leading dense layer and a non-zero selection bias."""
+    from model.io import save_model_dir
+    from model.model import MobileMoE
+
+    cfg = get_config("tiny", n_layers=3, dense_layers=(0,), router_score="sigmoid", router_bias_coeff=1e-3,
+                     top_k=4, shared_ffn_dim=64, init_std=0.08, max_seq_len=64)
+    model = MobileMoE(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.is_moe:
+                layer.moe.expert_bias.copy_((torch.rand(cfg.n_experts, generator=g) - 0.5) * 0.6)
+    return model, save_model_dir(model, tmp_path / "sigmoid")
+
+
+def test_glm4moe_gguf_holds_the_sigmoid_router_bias_and_unpermuted_rope(tmp_path):
+    """Read back with gguf's reader (no llama.cpp): the keys the glm4moe loader reads, and every tensor it
+    creates (exp_probs_b = our bias, zero q/k/v biases, post_attention_norm), q/k rows unpermuted (NEOX)."""
+    import gguf
+
+    from mobile.export import export_model_dir as mmoe_export
+    from mobile.gguf_export import export_model_dir, mmoe_to_gguf
+
+    model, d = _sigmoid_model(tmp_path)
+    cfg = model.cfg
+    r = gguf.GGUFReader(str(export_model_dir(d, tmp_path / "s-f32.gguf", "f32")))
+
+    def key(name):
+        f = r.fields[name]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]].tolist()[0]
+
+    assert key("general.architecture") == "glm4moe"
+    assert key("glm4moe.expert_gating_func") == 2 and key("glm4moe.expert_weights_scale") == 1.0
+    assert bool(key("glm4moe.expert_weights_norm")) and key("glm4moe.expert_shared_count") == 1
+    assert key("glm4moe.leading_dense_block_count") == 1 and key("glm4moe.nextn_predict_layers") == 0
+    assert (key("glm4moe.expert_count"), key("glm4moe.expert_used_count")) == (16, 4)
+    assert key("glm4moe.rope.dimension_count") == cfg.head_dim
+    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    for i, layer in enumerate(model.layers):
+        b = f"blk.{i}."
+        np.testing.assert_array_equal(t[b + "attn_q.weight"].reshape(-1, cfg.d_model), layer.attn.wq.weight.detach())
+        np.testing.assert_array_equal(t[b + "attn_k.weight"].reshape(-1, cfg.d_model), layer.attn.wk.weight.detach())
+        np.testing.assert_array_equal(t[b + "post_attention_norm.weight"], layer.ffn_norm.weight.detach())
+        assert b + "ffn_norm.weight" not in t
+        for q in ("q", "k", "v"):
+            assert not t[b + f"attn_{q}.bias"].any()
+        if layer.is_moe:
+            bias = layer.moe.expert_bias.numpy()
+            assert np.abs(bias).max() > 0.1
+            np.testing.assert_array_equal(t[b + "exp_probs_b.bias"], bias)
+    # the .mmoe conversion (what bench.mobile gives llama.cpp) writes the same tensor set
+    mm = mmoe_export(d, tmp_path / "s.mmoe")
+    r2 = gguf.GGUFReader(str(mmoe_to_gguf(mm, tmp_path / "s-q4.gguf")))
+    assert {x.name for x in r2.tensors} == set(t)
+    t2 = {x.name: np.asarray(x.data) for x in r2.tensors}
+    np.testing.assert_array_equal(t2["blk.1.exp_probs_b.bias"], model.layers[1].moe.expert_bias.numpy())
+
+
+@needs_llama
+def test_llama_cpp_glm4moe_parity_sigmoid_bias_f32(tmp_path):
+    """llama.cpp's glm4moe graph on our sigmoid-routed model with a non-zero selection bias, F32 end to end:
+    the same tolerance as the ernie4_5-moe F32 parity above (summation order only). Not measured on the
+    machine that wrote it (no llama-cpp-python there)."""
+    from mobile.gguf_export import export_model_dir
+
+    model, d = _sigmoid_model(tmp_path)
+    ref = _ours(model, IDS)
+    assert ref.std() > 0.1
+    got = llama_logits(export_model_dir(d, tmp_path / "s-f32.gguf", "f32"), IDS, exact=True)
+    assert _rel_err(got, ref) < 2e-5, _rel_err(got, ref)
+    # and the bias matters: without it llama.cpp's logits would be far from ours
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.is_moe:
+                layer.moe.expert_bias.zero_()
+    assert _rel_err(got, _ours(model, IDS)) > 1e-3
