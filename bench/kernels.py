@@ -16,7 +16,6 @@ Also compiles every Triton kernel for sm_80 / sm_90 (no GPU needed) and reports 
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from kernels.moe import moe_experts, moe_experts_reference
 from kernels.router import route_reference
+from model import cli
 
 OUT = Path(__file__).resolve().parent / "results"
 # (name, d_model, expert_ffn_dim): the tiny preset, and the S preset (1280, 160) at 1/4 width for a 2-core CPU
@@ -279,17 +279,17 @@ def _ints(s: str, name: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="MoE kernel microbenchmarks -> bench/results/kernels.{md,png}")
-    ap.add_argument("--tokens", default="512,2048,8192")
-    ap.add_argument("--experts", default="8,16,64")
-    ap.add_argument("--topk", default="1,2,4,8")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
+    ap = cli.parser("python -m bench.kernels", "MoE kernel microbenchmarks -> bench/results/kernels.{md,png}")
+    ap.add_argument("--tokens", default="512,2048,8192", help="token counts, comma separated")
+    ap.add_argument("--experts", default="8,16,64", help="expert counts, comma separated")
+    ap.add_argument("--topk", default="1,2,4,8", help="top-k values, comma separated")
+    ap.add_argument("--reps", type=cli.positive_int, default=3, help="timed repeats per cell")
+    ap.add_argument("--threads", type=cli.positive_int, default=1,
                     help="CPU threads (1: timed by thread CPU time; more: by wall clock)")
     ap.add_argument("--naive-max-tokens", type=int, default=512, help="run the naive loop up to this many tokens")
     ap.add_argument("--method-tokens", type=int, default=2048, help="token count for the GEMM-strategy comparison")
     ap.add_argument("--no-compile", action="store_true", help="skip the sm_80/sm_90 cubin compile table")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=str(OUT), help="output folder for kernels.md / kernels.png")
     a = ap.parse_args(argv)
     tokens, experts, topks = _ints(a.tokens, "tokens"), _ints(a.experts, "experts"), _ints(a.topk, "topk")
     if a.reps < 1 or a.threads < 1:
@@ -317,4 +317,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -17,12 +17,12 @@ sizes and strides reaches the compiled code, and every training micro-batch (mic
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from kernels._triton_util import Launch, compile_launch, record_launches, resource_usage, variant_key
+from model import cli  # torch-free CLI conventions (exit codes, help defaults)
 
 SIZES = ("S", "M", "L")
 
@@ -120,9 +120,9 @@ def _tiles_str(c: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="S", help="model preset whose expert shapes are compiled: S|M|L (default S)")
-    ap.add_argument("--cc", default="80,90", help="compute capabilities, comma separated (default 80,90)")
+    ap = cli.parser("python -m kernels.aot", __doc__.splitlines()[0])
+    ap.add_argument("--size", default="S", help=f"model preset whose expert shapes are compiled: {cli.choices(SIZES)}")
+    ap.add_argument("--cc", default="80,90", help="compute capabilities, comma separated")
     a = ap.parse_args(argv)
     if a.size not in SIZES:
         print(f"error: --size must be one of {'|'.join(SIZES)}, got {a.size!r}", file=sys.stderr)
@@ -148,4 +148,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))
