@@ -11,6 +11,11 @@ bench/compile.py, which also compares the compiled loss with eager."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -182,3 +187,31 @@ def test_op_rejects_bad_inputs_with_one_line_errors():
         moe_experts_op(x, ids, gates[:, :1], w13, w2, "reference", "")
     with pytest.raises(ValueError, match="same T"):
         moe_experts_op(x[1:], ids, gates, w13, w2, "reference", "")
+
+
+_TRITON_CASE = """
+import torch
+from kernels.moe import dispatch_experts, moe_experts_op
+from tests.test_compile import _op_inputs
+for dtype in (torch.float32, torch.bfloat16):
+    outs = []
+    for use_op in (False, True):
+        x, ids, gates, w13, w2 = _op_inputs(dtype)
+        leaves = [t.requires_grad_() for t in (x, gates, w13, w2)]
+        args = (leaves[0], ids, leaves[1], leaves[2], leaves[3])
+        y = moe_experts_op(*args, "triton", "") if use_op else dispatch_experts(*args, "triton")
+        y.backward(torch.ones_like(y))
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(*outs)), dtype
+print("ok")
+"""
+
+
+def test_op_runs_the_triton_backend_like_the_direct_path():
+    """The Triton path through the op (under the Triton interpreter, in its own process so TRITON_INTERPRET is
+    set before triton is imported): forward and recompute backward bitwise equal to the direct autograd path."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    p = subprocess.run([sys.executable, "-c", _TRITON_CASE], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
