@@ -5,8 +5,8 @@
  * router of a layer has chosen its experts, mmoe_cache_begin splits them into those already in a slot (hits)
  * and the others, picks victims for as many of the others as there are slots not holding an expert of this
  * wave, and hands those reads to the I/O threads at once; model.c computes the hits (and the shared expert)
- * while the reads run, then waits (mmoe_cache_wait) and computes the loaded ones. A prefill chunk can select
- * more experts than S: it then runs in several waves. A record is read with pread into its slot, never through
+ * while the reads run, then computes each loaded one as its read completes (mmoe_cache_wait_some). A
+ * prefill chunk can select more experts than S: it then runs in several waves. A record is read with pread into its slot, never through
  * a mapping: O_DIRECT where the filesystem takes it (the 4096-aligned span around the record; the record's
  * bytes land at slot + offset % 4096, so their alignment is the mapping's), else plain pread followed by
  * posix_fadvise(DONTNEED) on the span, so that neither the page cache hides the flash reads nor (had it been
@@ -43,6 +43,7 @@ const char *const mmoe_cache_stat_names[MMOE_CS_COUNT] = {
 typedef struct {
     uint64_t off, len;
     uint8_t *slot;
+    int idx; /* its place in the wave (mmoe_cache_begin's loaded[]) */
 } io_req;
 
 struct mmoe_cache {
@@ -70,7 +71,8 @@ struct mmoe_cache {
     pthread_mutex_t mu;
     pthread_cond_t have, done;
     io_req *q;
-    int qn, qhead, inflight, quit, io_err;
+    uint8_t *rdone;        /* [S]: 1 = read finished, 2 = handed to the engine */
+    int qn, qhead, inflight, taken, quit, io_err;
     uint64_t read_ns;
     char io_msg[200];
 };
@@ -167,7 +169,9 @@ static void *io_worker(void *arg) {
             c->io_err = 1;
             memcpy(c->io_msg, msg, sizeof msg);
         }
-        if (--c->inflight == 0) pthread_cond_signal(&c->done);
+        c->rdone[r.idx] = 1;
+        c->inflight--;
+        pthread_cond_signal(&c->done); /* one waiter: the engine */
     }
     pthread_mutex_unlock(&c->mu);
     return NULL;
@@ -184,7 +188,7 @@ void mmoe_cache_free(mmoe_cache *c) {
     pthread_cond_destroy(&c->have);
     pthread_cond_destroy(&c->done);
     void *bufs[] = {c->mem, c->moe_idx, c->slot_expert, c->slot_lead, c->slot_tick, c->expert_slot, c->freq,
-                    c->pcount, c->hot, c->busy, c->wave_slots, c->q};
+                    c->pcount, c->hot, c->busy, c->wave_slots, c->q, c->rdone};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
@@ -245,8 +249,9 @@ mmoe_cache *mmoe_cache_new(const mmoe_model *m, int S, int policy, int io_thread
         c->busy = calloc(s, 1);
         c->wave_slots = malloc(sizeof(int32_t) * s);
         c->q = malloc(sizeof(io_req) * s);
+        c->rdone = calloc(s, 1);
         if (!c->mem || !c->slot_expert || !c->slot_lead || !c->slot_tick || !c->expert_slot || !c->freq ||
-            !c->pcount || !c->hot || !c->busy || !c->wave_slots || !c->q)
+            !c->pcount || !c->hot || !c->busy || !c->wave_slots || !c->q || !c->rdone)
             goto oom;
         for (size_t i = 0; i < nm * s; i++) c->slot_expert[i] = -1;
         for (size_t i = 0; i < nm * E; i++) c->expert_slot[i] = -1;
@@ -330,7 +335,7 @@ void mmoe_cache_begin(mmoe_cache *c, int l, const int *need, const int *cnt, int
         c->busy[s] = 1;
         tk[s] = tick;
         c->slot_lead[(size_t)li * S + s] = (uint32_t)(off % IO_ALIGN);
-        c->q[nl] = (io_req){off, c->rec_bytes, c->mem + ((size_t)li * S + s) * c->slot_bytes};
+        c->q[nl] = (io_req){off, c->rec_bytes, c->mem + ((size_t)li * S + s) * c->slot_bytes, nl};
         c->wave_slots[c->n_wave++] = s;
         loaded[nl++] = e;
     }
@@ -342,36 +347,50 @@ void mmoe_cache_begin(mmoe_cache *c, int l, const int *need, const int *cnt, int
         c->qn = nl;
         c->qhead = 0;
         c->inflight = nl;
+        c->taken = 0;
+        memset(c->rdone, 0, (size_t)nl);
         c->cur_layer = li;
         pthread_cond_broadcast(&c->have);
         pthread_mutex_unlock(&c->mu);
     }
 }
 
-int mmoe_cache_wait(mmoe_cache *c, char *err, size_t errlen) {
+int mmoe_cache_wait_some(mmoe_cache *c, int *ready, char *err, size_t errlen) {
     if (!c->n_wave) return 0;
     uint64_t t0 = now_ns();
+    int k = 0, bad = 0, li = c->cur_layer;
     pthread_mutex_lock(&c->mu);
-    while (c->inflight > 0) pthread_cond_wait(&c->done, &c->mu);
-    int bad = c->io_err;
-    if (bad) {
-        mmoe_seterr(err, errlen, "%s", c->io_msg);
-        c->io_err = 0;
+    for (;;) {
+        if (c->io_err) { /* let the other reads of the wave finish: their slots are forgotten below */
+            while (c->inflight > 0) pthread_cond_wait(&c->done, &c->mu);
+            mmoe_seterr(err, errlen, "%s", c->io_msg);
+            c->io_err = 0;
+            bad = 1;
+            break;
+        }
+        for (int i = 0; i < c->qn; i++)
+            if (c->rdone[i] == 1) {
+                c->rdone[i] = 2;
+                ready[k++] = i;
+            }
+        if (k) break;
+        pthread_cond_wait(&c->done, &c->mu);
     }
-    int li = c->cur_layer;
-    c->qn = c->qhead = 0;
+    c->taken += k;
+    int finished = bad || c->taken == c->qn;
+    if (finished) c->qn = c->qhead = c->taken = 0;
     pthread_mutex_unlock(&c->mu);
     c->stall_ns += now_ns() - t0;
-    if (bad) { /* the slots of this wave hold unknown bytes: forget them */
+    if (bad) { /* the slots of this wave may hold unknown bytes: forget them all */
         for (int i = 0; i < c->n_wave; i++) {
             int s = c->wave_slots[i];
             int32_t *se = c->slot_expert + (size_t)li * c->S;
-            c->expert_slot[(size_t)li * c->E + se[s]] = -1;
+            if (se[s] >= 0) c->expert_slot[(size_t)li * c->E + se[s]] = -1;
             se[s] = -1;
         }
     }
-    c->n_wave = 0;
-    return bad ? -1 : 0;
+    if (finished) c->n_wave = 0;
+    return bad ? -1 : k;
 }
 
 const uint8_t *mmoe_cache_record(const mmoe_cache *c, int l, int e) {

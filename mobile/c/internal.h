@@ -101,11 +101,13 @@ mmoe_cache *mmoe_cache_new(const mmoe_model *m, int slots_per_layer, int policy,
 void mmoe_cache_free(mmoe_cache *c);
 /* One wave of layer l's pending experts need[0..n) (ascending ids; cnt = their token slots): experts already
  * cached go to present[], reads for as many of the others as there are free slots are issued on the I/O
- * threads and those experts go to loaded[] (valid after mmoe_cache_wait). first: the layer-step's first wave
+ * threads and those experts go to loaded[] (each valid once mmoe_cache_wait_some has handed it out). first: the layer-step's first wave
  * (hit / miss counters and the policy's frequencies are updated there only). */
 void mmoe_cache_begin(mmoe_cache *c, int l, const int *need, const int *cnt, int n, int first, int *present,
                       int *n_present, int *loaded, int *n_loaded);
-int mmoe_cache_wait(mmoe_cache *c, char *err, size_t errlen); /* 0, or -1: a read failed (err says which) */
+/* Block until some of the wave's reads are done; writes their places in loaded[] to ready and returns their
+ * count (0 once every read was handed out), or -1 if a read failed (err says which; the wave is then over). */
+int mmoe_cache_wait_some(mmoe_cache *c, int *ready, char *err, size_t errlen);
 const uint8_t *mmoe_cache_record(const mmoe_cache *c, int l, int e); /* the record of a present/loaded expert */
 void mmoe_cache_prompt_begin(mmoe_cache *c); /* an eval from position 0 starts: count its routing */
 void mmoe_cache_prompt_end(mmoe_cache *c);   /* ... it ended: the pin policy learns its hot sets */

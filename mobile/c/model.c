@@ -36,7 +36,7 @@ struct mmoe_ctx {
     float *gxs, *ghs, *ggu, *ghid, *gout;
     int *gslot;            /* gathered item -> its expert */
     int *grow, *gcnt;      /* gathered item -> its first row and row count in the gathered buffers */
-    int *gpend, *gneed, *gncnt, *gpres, *gload, *gidx; /* expert-cache waves (E each; gidx: expert -> item) */
+    int *gpend, *gneed, *gncnt, *gpres, *gload, *gready, *gidx; /* cache waves (E each; gidx: expert -> item) */
     int *slot_row;        /* slot (t * K + k) -> its row in the gathered expert buffers */
     struct mm_item *items; /* E + 4 matmuls of one batched job */
     int att_impl;          /* MMOE_ATT_SCALAR / MMOE_ATT_SIMD (same values either way) */
@@ -317,8 +317,8 @@ static void expert_group(mmoe_ctx *c, const mmoe_layer *L, int l, const int *sel
 
 /* Routed experts plus the shared expert(s): gather, per expert, the token-slots that picked it (a small batch),
  * compute them (expert_group), sum the K slots in slot order, then + shared; result in c->y. With an expert
- * cache, the experts already cached (and the shared one) are computed while the I/O threads read the others;
- * when a prefill chunk selects more experts than a layer has slots this repeats in waves. Returns -1 when a
+ * cache, the experts already cached (and the shared one) are computed while the I/O threads read the others,
+ * which are computed as their reads complete; when a prefill chunk selects more experts than a layer has slots this repeats in waves. Returns -1 when a
  * read failed (c->errmsg). */
 static int experts(mmoe_ctx *c, const mmoe_layer *L, int l, int n) {
     int D = c->D, K = c->K, ni = 0, rows = 0;
@@ -355,12 +355,18 @@ static int experts(mmoe_ctx *c, const mmoe_layer *L, int l, int n) {
             mmoe_cache_begin(c->cache, l, c->gneed, c->gncnt, np, first, c->gpres, &npres, c->gload, &nload);
             for (int q = 0; q < npres; q++) c->gpres[q] = c->gidx[c->gpres[q]];
             expert_group(c, L, l, c->gpres, npres, first, n); /* overlaps the reads just issued */
-            if (mmoe_cache_wait(c->cache, c->errmsg, sizeof c->errmsg)) {
-                c->failed = 1;
-                return -1;
-            }
             for (int q = 0; q < nload; q++) c->gload[q] = c->gidx[c->gload[q]];
-            expert_group(c, L, l, c->gload, nload, 0, n);
+            for (int got = 0; got < nload;) { /* each read as it completes, while the others still run */
+                int k = mmoe_cache_wait_some(c->cache, c->gready, c->errmsg, sizeof c->errmsg);
+                if (k <= 0) {
+                    if (k == 0) mmoe_seterr(c->errmsg, sizeof c->errmsg, "expert cache: reads lost");
+                    c->failed = 1;
+                    return -1;
+                }
+                for (int q = 0; q < k; q++) c->gready[q] = c->gload[c->gready[q]];
+                expert_group(c, L, l, c->gready, k, 0, n);
+                got += k;
+            }
             /* what is left: the experts neither present nor loaded in this wave (ascending order kept) */
             int k = 0;
             for (int q = 0; q < np; q++) {
@@ -506,7 +512,7 @@ void mmoe_ctx_free(mmoe_ctx *c) {
     void *bufs[] = {c->kc, c->vc, c->rope_inv, c->x, c->xn, c->q, c->k, c->v, c->att, c->tmp, c->y, c->gu, c->hid,
                     c->rlog, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
                     c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->grow, c->gcnt, c->gpend, c->gneed,
-                    c->gncnt, c->gpres, c->gload, c->gidx, c->slot_row, c->items, c->ecount};
+                    c->gncnt, c->gpres, c->gload, c->gready, c->gidx, c->slot_row, c->items, c->ecount};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
@@ -585,6 +591,7 @@ static int ctx_bufs(mmoe_ctx *c, int n_threads, ctx_buf *b) {
     BUF(gncnt, sizeof(int) * EK);
     BUF(gpres, sizeof(int) * EK);
     BUF(gload, sizeof(int) * EK);
+    BUF(gready, sizeof(int) * EK);
     BUF(gidx, sizeof(int) * EK);
     BUF(slot_row, sizeof(int) * B * KK);
     BUF(items, sizeof(mm_item) * (EK + 4));
