@@ -308,7 +308,10 @@ def train_stage(model, cfg: StageConfig, batcher: Batcher, *, stage_dir: str | o
             if ec is not None:
                 counts = ec.detach().double().cpu() if counts is None else counts + ec.detach().double().cpu()
                 ent += model.aux["router_entropy"].detach().double().cpu()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        clip = torch.nn.utils.clip_grad_norm_
+        if any(getattr(m, "ep_group", None) is not None for m in model.modules()):
+            from model.expert_parallel import clip_grad_norm_ as clip  # noqa: PLC0415  (grads on two meshes)
+        gn = clip(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
         stats = torch.stack([ce_sum, aux_sum, ent])

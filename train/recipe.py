@@ -19,8 +19,8 @@ gloo on CPU.
 
 Expert parallelism (model/expert_parallel.py; train/README.md, "Expert parallelism"): `[hardware] ep = 4` in the
 recipe shards the routed experts over groups of 4 ranks on a (dp_shard = world / ep) x ep mesh, tokens exchanged
-by all_to_all; ep must divide n_experts and the world size (60 experts on 8-GPU nodes: ep = 2 or 4). The recipe
-checks and plans it (--dry-run); training with ep > 1 is not wired into train.loop yet and stops with an error.
+by all_to_all; ep must divide n_experts and the world size (60 experts on 8-GPU nodes: ep = 2 or 4), e.g.
+    torchrun --nproc_per_node=8 -m train --config M-ep4.toml --out runs/M-ep4    # [hardware] ep = 4
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from model import cli
 from model.config import count_params
 from model.precision import policy_for
 from train import ckpt as ck
+from train import data_plan
 from train import store as tstore
 from train.batches import Batcher, LMSource, SFTSource, eval_pairs, eval_windows
 from train.chat import SPECIAL_TOKENS, encode_chat_batch, render_prompt, special_ids
@@ -96,7 +97,10 @@ def check_stages_arg(rec: Recipe, arg: str | None, run_dir: Path) -> set[str] | 
 
 def stage_fingerprint(rec: Recipe, st: StageConfig, n_tokens: int) -> str:
     """What a stage's checkpoints and summary are keyed by: a resumed or skipped stage must match it."""
-    return ck.fingerprint(dict(model=rec.model.to_dict(), stage=stage_dict(st), seed=rec.seed, tok=n_tokens))
+    fp = dict(model=rec.model.to_dict(), stage=stage_dict(st), seed=rec.seed, tok=n_tokens)
+    if data_plan.reads_run_stores(rec, st.name):  # another sample order than the in-memory Batcher's
+        fp["data"] = "run-stores"
+    return ck.fingerprint(fp)
 
 
 def check_resume(rec: Recipe, resume: str | None, run_dir: Path) -> str | None:
@@ -176,22 +180,15 @@ def print_plan(rec: Recipe, mcfg, stages: list[StageConfig], out: str) -> None:
         ep = rec.hardware.ep
         dp = f"{gpus // ep}" if dev != "cpu" else f"(world / {ep})"
         print(f"  expert parallel: ep {ep} (mesh dp_shard {dp} x ep {ep}, {mcfg.n_experts // ep} experts per "
-              f"rank); not yet wired into training")
+              f"rank)")
     print(f"  {'stage':<9} {'kind':<9} {'tokens':>16} {'seq':>6} {'batch':>6} {'steps':>10} {'lr':>8} "
           f"{'sched':<8} {'mem/GPU':>9}")
     for st in stages:
         mem = memory_estimate(mcfg, st, gpus)
         print(f"  {st.name:<9} {st.kind:<9} {st.tokens:>16,} {st.seq_len:>6} {st.global_batch:>6} {st.steps:>10,} "
               f"{st.lr:>8.1e} {st.schedule:<8} {mem['total'] / 2**30:>7.1f}Gi" + ("  (QAT)" if st.qat else ""))
-        mix = rec.mixture(st.name)
-        for d in mix:
-            print(f"      data {d.source}  weight {d.mix_weight}"
-                  + (f"  field {d.text_field}" if d.text_field else "")
-                  + (f"  format {d.format}" if d.format else ""))
-        if tstore.stage_uses_stores([d.source for d in mix], [d.is_chat for d in mix], st.name):
-            for line in tstore.plan_lines([d.source for d in mix], [d.mix_weight for d in mix], st.seq_len,
-                                          st.global_batch, st.steps):
-                print(f"      {line}")
+        for line in data_plan.plan_lines(rec, st, Path(out)):  # unique vs planned tokens, epochs, warnings
+            print(f"      {line}")
     ev = rec.eval
     print(f"  eval: held-out {ev.heldout} (max {ev.max_tokens} tokens) vs its unigram entropy"
           + (f"; SFT pairs {ev.heldout_sft}" if ev.heldout_sft else ""))
@@ -327,6 +324,13 @@ class DataCache:
         """A stage's batch stream: train/store.py's StoreMixture when its sources are token stores (each rank
         reads only its own rows, nothing held in memory), else the in-memory Batcher."""
         srcs = [d.source for d in mix]
+        rank, world = dist_info()
+        if data_plan.reads_run_stores(self.rec, st.name):  # [data] build_stores: <run>/store, built once
+            m = data_plan.mixture(self.rec, st, self.run, self.tok, self.root, seed, rank, world)
+            if rank == 0:
+                for line in data_plan.plan_lines(self.rec, st, self.run):
+                    print(f"[{st.name}] {line}", file=sys.stderr)
+            return m
         if tstore.stage_uses_stores(srcs, [d.is_chat for d in mix], st.name):
             rank, world = dist_info()
             return tstore.StoreMixture(tstore.open_stores(srcs, self.tok), [d.mix_weight for d in mix], st.seq_len,
@@ -460,14 +464,19 @@ def run(args) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
     ep = rec.hardware.ep
+    ep_mesh = dp_mesh = world_mesh = None
     if ep > 1:
         if world % ep:
             raise UsageError(f"{rec.path}: [hardware] ep: {ep} does not divide the world size {world}")
-        # model/expert_parallel.py has the layer, its tests and shard_model_ep; what train.loop still lacks:
-        # the grad norm over parameters on two meshes (experts: dp_shard, the rest: all ranks) and
-        # checkpoint / full-model gathering of expert shards whose shape differs per ep rank
-        raise UsageError(f"{rec.path}: [hardware] ep = {ep}: expert-parallel training is not wired into "
-                         f"train.loop yet (the layer is model/expert_parallel.py); use ep = 1")
+        from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+
+        # experts: Shard(0) over ep, FSDP over dp_shard (same parent mesh); everything else FSDP over all ranks
+        mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp_shard", "ep"))
+        world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("world",))
+        ep_mesh, dp_mesh = mesh["ep"], mesh["dp_shard"]
+        if rank == 0:
+            print(f"expert parallel: mesh dp_shard {world // ep} x ep {ep}, {mcfg.n_experts // ep} experts per rank",
+                  file=sys.stderr)
     for i, st in enumerate(stages, 1):
         if st.global_batch % (st.micro_batch * world):
             raise UsageError(f"{rec.path}: [stages.{i}] global_batch: {st.global_batch} is not a multiple of "
@@ -518,12 +527,19 @@ def run(args) -> int:
             model.train()
         model.set_qat(bool(st.qat))
         model.set_precision(policy)
+        if ep_mesh is not None:
+            model.set_expert_parallel(ep_mesh)
         if st.qat and results:
             # (a) = the previous (float) stage's held-out metrics; (b) PTQ = its weights under the INT4 / int8
             # fake quant with no training (round-to-nearest, the same format); (c) = the QAT result below
             float_eval = results[-1].get("eval", {})
             ptq_eval = eval_fn(model)
-        model = wrap_fsdp(model, policy)
+        if ep_mesh is not None:
+            from model.expert_parallel import shard_model_ep  # noqa: PLC0415
+
+            model = shard_model_ep(model, world_mesh, dp_mesh, policy)
+        else:
+            model = wrap_fsdp(model, policy)
         mix = rec.mixture(st.name)
         batcher = data.batcher(mix, st, seed + len(results))
         tracker = None
