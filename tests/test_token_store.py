@@ -370,7 +370,9 @@ def test_recipe_stage_reads_a_token_store(tmp_path, capsys, monkeypatch):
     cfg = write_recipe(tmp_path, files, stage_toml("pretrain", "pretrain", str(tmp_path / "store"), 400))
     assert cli.run(R.main, ["--config", str(cfg), "--out", str(run), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"store {tmp_path / 'store'}: 8 rows/step" in out and "epochs" in out and "warning:" in out
+    row = next(ln.split() for ln in out.splitlines() if ln.endswith(f"  {tmp_path / 'store'}"))
+    assert "data: token stores, StoreMixture" in out and row[:2] == ["1", "8"] and float(row[-2]) > 4
+    assert f"warning: stage pretrain: {tmp_path / 'store'}: " in out
     calls = []
     real_get = StoreMixture.get
     monkeypatch.setattr(StoreMixture, "get", lambda self, step: calls.append(step) or real_get(self, step))

@@ -9,8 +9,12 @@ Sections and keys (anything else is an error, with a "did you mean"):
     [eval]                heldout (LM source, required), heldout_sft (chat source), max_tokens, seq_len
     [hardware]            device = "cpu" | "cuda" | "auto" (cuda when available), gpus (planning figure),
                           ep (expert-parallel group size: divides n_experts and gpus; 1 = no EP)
+    [data]                max_epochs (dry-run / run warning above it; default 4), build_stores (true: the
+                          all-text stages' shakespeare / local-file sources are tokenized into <run>/store/<name>
+                          once the run's tokenizer exists, and read through train/store.py's StoreMixture)
     [[stages]]            the train.loop.StageConfig fields, and its mixture:
-    [[stages.data]]       source, weight, text_field, format = "text" | "chat", split, max_tokens, max_rows
+    [[stages.data]]       source, weight, text_field, format = "text" | "chat", split, max_tokens, max_rows,
+                          tokens (the source's size in tokens, a planning figure for the dry run's epochs)
 
 Sources: "shakespeare:<part>" (the offline corpus: train, heldout, quality for text; sft, sft_heldout for
 chat pairs), "hf:<org>/<name>[:<config>]" (a hub dataset, streamed), or a local .txt / .jsonl / .json /
@@ -35,6 +39,7 @@ from typing import Any
 from model.cli import BadInput, choices
 from model.config import PRESETS, ModelConfig, get_config
 from train.loop import StageConfig
+from train.store import DEFAULT_MAX_EPOCHS, is_store
 
 try:
     import tomllib
@@ -69,6 +74,7 @@ class DataSource:
     split: str | None = None
     max_tokens: int | None = None
     max_rows: int | None = None
+    tokens: int | None = None  # declared size (dry-run planning only: not hashed, not read by the loaders)
 
     @property
     def mix_weight(self) -> float:
@@ -79,7 +85,9 @@ class DataSource:
         return self.source in SHAKESPEARE_CHAT or self.format == "chat"
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """What the loaders read and the stage fingerprint hashes: a planning figure (tokens) is left out, so
+        stating a source's size does not invalidate a run's checkpoints."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "tokens"}
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,12 @@ class HardwareConfig:
     ep: int = 1  # expert parallelism: routed experts sharded over groups of ep ranks (model/expert_parallel.py)
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    max_epochs: float = DEFAULT_MAX_EPOCHS  # a stage repeating a source more often than this is warned
+    build_stores: bool = False  # tokenize local text sources into <run>/store/ (train/data_plan.py)
+
+
 @dataclass
 class Recipe:
     path: str  # as shown in messages
@@ -117,6 +131,7 @@ class Recipe:
     hardware: HardwareConfig
     stages: list[StageConfig]  # StageConfig.data: each source's as_dict() (what the fingerprint hashes)
     mixtures: dict[str, list[DataSource]] = field(default_factory=dict)  # stage name -> its typed mixture
+    data: DataConfig = field(default_factory=DataConfig)
 
     def mixture(self, stage: str) -> list[DataSource]:
         return self.mixtures[stage]
@@ -284,7 +299,12 @@ def _data_source(path: str, where: str, t: Any) -> DataSource:
     src = tb.text("source", required=True)
     fmt = tb.text("format", allowed=FORMATS)
     ds = DataSource(source=src, weight=tb.number("weight", lo=0.0), text_field=tb.text("text_field"), format=fmt,
-                    split=tb.text("split"), max_tokens=tb.integer("max_tokens", lo=1), max_rows=tb.integer("max_rows", lo=1))
+                    split=tb.text("split"), max_tokens=tb.integer("max_tokens", lo=1), max_rows=tb.integer("max_rows", lo=1),
+                    tokens=tb.integer("tokens", lo=1))
+    if tb.has("tokens") and src.startswith("shakespeare:"):
+        raise tb.err("tokens", f"only for file / hub sources; the size of {src!r} depends on the run's tokenizer")
+    if tb.has("tokens") and is_store(src):
+        raise tb.err("tokens", f"{src} is a token store: its size is read from its manifest")
     if src.startswith("shakespeare:"):
         check_source(tb, "source", src, want="chat" if fmt == "chat" else "any")
         if fmt == "text" and src in SHAKESPEARE_CHAT:
@@ -470,7 +490,21 @@ def _stage(path: str, i: int, t: Any, mcfg: ModelConfig, hw: HardwareConfig) -> 
         raise tb.err(None, str(e)) from None
 
 
-TOP_KEYS = ("size", "seed", "model", "tokenizer", "eval", "hardware", "stages")
+def _data(path: str, t: Any, mixtures: dict[str, list[DataSource]]) -> DataConfig:
+    tb = _Table(path, "[data]", t, [f.name for f in dataclasses.fields(DataConfig)])
+    cfg = DataConfig(max_epochs=tb.number("max_epochs", DEFAULT_MAX_EPOCHS, lo=0.0, lo_open=True),
+                     build_stores=tb.flag("build_stores", False))
+    if cfg.build_stores:
+        for i, mix in enumerate(mixtures.values(), 1):
+            for j, d in enumerate(mix, 1):
+                if d.source == "shakespeare:heldout":
+                    raise RecipeError(f"{path}: [stages.{i}.data.{j}] source: 'shakespeare:heldout' with [data] "
+                                      f"build_stores = true: the held-out plays are never built into a training "
+                                      f"store")
+    return cfg
+
+
+TOP_KEYS = ("size", "seed", "model", "tokenizer", "eval", "hardware", "data", "stages")
 
 
 def parse_recipe(text: str, path: str) -> Recipe:
@@ -507,7 +541,7 @@ def parse_recipe(text: str, path: str) -> Recipe:
         stages.append(st)
         mixtures[st.name] = mix
     return Recipe(path=path, size=size or mcfg.name, seed=seed, model=mcfg, tokenizer=tok, eval=ev, hardware=hw,
-                  stages=stages, mixtures=mixtures)
+                  stages=stages, mixtures=mixtures, data=_data(path, raw.get("data", {}), mixtures))
 
 
 def display_path(p: Path) -> str:

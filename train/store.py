@@ -176,11 +176,14 @@ def _refuse_foreign(out: Path) -> None:
 
 def build_store(source: str, tok, out: str | os.PathLike, *, text_field: str = "text", split: str = "train",
                 shard_tokens: int = DEFAULT_SHARD_TOKENS, max_tokens: int | None = None, eos_token: str | None = None,
-                batch_docs: int = 1024, progress: bool = True, docs: Iterable[str] | None = None) -> dict:
+                batch_docs: int = 1024, progress: bool = True, docs: Iterable[str] | None = None,
+                source_fp: dict | None = None) -> dict:
     """Tokenize `source` into the store at `out` (resuming a partial one). Returns the final manifest.
 
     `tok` is a tokenizers.Tokenizer; its `encode_batch_fast` spreads each batch of documents over all cores.
-    `docs` overrides the documents read from `source` (tests); the fingerprint still names `source`."""
+    `docs` overrides the documents read from `source` (tests, and a run's Shakespeare split); the fingerprint
+    then names `source`, or is `source_fp` when given (what the documents were derived from, so a store of
+    another corpus or split is refused on resume)."""
     from tqdm import tqdm  # noqa: PLC0415
 
     from train.data import DataError, iter_source  # noqa: PLC0415  (train.data's CLI imports this module)
@@ -201,7 +204,8 @@ def build_store(source: str, tok, out: str | os.PathLike, *, text_field: str = "
     out = Path(out)
     want = dict(format=FORMAT, dtype=dtype.name, vocab_size=vocab, eos_id=eos, eos_token=eos_token,
                 shard_tokens=shard_tokens, max_tokens=max_tokens, tokenizer=tokenizer_fingerprint(tok),
-                source=source_fingerprint(source, text_field, split) if docs is None else dict(spec=source))
+                source=source_fp if source_fp is not None else
+                source_fingerprint(source, text_field, split) if docs is None else dict(spec=source))
     _refuse_foreign(out)  # before the lock file, so a foreign folder gets nothing written into it
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / ".prepare.lock", "w")  # noqa: SIM115  (held for the whole build)
@@ -617,16 +621,6 @@ def stage_uses_stores(sources: list[str], chat: list[bool], stage: str) -> bool:
                          f"with other sources ({', '.join(s for s, f in zip(sources, flags) if not f)}); prepare "
                          f"them all with `python -m train.data prepare`, or none")
     return bool(flags) and all(flags)
-
-
-def plan_lines(sources: list[str], weights: list[float], seq_len: int, global_batch: int, steps: int,
-               max_epochs: float = DEFAULT_MAX_EPOCHS) -> list[str]:
-    """The dry run's lines for a stage reading stores: per store its rows per step, unique vs planned tokens
-    and epochs, then a warning per store repeated more than `max_epochs` times. Reads only manifests."""
-    use, warn = data_report(open_stores(sources), weights, seq_len, global_batch, steps, names=sources,
-                            max_epochs=max_epochs)
-    return [f"store {u.name}: {u.rows_per_step} rows/step, {u.unique_tokens:,} unique tokens, "
-            f"{u.planned_tokens:,} planned, {u.epochs:.2f} epochs" for u in use] + [f"warning: {w}" for w in warn]
 
 
 def packing(ids_BT: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
