@@ -34,7 +34,17 @@ install: $(VENV)/.installed ## create .venv and install the project's dependenci
 toolchain: ## ARM cross compiler + qemu + clang sanitizers (apt, needs root; best effort elsewhere)
 	@bash mobile/install_toolchain.sh
 
-test: install toolchain ## run the test suite (pytest -q); in CI a skipped required test fails
+# Test-only dependency: the fused-ce extra (liger-kernel), whose Triton kernels tests/test_fused_ce.py runs under
+# the interpreter. Not in `install`: CPU training never uses it (the fused loss runs on CUDA only).
+$(VENV)/.test-installed: $(VENV)/.installed pyproject.toml
+ifeq ($(HAS_CUDA),1)
+	$(VENV)/bin/pip install -q -e '.[fused-ce]'
+else
+	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e '.[fused-ce]'
+endif
+	@touch $@
+
+test: install toolchain $(VENV)/.test-installed ## run the test suite (pytest -q); in CI a skipped required test fails
 	$(PY) -m pytest
 
 lint: install ## ruff

@@ -304,7 +304,19 @@ class MobileMoE(nn.Module):
     def head_weight(self):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
+    def head_operands(self, h_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM head's matmul operands (activations, weight (V, D)) exactly as the logits F.linear takes them:
+        fake-quantised under QAT, cast to the policy's compute dtype. A fused linear + cross-entropy takes these
+        so that it computes the same logits without materialising them (train/loop.py)."""
+        w = self.head_weight()
+        cdt = None if self.precision is None else self.precision.compute_dtype
+        if self.qat:
+            return _to(fake_quant_act_int8(h_BTD), cdt), _to(fake_quant_int4(w), cdt)
+        return _to(h_BTD, cdt), _to(w, cdt)
+
     def forward(self, input_ids_BT: torch.Tensor, return_hidden: bool = False):
+        """Logits (B, T, V); return_hidden=True: the final normed hidden states (B, T, D) instead, with no
+        logits computed (for a fused loss over head_operands). Either way self.aux holds the router terms."""
         B, T = input_ids_BT.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -315,16 +327,10 @@ class MobileMoE(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         h = self.norm(x)
+        self._collect_aux()
         if return_hidden:
             return h
-        w = self.head_weight()
-        cdt = None if self.precision is None else self.precision.compute_dtype
-        if self.qat:
-            logits = F.linear(_to(fake_quant_act_int8(h), cdt), _to(fake_quant_int4(w), cdt))
-        else:
-            logits = F.linear(_to(h, cdt), _to(w, cdt))
-        self._collect_aux()
-        return logits
+        return F.linear(*self.head_operands(h))
 
     def _collect_aux(self):
         moes = [layer.moe for layer in self.layers if layer.is_moe]

@@ -39,19 +39,42 @@ from train import ckpt as ck
 from train.batches import Batcher, LMSource, eval_windows
 
 log = logging.getLogger("mobilemoe.train")
-_ce_logged: set = set()
+IGNORE_INDEX = -100  # target id the fused loss skips: masked-out targets (SFT prompts, padding) get it
+_ce_choice: dict[str, object] = {}  # device type -> the fused linear-CE function, or None for the plain path
 
 
-def _log_ce_path(device: torch.device) -> None:
-    """Once per device type: the loss materialises the full (tokens, vocab) logits (train/README.md,
-    "Precision and memory", gives the bytes); a fused linear + cross-entropy is not wired in."""
-    if device.type in _ce_logged:
-        return
-    _ce_logged.add(device.type)
-    have = [m for m in ("liger_kernel", "cut_cross_entropy") if importlib.util.find_spec(m) is not None]
-    log.info("loss: plain linear + cross-entropy (full logits) on %s; fused linear-CE %s", device.type,
-             f"package(s) {have} installed but not wired in" if have else "(liger_kernel / cut_cross_entropy) "
-             "not installed -> plain path")
+def _liger_flce():
+    """(liger_kernel's functional fused linear + cross-entropy, "") or (None, why not)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None, "not installed (pip install -e '.[fused-ce]')"
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: PLC0415
+    except Exception as e:  # noqa: BLE001  (a build broken against this torch/triton: train, but say why)
+        return None, f"does not import ({type(e).__name__}: {e})"
+    return liger_fused_linear_cross_entropy, ""
+
+
+def ce_path(device: torch.device | str) -> str:
+    """"fused" (liger_kernel's fused linear + cross-entropy: the (tokens, vocab) logits are never held, only
+    chunks of them) on CUDA when liger_kernel imports, "plain" (F.linear + F.cross_entropy over the full
+    logits) otherwise. Decided and logged once per device type."""
+    device = torch.device(device)
+    if device.type not in _ce_choice:
+        if device.type == "cuda":
+            fn, why = _liger_flce()
+        else:  # Triton kernels: the fused loss needs a GPU (the tests run it under TRITON_INTERPRET=1)
+            have = importlib.util.find_spec("liger_kernel") is not None
+            fn, why = None, f"runs on CUDA only (liger_kernel {'installed' if have else 'not installed'})"
+        _ce_choice[device.type] = fn
+        if fn is not None:
+            import importlib.metadata as md  # noqa: PLC0415
+
+            log.info("loss: fused linear + cross-entropy (liger_kernel %s; logits in chunks, never whole; fp32 "
+                     "weight-grad accumulation) on %s", md.version("liger-kernel"), device.type)
+        else:
+            log.info("loss: plain linear + cross-entropy (full logits) on %s; fused linear-CE %s -> plain path",
+                     device.type, why)
+    return "plain" if _ce_choice[device.type] is None else "fused"
 
 
 class TrainingDiverged(RuntimeError):
@@ -160,13 +183,24 @@ def apply_precision(model, device, precision: PrecisionPolicy | None = None) -> 
 
 
 def forward_loss(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of masked CE over targets, number of loss tokens) for one micro-batch."""
-    inp, tgt = ids_BT1[:, :-1].to(device), ids_BT1[:, 1:].to(device)
-    _log_ce_path(torch.device(device))
+    """(sum of masked CE over targets, number of loss tokens) for one micro-batch (mask_BT: 0/1 per target).
+    Both paths take the LM head's operands in the model's precision policy (bf16 on CUDA) and compute the CE
+    in fp32; the router's aux terms are in model.aux either way."""
+    inp, tgt_BT = ids_BT1[:, :-1].to(device), ids_BT1[:, 1:].to(device)
+    m_N = mask_BT.to(device).reshape(-1).float()
+    if ce_path(device) == "fused":
+        h_BTD = model(inp, return_hidden=True)
+        # read after the forward: under FSDP2 the root (which holds the head / tied embedding) stays unsharded
+        # after its forward, so this is the gathered weight whose grad the root's post-backward reduces
+        x_BTD, w_VD = _inner(model).head_operands(h_BTD)
+        tgt_N = torch.where(m_N != 0, tgt_BT.reshape(-1), IGNORE_INDEX)
+        s = _ce_choice[torch.device(device).type](x_BTD.reshape(-1, x_BTD.shape[-1]), w_VD, tgt_N,
+                                                  ignore_index=IGNORE_INDEX, reduction="sum",
+                                                  accum_dtype=torch.float32)
+        return s, m_N.sum()
     logits = model(inp)  # matmuls in the model's precision policy (apply_precision); CE in fp32
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
-    m = mask_BT.to(device).reshape(-1).float()
-    return (ce * m).sum(), m.sum()
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt_BT.reshape(-1), reduction="none")
+    return (ce * m_N).sum(), m_N.sum()
 
 
 @torch.no_grad()
