@@ -230,3 +230,27 @@ def test_tiny_recipe_stages_and_their_loaders():
     assert rec.data.build_stores and rec.data.max_epochs == 4
     assert [data_plan.reads_run_stores(rec, s) for s in rec.stage_names] == [True, True, False, False]
     assert all(d.source != "shakespeare:heldout" for s in rec.stage_names for d in rec.mixture(s))
+
+
+def test_other_ranks_wait_for_rank_0s_store(tmp_path, monkeypatch):
+    """Rank 0 builds a run store; the other ranks only wait for its finished manifest (one line on timeout)."""
+    from model.chat_template import SPECIAL_TOKENS
+    from train.recipe_config import load_recipe_file
+    from train.store import StoreError
+    from train.tokenizer import train_bpe
+
+    docs = [" ".join(random.Random(i).choice(WORDS) for _ in range(60)) for i in range(20)]
+    (tmp_path / "t").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "t" / f"{i:02d}.txt").write_text(d)
+    rec = load_recipe_file(shk_recipe(tmp_path, stage_toml("pretrain", "pretrain", str(tmp_path / "t"), 2)))
+    tok = train_bpe(docs, 300, SPECIAL_TOKENS)
+    run = tmp_path / "run"
+    monkeypatch.setenv("MMOE_DIST_TIMEOUT_MIN", "0.02")
+    with pytest.raises(StoreError, match="rank 0 did not finish building this store within 1 s"):
+        data_plan.ensure_run_stores(rec, "pretrain", run, tok, "unused", rank=1)
+    assert not (run / "store").exists()  # a waiting rank writes nothing
+    paths = data_plan.ensure_run_stores(rec, "pretrain", run, tok, "unused", rank=0)
+    assert data_plan.ensure_run_stores(rec, "pretrain", run, tok, "unused", rank=1) == paths
+    ts = TokenStore(paths[0])
+    assert ts.manifest["docs"] == len(docs) and ts.manifest["source"]["spec"] == str(tmp_path / "t")
