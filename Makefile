@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 ifeq ($(HAS_CUDA),1)
 	python3 -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e .
+	$(VENV)/bin/pip install -q -e '.[fused-ce]'  # the fused linear + CE loss that CUDA training uses
 else
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
@@ -31,7 +31,7 @@ endif
 
 install: $(VENV)/.installed ## create .venv and install the project's dependencies
 
-toolchain: ## ARM cross compiler + qemu + clang sanitizers (apt, needs root; best effort elsewhere)
+toolchain: ## ARM cross compiler + qemu + clang and its ASan/UBSan runtimes (apt as root; fails naming the package)
 	@bash mobile/install_toolchain.sh
 
 # Test-only dependency: the fused-ce extra (liger-kernel), whose Triton kernels tests/test_fused_ce.py runs under
