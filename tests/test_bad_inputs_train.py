@@ -284,7 +284,7 @@ def test_resume_later_stage_continues_that_stage(tmp_path, capsys, monkeypatch):
 MODEL_CONFIG_ROWS = [
     (["--context", "-5"], "argument --context: must be >= 0, got '-5'"),
     (["--context", "2k"], "argument --context: expected an integer, got '2k'"),
-    (["--size", "XXL"], "argument --size: expected tiny | S | M | L | dense-1B, got 'XXL'"),
+    (["--size", "XXL"], f"argument --size: expected {cli.choices(list(PRESETS))}, got 'XXL'"),
     (["--all", "--context", "-1"], "argument --context: must be >= 0"),
     (["--sise", "S"], "unrecognized arguments: --sise"),
 ]
@@ -323,7 +323,7 @@ def _scaling_rows(tmp: Path) -> list[tuple[list[str], str]]:
         ([*opt, "--latency-ms", "0"], "argument --latency-ms: must be > 0"),
         ([*opt, "--active-flops", "1e9", "--context", "0"], "argument --context: must be >= 1"),
         ([*opt, "--active-flops", "1e9", "--tokens=-6e12"], "argument --tokens: must be > 0"),
-        ([*opt, "--active-flops", "1e9", "--base", "XL"], "argument --base: expected tiny | S | M | L | dense-1B, got 'XL'"),
+        ([*opt, "--active-flops", "1e9", "--base", "XL"], f"argument --base: expected {cli.choices(list(PRESETS))}, got 'XL'"),
         (["optimize", "--memory-gb=-3", "--active-flops", "1e9"], "argument --memory-gb: must be > 0"),
         (["optimize", "--memory-gb", "lots", "--active-flops", "1e9"], "argument --memory-gb: expected a number"),
         (["optimize", "--active-flops", "1e9"], "the following arguments are required: --memory-gb"),

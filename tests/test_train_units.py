@@ -187,7 +187,7 @@ def _cli(*args, env_extra=None):
 def test_cli_dry_run_and_errors(tmp_path):
     r = _cli("--size", "M", "--dry-run", "--out", str(tmp_path / "m"), env_extra={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
-    for s in ("pretrain", "midtrain", "sft", "qat", "mem/GPU", "hf:", "wsd", "tokens"):
+    for s in ("pretrain", "midtrain", "sft", "qat", "mem/GPU", "hf:", "cosine", "tokens"):  # M.toml: the paper's cosine
         assert s in r.stdout, s
     assert not (tmp_path / "m").exists()  # a dry run writes nothing
     r = _cli("--size", "XL", "--dry-run")
