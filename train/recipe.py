@@ -698,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default="data/shakespeare", metavar="DIR", help="the offline corpus (make data)")
     p.add_argument("--no-generate", action="store_true", help="skip the export + generation at the end")
     p.add_argument("--threads", type=cli.positive_int, default=None, metavar="N",
-                   help="CPU threads for torch; unset: torch's choice (OMP_WAIT_POLICY defaults to PASSIVE so they degrade gracefully on shared cores: README, Training)")
+                   help="CPU threads for torch; unset: torch's choice (OMP_WAIT_POLICY defaults to PASSIVE "
+                        "so they degrade gracefully on shared cores: README, Training)")
     p.add_argument("--max-steps", type=cli.positive_int, default=None, metavar="N",
                    help="stop after N (>= 1) steps of the current stage (testing); unset: run to the end")
     a = p.parse_args(argv)
