@@ -136,7 +136,7 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
 # ---- parity with llama.cpp ----------------------------------------------------------------------------------
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
-    reason="llama-cpp-python / gguf not installed (the bench extra)")
+    reason="llama-cpp-python not installed (the bench extra; make bench-mobile installs it)")
 
 
 def llama_logits(path, ids: list[int], exact: bool) -> np.ndarray:
