@@ -149,44 +149,60 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     )
 
 
-def hf_state_dict(model: MobileMoE) -> dict[str, torch.Tensor]:
-    """Our weights under Qwen2-MoE's on-disk names (per-expert layout), fp32, contiguous, on CPU."""
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+
+
+def _common_state_dict(model: MobileMoE, qkv_bias: bool) -> tuple[dict[str, torch.Tensor], list[tuple[str, object]]]:
+    """The tensors Qwen2-MoE and Glm4-MoE name alike (embedding, norms, attention, dense FFNs, router, routed
+    experts in the per-expert layout), fp32 on CPU, and (prefix, moe) per MoE layer for the architecture's own
+    router-bias and shared-expert tensors."""
     cfg = model.cfg
-
-    def t(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
-
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": t(model.tok_emb.weight),
-                                   "model.norm.weight": t(model.norm.weight)}
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _t(model.tok_emb.weight),
+                                   "model.norm.weight": _t(model.norm.weight)}
     if model.lm_head is not None:
-        sd["lm_head.weight"] = t(model.lm_head.weight)
+        sd["lm_head.weight"] = _t(model.lm_head.weight)
+    moes = []
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = t(layer.attn_norm.weight)
-        sd[p + "post_attention_layernorm.weight"] = t(layer.ffn_norm.weight)
+        sd[p + "input_layernorm.weight"] = _t(layer.attn_norm.weight)
+        sd[p + "post_attention_layernorm.weight"] = _t(layer.ffn_norm.weight)
         for ours, theirs in (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")):
             w = getattr(layer.attn, ours).weight
-            sd[p + f"self_attn.{theirs}_proj.weight"] = t(w)
-            if theirs != "o":
+            sd[p + f"self_attn.{theirs}_proj.weight"] = _t(w)
+            if qkv_bias and theirs != "o":
                 sd[p + f"self_attn.{theirs}_proj.bias"] = torch.zeros(w.shape[0])
         if not layer.is_moe:
-            _put_swiglu(sd, p + "mlp.", layer.ffn, t, down_scale=1.0)
+            _put_swiglu(sd, p + "mlp.", layer.ffn, _t, down_scale=1.0)
             continue
         moe = layer.moe
-        sd[p + "mlp.gate.weight"] = t(moe.router.weight)
+        sd[p + "mlp.gate.weight"] = _t(moe.router.weight)
         Fe = cfg.expert_ffn_dim
         for e in range(cfg.n_experts):
-            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = t(moe.w_gate_up[e, :Fe])
-            sd[p + f"mlp.experts.{e}.up_proj.weight"] = t(moe.w_gate_up[e, Fe:])
-            sd[p + f"mlp.experts.{e}.down_proj.weight"] = t(moe.w_down[e])
+            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = _t(moe.w_gate_up[e, :Fe])
+            sd[p + f"mlp.experts.{e}.up_proj.weight"] = _t(moe.w_gate_up[e, Fe:])
+            sd[p + f"mlp.experts.{e}.down_proj.weight"] = _t(moe.w_down[e])
+        moes.append((p, moe))
+    return sd, moes
+
+
+def _put_shared(sd: dict, prefix: str, moe, d_model: int, down_scale: float) -> None:
+    if moe.shared is not None:
+        _put_swiglu(sd, prefix, moe.shared, _t, down_scale=down_scale)
+    else:  # a zero-width shared expert contributes exactly 0
+        sd[prefix + "gate_proj.weight"] = torch.zeros(0, d_model)
+        sd[prefix + "up_proj.weight"] = torch.zeros(0, d_model)
+        sd[prefix + "down_proj.weight"] = torch.zeros(d_model, 0)
+
+
+def hf_state_dict(model: MobileMoE) -> dict[str, torch.Tensor]:
+    """Our weights under Qwen2-MoE's on-disk names (per-expert layout), fp32, contiguous, on CPU."""
+    D = model.cfg.d_model
+    sd, moes = _common_state_dict(model, qkv_bias=True)
+    for p, moe in moes:
         # zero gate -> sigmoid(0) = 0.5 for every token; the doubled down-projection cancels it exactly
-        sd[p + "mlp.shared_expert_gate.weight"] = torch.zeros(1, cfg.d_model)
-        if moe.shared is not None:
-            _put_swiglu(sd, p + "mlp.shared_expert.", moe.shared, t, down_scale=2.0)
-        else:  # a zero-width shared expert contributes exactly 0
-            sd[p + "mlp.shared_expert.gate_proj.weight"] = torch.zeros(0, cfg.d_model)
-            sd[p + "mlp.shared_expert.up_proj.weight"] = torch.zeros(0, cfg.d_model)
-            sd[p + "mlp.shared_expert.down_proj.weight"] = torch.zeros(cfg.d_model, 0)
+        sd[p + "mlp.shared_expert_gate.weight"] = torch.zeros(1, D)
+        _put_shared(sd, p + "mlp.shared_expert.", moe, D, down_scale=2.0)
     return sd
 
 
@@ -222,39 +238,12 @@ def glm_config_dict(cfg: ModelConfig) -> dict:
 def glm_state_dict(model: MobileMoE) -> dict[str, torch.Tensor]:
     """Our weights under Glm4-MoE's on-disk names (per-expert layout), fp32, contiguous, on CPU."""
     cfg = model.cfg
-
-    def t(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
-
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": t(model.tok_emb.weight),
-                                   "model.norm.weight": t(model.norm.weight)}
-    if model.lm_head is not None:
-        sd["lm_head.weight"] = t(model.lm_head.weight)
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = t(layer.attn_norm.weight)
-        sd[p + "post_attention_layernorm.weight"] = t(layer.ffn_norm.weight)
-        for ours, theirs in (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")):
-            sd[p + f"self_attn.{theirs}_proj.weight"] = t(getattr(layer.attn, ours).weight)
-        if not layer.is_moe:
-            _put_swiglu(sd, p + "mlp.", layer.ffn, t, down_scale=1.0)
-            continue
-        moe = layer.moe
-        sd[p + "mlp.gate.weight"] = t(moe.router.weight)
+    sd, moes = _common_state_dict(model, qkv_bias=False)
+    for p, moe in moes:
         # our router ignores the buffer unless the bias is on; an off bias is written as the zeros it acts as
         bias = moe.expert_bias if cfg.router_bias_coeff > 0 else torch.zeros_like(moe.expert_bias)
-        sd[p + "mlp.gate.e_score_correction_bias"] = t(bias)
-        Fe = cfg.expert_ffn_dim
-        for e in range(cfg.n_experts):
-            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = t(moe.w_gate_up[e, :Fe])
-            sd[p + f"mlp.experts.{e}.up_proj.weight"] = t(moe.w_gate_up[e, Fe:])
-            sd[p + f"mlp.experts.{e}.down_proj.weight"] = t(moe.w_down[e])
-        if moe.shared is not None:
-            _put_swiglu(sd, p + "mlp.shared_experts.", moe.shared, t, down_scale=1.0)
-        else:  # a zero-width shared expert contributes exactly 0
-            sd[p + "mlp.shared_experts.gate_proj.weight"] = torch.zeros(0, cfg.d_model)
-            sd[p + "mlp.shared_experts.up_proj.weight"] = torch.zeros(0, cfg.d_model)
-            sd[p + "mlp.shared_experts.down_proj.weight"] = torch.zeros(cfg.d_model, 0)
+        sd[p + "mlp.gate.e_score_correction_bias"] = _t(bias)
+        _put_shared(sd, p + "mlp.shared_experts.", moe, cfg.d_model, down_scale=1.0)
     return sd
 
 
