@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from model.atomic import atomic_write  # torch-free: runs on the bare GPU machine too
 
 SECTION_TITLES = ("## Ceilings", "## Correctness", "## Training step", "## Dtype probe", "## MoE layer speed",
                   "## Grouped GEMM speed")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _f(v, fmt=".1f") -> str:
@@ -127,6 +112,6 @@ def _jsonable(o):
 
 def write_reports(res: dict, out: Path) -> tuple[Path, Path]:
     md, js = out / "gpu.md", out / "gpu.json"
-    _atomic_write(js, json.dumps(_jsonable(res), indent=1) + "\n")
-    _atomic_write(md, markdown(res))
+    atomic_write(js, json.dumps(_jsonable(res), indent=1) + "\n")
+    atomic_write(md, markdown(res))
     return md, js

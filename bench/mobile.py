@@ -40,10 +40,11 @@ from pathlib import Path
 from bench import mobile_driver as driver
 from bench.machine import engine_commit, loadavg, machine_info, stream_bandwidth
 from bench.mobile_plots import write_plots
-from bench.mobile_report import atomic_write_text, report_text
+from bench.mobile_report import report_text
 from bench.mobile_runners import ENGINES, LIB, MAX_CTX
 from bench.mobile_stats import aggregate
 from model import cli
+from model.atomic import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_SIZES = ("S", "dense-1B", "M", "L")
@@ -225,7 +226,7 @@ def _main(argv: list[str]) -> int:
         else:
             # the partial rows survive an interrupted run (--from-raw rebuilds the report from them)
             rows = driver.run_matrix(models, sizes, threads, repeats, plan, decode_tokens, engines, log, a.timeout,
-                                     on_row=lambda rs: atomic_write_text(partial, json.dumps(rs)),
+                                     on_row=lambda rs: atomic_write(partial, json.dumps(rs)),
                                      commit=engine_commit())
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
         print(f"error: {cli.one_line(e)}", file=sys.stderr)
@@ -243,12 +244,12 @@ def _main(argv: list[str]) -> int:
     agg = aggregate(rows, sizes, threads, engines, prompts, contexts)
     plots = write_plots(agg, sizes, threads, engines, bw, read_bytes, out)
     md = out / "mobile.md"
-    atomic_write_text(md, report_text(agg, sizes, threads, engines, prompts, contexts, bw, info, repeats,
-                                      decode_tokens, weight_bytes, read_bytes, file_bytes, plots, started,
-                                      time.time() - t_start, load_start, load_end, commits=commits))
+    atomic_write(md, report_text(agg, sizes, threads, engines, prompts, contexts, bw, info, repeats,
+                                 decode_tokens, weight_bytes, read_bytes, file_bytes, plots, started,
+                                 time.time() - t_start, load_start, load_end, commits=commits))
     raw = dict(info=info, stream=bw, rows=rows, sizes=sizes, threads=threads, engines=engines, repeats=repeats,
                decode_tokens=decode_tokens, read_bytes=read_bytes, weight_bytes=weight_bytes, engine_commits=commits)
-    atomic_write_text(out / "mobile_raw.json", json.dumps(raw, indent=1))
+    atomic_write(out / "mobile_raw.json", json.dumps(raw, indent=1))
     partial.unlink(missing_ok=True)  # the complete rows are in mobile_raw.json
     log(f"[bench.mobile] wrote {md} and {', '.join(plots)}")
     return 0

@@ -4,10 +4,7 @@ asserted). Plus the atomic writer every output of bench.mobile goes through."""
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 from bench.machine import describe_commit
 from mobile.engine import TIMERS
@@ -205,17 +202,3 @@ def goals_text(agg, sizes, threads, engines, bw, read_bytes) -> str:
             out.append(f"- {t} thread{'s' if t > 1 else ''}: S decode at {_f(100 * roof)}% of the STREAM roofline "
                        f"(goal >= 80%: {'met' if roof >= 0.8 else 'missed'}).")
     return "\n".join(out)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write beside, fsync, rename: a reader (or a killed run) sees the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
