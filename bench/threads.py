@@ -94,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"repeat {rep + 1}/{a.repeats} {load:8s} OMP_WAIT_POLICY={policy:7s} threads={threads}: "
                       f"{v:.2f} steps/s", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in res.items()}
+    import torch  # noqa: PLC0415  (only for its version line; the cells ran in their own processes)
+
+    from bench.machine import describe_commit, engine_commit, machine_info  # noqa: PLC0415
+
+    info = machine_info()
     lines = ["# CPU training under shared cores", "",
+             f"Machine: {info.get('cpu', '?')} ({' '.join(info.get('flags', [])) or 'no SIMD flags read'}); torch {torch.__version__} (OpenMP); commit "
+             f"{describe_commit(engine_commit())}.", "",
              f"`python -m bench.threads --seconds {a.seconds:g} --repeats {a.repeats}`; tiny preset, batch 16 x 128, "
              f"{ncpu} CPUs, load average {load0:.1f} at the start; median steps/s of {a.repeats} interleaved repeats "
              "(busy = one spinning process per CPU added).", "",
