@@ -3,11 +3,16 @@
  * Makes N mutants of a valid file (bit flips, truncations, header-field edits, tensor-table edits,
  * tokenizer-blob edits), loads each from an exactly-sized buffer (so any over-read is an ASan report), and
  * for each mutant the loader accepts runs a short prefill + decode and a tokenize/decode round trip.
- * Prints "cases N accepted A rejected R" and exits 0; a sanitizer report aborts with a non-zero status. */
+ * Every 4th mutant is also written to a file and opened the streaming way (mmoe_model_open_streaming: its own
+ * pread-based reads of the resident tensors, then a minimum-budget expert cache that reads experts from the
+ * file), which must accept exactly the files the buffer loader accepts and run the same exercise.
+ * Prints "cases N accepted A rejected R streamed S" (S: streaming opens whose budgeted prefill ran) and exits 0; a sanitizer report aborts with a non-zero
+ * status, an accept/reject disagreement between the two opens exits 1. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -98,14 +103,25 @@ static void mutate(uint8_t *buf, size_t *n, const uint8_t *orig) {
     }
 }
 
-static void exercise(mmoe_model *m) {
+/* Returns 1 when a context was made and the prefill ran (0: the context or the prefill refused the model). */
+static int exercise(mmoe_model *m, int streaming) {
     char err[256];
-    mmoe_ctx *c = mmoe_ctx_new(m, 1, 8, 0, err, sizeof err);
-    if (!c) return;
+    mmoe_ctx *c;
+    if (streaming) {
+        int64_t min = mmoe_min_budget(m, 1, 8, 1);
+        /* the smallest cache (top_k slots a layer) misses most, so the read path runs on nearly every step */
+        c = min > 0 ? mmoe_ctx_new_streaming(m, 1, 8, 0, (uint64_t)min, (int)(rnd() % 3), 1, err, sizeof err)
+                    : NULL;
+    } else {
+        c = mmoe_ctx_new(m, 1, 8, 0, err, sizeof err);
+    }
+    if (!c) return 0;
     int V = (int)mmoe_model_info(m, "vocab_size");
     float *logits = malloc(sizeof(float) * (size_t)V);
     int32_t ids[3] = {0, 1 % V, 2 % V};
+    int ran = 0;
     if (logits && mmoe_eval(c, ids, 3, logits, 0, err, sizeof err) == 0) {
+        ran = 1;
         uint64_t rng = mmoe_rng_seed(1);
         int32_t t = mmoe_sample(logits, V, 0.8f, 0.9f, &rng);
         mmoe_eval(c, &t, 1, logits, 0, err, sizeof err);
@@ -117,6 +133,7 @@ static void exercise(mmoe_model *m) {
     int nt = mmoe_tokenize(m, text, sizeof text - 1, toks, 128);
     char piece[64];
     for (int i = 0; i < nt && i < 128; i++) mmoe_token_bytes(m, toks[i], piece, sizeof piece);
+    return ran;
 }
 
 int main(int argc, char **argv) {
@@ -146,9 +163,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "error: the seed file does not load: %s\n", err);
         return 2;
     }
-    exercise(m0);
+    exercise(m0, 0);
     mmoe_model_close(m0);
-    long accepted = 0, rejected = 0;
+    const char *tmpdir = getenv("TMPDIR");
+    char spath[4096];
+    snprintf(spath, sizeof spath, "%s/mmoe-fuzz-%ld.mmoe", tmpdir && *tmpdir ? tmpdir : "/tmp", (long)getpid());
+    long accepted = 0, rejected = 0, streamed = 0;
     for (long i = 0; i < n; i++) {
         uint8_t *work = malloc((size_t)sz);
         if (!work) return 2;
@@ -160,9 +180,32 @@ int main(int argc, char **argv) {
         memcpy(buf, work, len);
         free(work);
         mmoe_model *m = mmoe_model_from_buffer(buf, len, err, sizeof err);
+        if (i % 4 == 0) {
+            FILE *sf = fopen(spath, "wb");
+            if (!sf || fwrite(buf, 1, len, sf) != len || fclose(sf) != 0) {
+                fprintf(stderr, "error: cannot write %s\n", spath);
+                return 2;
+            }
+            char serr[512] = "";
+            mmoe_model *ms = mmoe_model_open_streaming(spath, serr, sizeof serr);
+            if (!ms != !m) {
+                fprintf(stderr, "case %ld: the buffer loader %s it but the streaming open %s it (%s)\n", i,
+                        m ? "accepted" : "rejected", ms ? "accepted" : "rejected", m ? serr : err);
+                remove(spath);
+                return 1;
+            }
+            if (ms) {
+                streamed += exercise(ms, 1);
+                mmoe_model_close(ms);
+            } else if (!serr[0]) {
+                fprintf(stderr, "case %ld: streaming open rejected without a message\n", i);
+                remove(spath);
+                return 1;
+            }
+        }
         if (m) {
             accepted++;
-            exercise(m);
+            exercise(m, 0);
             mmoe_model_close(m);
         } else {
             rejected++;
@@ -174,7 +217,8 @@ int main(int argc, char **argv) {
         err[0] = 0;
         free(buf);
     }
-    printf("cases %ld accepted %ld rejected %ld\n", n, accepted, rejected);
+    remove(spath);
+    printf("cases %ld accepted %ld rejected %ld streamed %ld\n", n, accepted, rejected, streamed);
     free(orig);
     return 0;
 }
