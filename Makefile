@@ -8,7 +8,7 @@ RUN ?= runs/$(SIZE)
 THREADS ?= 2
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: help install test lint train mobile bench bench-kernels bench-mobile bench-gpu scaling-law eval data toolchain clean
+.PHONY: help install test lint train mobile bench bench-kernels bench-mobile bench-streaming bench-gpu scaling-law eval data toolchain clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -75,6 +75,10 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 
 bench-mobile: install mobile $(VENV)/.bench-installed ## phone engine vs llama.cpp and MoE vs dense -> bench/results/mobile.md
 	$(PY) -m bench.mobile --threads 1,2 $(BENCH_ARGS)
+
+# Root for the mmap column's memory cap (a child cgroup); without it that column says why it was not measured.
+bench-streaming: install mobile ## decode under a memory budget (expert cache) vs all-resident vs mmap under the same cap -> bench/results/streaming.md
+	$(PY) -m bench.streaming --threads $(THREADS) --trained $(RUN)/model.mmoe $(BENCH_ARGS)
 
 bench-gpu: install ## GPU check (CUDA; ~6 min on one H100/H200): ceilings, kernel correctness + speed, one training step -> bench/results/gpu.{md,json}
 	$(PY) -m bench.gpu $(BENCH_ARGS)
