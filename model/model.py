@@ -34,9 +34,9 @@ log = logging.getLogger("mobilemoe.model")
 _attn_logged: set = set()
 
 try:  # optional extra: only used on CUDA with half-precision inputs
-    from flash_attn import flash_attn_func  # type: ignore
+    from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore
 except Exception:  # noqa: BLE001  (ImportError, or a broken CUDA install)
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
 
 
 class RMSNorm(nn.Module):
@@ -82,6 +82,63 @@ def rope_cos_sin(T: int, head_dim: int, theta: float, device, offset: int = 0):
     return emb.cos(), emb.sin()
 
 
+def rope_cos_sin_at(pos_BT: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin (B, 1, T, head_dim) at per-token positions (broadcast over heads): rope_cos_sin's values at
+    each token's own position."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos_BT.device, dtype=torch.float32) / head_dim))
+    f = pos_BT.float()[..., None] * inv
+    emb = torch.cat([f, f], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+class DocMask:
+    """Document masking of packed rows: token q attends to token k iff they are in the same document and
+    k <= q, and RoPE positions restart at 0 at every document start (as document masking in OLMo /
+    torchtitan), so a document's outputs are those of the document run alone.
+
+    doc_BT: per-token document ids, equal within a document and each document contiguous in its row (any
+    labels; train/batches.py's document_ids counts the EOS tokens before each one). The SDPA mask and the
+    flash-attn cu_seqlens are built once per forward, on first use, and shared by every layer."""
+
+    def __init__(self, doc_BT: torch.Tensor):
+        if doc_BT.dim() != 2:
+            raise ValueError(f"doc_ids must be (batch, seq), got shape {tuple(doc_BT.shape)}")
+        self.doc_BT = doc_BT
+        self._mask = self._cu = None
+
+    def starts_BT(self) -> torch.Tensor:
+        """True at the first token of every document (t = 0 of each row included)."""
+        d = self.doc_BT
+        first = torch.ones_like(d[:, :1], dtype=torch.bool)
+        return torch.cat([first, d[:, 1:] != d[:, :-1]], dim=1)
+
+    def positions(self) -> torch.Tensor:
+        """(B, T) int64: each token's offset from its document's first token."""
+        B, T = self.doc_BT.shape
+        t = torch.arange(T, device=self.doc_BT.device).expand(B, T)
+        start = torch.where(self.starts_BT(), t, torch.zeros_like(t)).cummax(dim=1).values
+        return t - start
+
+    def sdpa_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool, True = may attend: block-diagonal (one block per document) and causal."""
+        if self._mask is None:
+            d, T = self.doc_BT, self.doc_BT.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=d.device).tril()
+            self._mask = ((d[:, :, None] == d[:, None, :]) & causal)[:, None]
+        return self._mask
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens (n_docs + 1,) int32, max_seqlen) over the B*T tokens flattened row after row: what
+        flash_attn_varlen_func takes. A document never spans two rows (every row starts one)."""
+        if self._cu is None:
+            B, T = self.doc_BT.shape
+            at = self.starts_BT().reshape(-1).nonzero().squeeze(1)
+            end = torch.tensor([B * T], device=at.device, dtype=at.dtype)
+            cu = torch.cat([at, end])
+            self._cu = (cu.to(torch.int32), int((cu[1:] - cu[:-1]).max()))
+        return self._cu
+
+
 def apply_rope(x_BHTd, cos_Td, sin_Td):
     h = x_BHTd.shape[-1] // 2
     rot = torch.cat([-x_BHTd[..., h:], x_BHTd[..., :h]], dim=-1)
@@ -99,7 +156,7 @@ class Attention(nn.Module):
         self.wo = QLinear(H * hd, D)
         self.qat = False
 
-    def forward(self, x_BTD, cos, sin):
+    def forward(self, x_BTD, cos, sin, dm: DocMask | None = None):
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
@@ -110,13 +167,24 @@ class Attention(nn.Module):
             k, v = k.half().to(q.dtype), v.half().to(q.dtype)
         # gate on q's dtype after the projections' policy cast (x itself stays fp32 in the residual stream)
         use_flash = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        key = (x_BTD.device.type, use_flash)
+        key = (x_BTD.device.type, use_flash, dm is not None)
         if key not in _attn_logged:
             _attn_logged.add(key)
-            log.info("attention: %s", "flash-attn" if use_flash else "torch SDPA")
-        if use_flash:
+            log.info("attention: %s%s", "flash-attn" if use_flash else "torch SDPA",
+                     "" if dm is None else (" varlen (document mask: cu_seqlens)" if use_flash else
+                                            " with a block-diagonal causal mask (document mask)"))
+        if use_flash and dm is not None:
+            cu, mx = dm.varlen()
+            o = flash_attn_varlen_func(*(t.transpose(1, 2).reshape(B * T, t.shape[1], -1) for t in (q, k, v)),
+                                       cu, cu, mx, mx, causal=True)
+            o = o.reshape(B, T, -1)
+        elif use_flash:
             o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
             o = o.reshape(B, T, -1)
+        elif dm is not None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=dm.sdpa_mask(),
+                                               enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+            o = o.transpose(1, 2).reshape(B, T, -1)
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
             o = o.transpose(1, 2).reshape(B, T, -1)
@@ -217,8 +285,8 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, dm: DocMask | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, dm)
         h = self.ffn_norm(x)
         return x + (self.moe(h) if self.is_moe else self.ffn(h))
 
@@ -314,18 +382,30 @@ class MobileMoE(nn.Module):
             return _to(fake_quant_act_int8(h_BTD), cdt), _to(fake_quant_int4(w), cdt)
         return _to(h_BTD, cdt), _to(w, cdt)
 
-    def forward(self, input_ids_BT: torch.Tensor, return_hidden: bool = False):
+    def forward(self, input_ids_BT: torch.Tensor, return_hidden: bool = False,
+                doc_ids_BT: torch.Tensor | None = None):
         """Logits (B, T, V); return_hidden=True: the final normed hidden states (B, T, D) instead, with no
-        logits computed (for a fused loss over head_operands). Either way self.aux holds the router terms."""
+        logits computed (for a fused loss over head_operands). Either way self.aux holds the router terms.
+
+        doc_ids_BT (B, T): document masking of packed rows (DocMask): each token attends only to earlier
+        tokens of its own document and RoPE positions restart at 0 at each document, so every document's
+        logits are those of the document run alone. None: plain causal attention over the whole row."""
         B, T = input_ids_BT.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids_BT)
         if self.precision is not None:  # the residual stream stays in master precision (FSDP gathers bf16)
             x = x.to(self.precision.param_dtype)
-        cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        dm = None
+        if doc_ids_BT is None:
+            cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        else:
+            if doc_ids_BT.shape != input_ids_BT.shape:
+                raise ValueError(f"doc_ids shape {tuple(doc_ids_BT.shape)} != input_ids shape {(B, T)}")
+            dm = DocMask(doc_ids_BT.to(x.device))
+            cos, sin = rope_cos_sin_at(dm.positions(), self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, dm)
         h = self.norm(x)
         self._collect_aux()
         if return_hidden:

@@ -80,9 +80,9 @@ def test_tiny_recipe_builds_and_reads_a_store_without_the_heldout_plays(tmp_path
     cfg = shk_recipe(tmp_path, stages)
     run = tmp_path / "run"
     gets, reads = [], []
-    real_get, real_read = StoreMixture.get, TokenStore.read
-    monkeypatch.setattr(StoreMixture, "get", lambda self, step: gets.append((tuple(self.names), step))
-                        or real_get(self, step))
+    real_get, real_read = StoreMixture.rank_batch, TokenStore.read
+    monkeypatch.setattr(StoreMixture, "rank_batch", lambda self, step, rank=0, world=1:
+                        gets.append((tuple(self.names), step)) or real_get(self, step, rank, world))
     monkeypatch.setattr(TokenStore, "read", lambda self, start, length, out=None: reads.append(self.path)
                         or real_read(self, start, length, out))
     args = ["--config", str(cfg), "--out", str(run), "--data-root", str(shk), "--no-generate", "--threads", "1"]

@@ -374,8 +374,9 @@ def test_recipe_stage_reads_a_token_store(tmp_path, capsys, monkeypatch):
     assert "data: token stores, StoreMixture" in out and row[:2] == ["1", "8"] and float(row[-2]) > 4
     assert f"warning: stage pretrain: {tmp_path / 'store'}: " in out
     calls = []
-    real_get = StoreMixture.get
-    monkeypatch.setattr(StoreMixture, "get", lambda self, step: calls.append(step) or real_get(self, step))
+    real_get = StoreMixture.rank_batch
+    monkeypatch.setattr(StoreMixture, "rank_batch", lambda self, step, rank=0, world=1:
+                        calls.append(step) or real_get(self, step, rank, world))
     assert cli.run(R.main, ["--config", str(cfg), "--out", str(run), "--max-steps", "2", "--no-generate",
                             "--threads", "1"]) == 0
     assert calls == [0, 1]  # the stage's batches came from the store loader

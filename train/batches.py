@@ -6,11 +6,40 @@ position" of a checkpoint is its step, a resumed run sees exactly the batches it
 rank can build the same global batch and take its own rows.
 
 A row is (ids (T+1,), mask (T,)): ids[:-1] are inputs, ids[1:] targets, mask says which targets count.
+
+train.loop asks each step for one rank's rows only (rank_batch -> RankBatch); get() is the whole global batch.
+With document masking on (`[data] doc_mask = true`; doc_eos = the EOS id), a RankBatch also carries each input
+token's document id (document_ids): the model then attends within documents only and restarts RoPE positions
+at each one (model/model.py DocMask).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class RankBatch:
+    """One optimizer step's rows of one rank."""
+    ids: torch.Tensor              # (R, T+1) int64: inputs ids[:, :-1], targets ids[:, 1:]
+    mask: torch.Tensor             # (R, T) 0/1: which targets count
+    n_targets: int                 # targets that count in the whole global batch (every rank): the loss normaliser
+    doc: torch.Tensor | None = None  # (R, T) int64 document id of each input token; None: no document masking
+
+
+def document_ids(inp_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) int64: the number of EOS tokens before each token in its row (an EOS belongs to the document it
+    ends, the token after it starts the next one): train/store.py's packing, on torch tensors."""
+    is_eos = (inp_BT == eos_id).long()
+    return is_eos.cumsum(1) - is_eos
+
+
+def _split(B: int, rank: int, world: int) -> int:
+    if world < 1 or not 0 <= rank < world or B % world:
+        raise ValueError(f"rank {rank} of world {world}: the global batch {B} must split evenly")
+    return B // world
 
 
 class LMSource:
@@ -58,12 +87,39 @@ class Batcher:
             raise ValueError(f"Batcher: mixture weights must be >= 0 with a positive sum, got {weights}")
         self.sources, self.w = sources, w / w.sum()
         self.T, self.B, self.seed = seq_len, global_batch, seed
+        self.doc_eos: int | None = None
+
+    def set_doc_mask(self, on: bool, eos_id: int | None) -> None:
+        """Document masking for rank_batch (off: doc is None, the batches exactly as before)."""
+        if on and eos_id is None:
+            raise ValueError("document masking needs the tokenizer's EOS id")
+        self.doc_eos = int(eos_id) if on else None
 
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         src = torch.multinomial(self.w, self.B, replacement=True, generator=g).tolist()
         rows = [self.sources[s].row(g, self.T) for s in src]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    def rank_batch(self, step: int, rank: int = 0, world: int = 1) -> RankBatch:
+        """Rows [rank*B/W, (rank+1)*B/W) of get(step), the same tensors, without holding the other ranks' rows:
+        the draws are sequential in one generator (an SFT row's draws depend on its examples' lengths), so the
+        others' rows are drawn (LMSource: a view, SFTSource: a short concatenation) and dropped, only their
+        target counts kept for the global normaliser."""
+        per = _split(self.B, rank, world)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        src = torch.multinomial(self.w, self.B, replacement=True, generator=g).tolist()
+        lo, hi = rank * per, (rank + 1) * per
+        ids, mask, n = [], [], 0
+        for i, s in enumerate(src):
+            x, m = self.sources[s].row(g, self.T)
+            n += int(m.sum())
+            if lo <= i < hi:
+                ids.append(x)
+                mask.append(m)
+        ids_RT1 = torch.stack(ids)
+        doc = None if self.doc_eos is None else document_ids(ids_RT1[:, :-1], self.doc_eos)
+        return RankBatch(ids_RT1, torch.stack(mask), n, doc)
 
 
 def eval_windows(ids_1d: torch.Tensor, T: int, max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

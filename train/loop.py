@@ -6,7 +6,8 @@ Determinism: the global batch of step s is a pure function of (seed, s) (train/b
 position is the step; with fixed threads and deterministic algorithms on CPU a run killed and resumed from a
 checkpoint repeats the uninterrupted run's per-step losses exactly.
 
-Distributed: every rank builds the same global batch and takes its contiguous slice of rows. The loss each
+Distributed: each rank builds only its own contiguous slice of the global batch's rows (the batch stream's
+rank_batch: the same rows the global batch would have there) and the global count of loss targets. The loss each
 rank back-propagates is normalised by the GLOBAL number of loss tokens (times world size, because FSDP2
 averages gradients over ranks), so N ranks with the same global batch and micro-batch give the 1-rank
 gradients up to float summation order.
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from model.config import flops_per_token
 from model.precision import PrecisionPolicy, policy_for
 from train import ckpt as ck
-from train.batches import Batcher, LMSource, eval_windows
+from train.batches import Batcher, LMSource, RankBatch, document_ids, eval_windows
 
 log = logging.getLogger("mobilemoe.train")
 IGNORE_INDEX = -100  # target id the fused loss skips: masked-out targets (SFT prompts, padding) get it
@@ -182,14 +183,17 @@ def apply_precision(model, device, precision: PrecisionPolicy | None = None) -> 
     return before
 
 
-def forward_loss(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_loss(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, device,
+                 doc_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of masked CE over targets, number of loss tokens) for one micro-batch (mask_BT: 0/1 per target).
     Both paths take the LM head's operands in the model's precision policy (bf16 on CUDA) and compute the CE
-    in fp32; the router's aux terms are in model.aux either way."""
+    in fp32; the router's aux terms are in model.aux either way. doc_BT: the input tokens' document ids for
+    document masking (model.MobileMoE.forward), None: plain causal attention."""
     inp, tgt_BT = ids_BT1[:, :-1].to(device), ids_BT1[:, 1:].to(device)
     m_N = mask_BT.to(device).reshape(-1).float()
+    kw = {} if doc_BT is None else dict(doc_ids_BT=doc_BT.to(device))
     if ce_path(device) == "fused":
-        h_BTD = model(inp, return_hidden=True)
+        h_BTD = model(inp, return_hidden=True, **kw)
         # read after the forward: under FSDP2 the root (which holds the head / tied embedding) stays unsharded
         # after its forward, so this is the gathered weight whose grad the root's post-backward reduces
         x_BTD, w_VD = _inner(model).head_operands(h_BTD)
@@ -198,17 +202,18 @@ def forward_loss(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, device) ->
                                                   ignore_index=IGNORE_INDEX, reduction="sum",
                                                   accum_dtype=torch.float32)
         return s, m_N.sum()
-    logits = model(inp)  # matmuls in the model's precision policy (apply_precision); CE in fp32
+    logits = model(inp, **kw)  # matmuls in the model's precision policy (apply_precision); CE in fp32
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt_BT.reshape(-1), reduction="none")
     return (ce * m_N).sum(), m_N.sum()
 
 
 @torch.no_grad()
 def evaluate(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, micro_batch: int, device,
-             precision: PrecisionPolicy | None = None) -> float:
+             precision: PrecisionPolicy | None = None, doc_eos: int | None = None) -> float:
     """Mean masked CE (nats/token) over the given rows. Every rank evaluates all rows (FSDP needs all ranks).
     Runs under `precision`, else the model's current policy, else policy_for(device) (training's policy);
-    the model's policy is restored afterwards."""
+    the model's policy is restored afterwards. doc_eos: document masking at that EOS id (as a doc_mask run
+    trains), None: plain causal attention over each row."""
     device = torch.device(device)
     m = _inner(model)
     prev = getattr(m, "precision", None)
@@ -217,7 +222,9 @@ def evaluate(model, ids_BT1: torch.Tensor, mask_BT: torch.Tensor, micro_batch: i
     model.eval()
     tot, n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for i in range(0, ids_BT1.shape[0], micro_batch):
-        s, c = forward_loss(model, ids_BT1[i:i + micro_batch], mask_BT[i:i + micro_batch], device)
+        x = ids_BT1[i:i + micro_batch]
+        doc = None if doc_eos is None else document_ids(x[:, :-1], doc_eos)
+        s, c = forward_loss(model, x, mask_BT[i:i + micro_batch], device, doc)
         tot += s.double().cpu()
         n += c.double().cpu()
     model.train(was)
@@ -244,6 +251,17 @@ def peak_flops(device: torch.device) -> float:
                 return v
         return 100e12
     return (os.cpu_count() or 1) * 3e9 * 32
+
+
+def rank_batch(batcher, step: int, rank: int, world: int) -> RankBatch:
+    """This rank's rows of step `step`: the stream's own rank_batch (Batcher, StoreMixture), else the rows of a
+    plain get() -> (ids, mask) global batch."""
+    if hasattr(batcher, "rank_batch"):
+        return batcher.rank_batch(step, rank, world)
+    ids_all, mask_all = batcher.get(step)
+    per = ids_all.shape[0] // world
+    return RankBatch(ids_all[rank * per:(rank + 1) * per], mask_all[rank * per:(rank + 1) * per],
+                     int(mask_all.sum()))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -323,16 +341,21 @@ def train_stage(model, cfg: StageConfig, batcher: Batcher, *, stage_dir: str | o
         lr = lr_at(step, cfg)
         for g in optim.param_groups:
             g["lr"] = lr
-        ids_all, mask_all = batcher.get(step)  # the global batch; this rank takes its rows
-        n_tok_global = mask_all.sum().clamp_min(1).float()
-        ids = ids_all[rank * rows_per_rank:(rank + 1) * rows_per_rank]
-        mask = mask_all[rank * rows_per_rank:(rank + 1) * rows_per_rank]
+        rb = rank_batch(batcher, step, rank, world)  # this rank's rows only, and the global target count
+        if rb.ids.shape[0] != rows_per_rank:
+            raise ValueError(f"stage {cfg.name}: the batch stream gave rank {rank} {rb.ids.shape[0]} rows, "
+                             f"want {rows_per_rank}")
+        if step == start and rank == 0 and rb.doc is not None:
+            log.info("document masking on: attention within documents, RoPE positions restart at each one")
+        n_tok_global = torch.tensor(max(rb.n_targets, 1), dtype=torch.float32)
+        ids, mask, doc = rb.ids, rb.mask, rb.doc
         ce_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
         counts = None
         ent = torch.zeros((), dtype=torch.float64)
         for i in range(0, rows_per_rank, cfg.micro_batch):
-            s, _ = forward_loss(model, ids[i:i + cfg.micro_batch], mask[i:i + cfg.micro_batch], device)
+            s, _ = forward_loss(model, ids[i:i + cfg.micro_batch], mask[i:i + cfg.micro_batch], device,
+                                None if doc is None else doc[i:i + cfg.micro_batch])
             aux = model.aux_loss() if hasattr(model, "aux_loss") else torch.zeros((), device=device)
             loss = (s / n_tok_global.to(device) + aux / n_micro_global) * world
             loss.backward()

@@ -11,7 +11,9 @@ Sections and keys (anything else is an error, with a "did you mean"):
                           ep (expert-parallel group size: divides n_experts and gpus; 1 = no EP)
     [data]                max_epochs (dry-run / run warning above it; default 4), build_stores (true: the
                           all-text stages' shakespeare / local-file sources are tokenized into <run>/store/<name>
-                          once the run's tokenizer exists, and read through train/store.py's StoreMixture)
+                          once the run's tokenizer exists, and read through train/store.py's StoreMixture),
+                          doc_mask (true: attention within documents of the packed rows, RoPE positions
+                          restarting at each; default false)
                           store_root (where `store = NAME` sources live, <store_root>/<NAME>; default
                           "stores", relative to the working directory)
     [[stages]]            the train.loop.StageConfig fields, and its mixture:
@@ -125,6 +127,7 @@ class DataConfig:
     max_epochs: float = DEFAULT_MAX_EPOCHS  # a stage repeating a source more often than this is warned
     build_stores: bool = False  # tokenize local text sources into <run>/store/ (train/data_plan.py)
     store_root: str = "stores"  # where `store = NAME` sources live (relative: to the working directory)
+    doc_mask: bool = False  # document-masked attention over packed rows (train/batches.py RankBatch.doc)
 
 
 @dataclass
@@ -516,7 +519,7 @@ def _data(path: str, t: Any, mixtures: dict[str, list[DataSource]]) -> DataConfi
     tb = _Table(path, "[data]", t, [f.name for f in dataclasses.fields(DataConfig)])
     cfg = DataConfig(max_epochs=tb.number("max_epochs", DEFAULT_MAX_EPOCHS, lo=0.0, lo_open=True),
                      build_stores=tb.flag("build_stores", False),
-                     store_root=tb.text("store_root", "stores"))
+                     store_root=tb.text("store_root", "stores"), doc_mask=tb.flag("doc_mask", False))
     built_from: dict[str, tuple] = {}  # one store, one source: a store named twice must be built the same way
     for i, mix in enumerate(mixtures.values(), 1):
         for j, d in enumerate(mix, 1):

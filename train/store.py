@@ -509,10 +509,13 @@ class StoreMixture:
     """The global batch of step s from a weighted mixture of stores, as a pure function of (seed, salt, s).
 
     rows(step, rank, world) -> ids (B/world, T+1) int64: inputs ids[:, :-1], targets ids[:, 1:]. Each row is a
-    packed window (documents separated by EOS); packing(ids) gives document ids / positions for masking."""
+    packed window (documents separated by EOS); packing(ids) gives document ids / positions for masking.
+    rank_batch(step, rank, world) is what train.loop reads: this rank's rows only, and with doc_mask on the
+    document id of every input token (packing's, so a token's document changes right after each EOS)."""
 
     def __init__(self, stores: list[TokenStore], weights: list[float], seq_len: int, global_batch: int,
-                 seed: int = 0, salt: int = 0, names: list[str] | None = None, rank: int = 0, world: int = 1):
+                 seed: int = 0, salt: int = 0, names: list[str] | None = None, rank: int = 0, world: int = 1,
+                 doc_mask: bool = False):
         if not stores or len(stores) != len(weights):
             raise StoreError("a mixture needs one weight per store and at least one store")
         eos = {s.eos_id for s in stores}
@@ -522,6 +525,7 @@ class StoreMixture:
         self.rank, self.world = rank, world
         self.names = names or [str(s.path) for s in stores]
         self.eos_id = eos.pop()
+        self.doc_mask = bool(doc_mask)
         self.weights = [float(w) for w in weights]
         self.n_rows = apportion(self.weights, global_batch)
         for nm, w, r in zip(self.names, self.weights, self.n_rows):
@@ -576,6 +580,25 @@ class StoreMixture:
         per = self.B // self.world
         ids[self.rank * per:(self.rank + 1) * per] = torch.from_numpy(self.rows(step, self.rank, self.world))
         return ids, torch.ones(self.B, self.T, dtype=torch.long)
+
+    def set_doc_mask(self, on: bool, eos_id: int | None = None) -> None:
+        """Document masking for rank_batch (train.batches.Batcher's interface); eos_id, when given, must be the
+        stores' own."""
+        if on and eos_id is not None and int(eos_id) != self.eos_id:
+            raise StoreError(f"document masking with EOS id {eos_id}, but the stores end documents with "
+                             f"{self.eos_id}")
+        self.doc_mask = bool(on)
+
+    def rank_batch(self, step: int, rank: int = 0, world: int = 1):
+        """train.batches.RankBatch of this rank's rows: only they are read, every target counts (B*T in all)."""
+        import torch  # noqa: PLC0415
+
+        from train.batches import RankBatch  # noqa: PLC0415  (torch; this module is numpy only)
+
+        rows = self.rows(step, rank, world)
+        doc = torch.from_numpy(packing(rows[:, :-1], self.eos_id)[0]) if self.doc_mask else None
+        return RankBatch(torch.from_numpy(rows), torch.ones(rows.shape[0], self.T, dtype=torch.long),
+                         self.B * self.T, doc)
 
     def usage(self, steps: int) -> list[SourceUse]:
         return [SourceUse(nm, w, r, nw * self.T, steps * r * self.T, (steps * r / nw) if nw else 0.0)
