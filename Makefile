@@ -8,7 +8,7 @@ RUN ?= runs/$(SIZE)
 THREADS ?= 2
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: help install test lint train mobile bench bench-kernels bench-mobile bench-streaming bench-gpu scaling-law eval data toolchain clean
+.PHONY: help install test lint train mobile bench bench-kernels bench-mobile bench-llama bench-streaming bench-gpu scaling-law eval data toolchain clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -81,6 +81,11 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 
 bench-mobile: install mobile $(VENV)/.bench-installed ## phone engine vs llama.cpp and MoE vs dense -> bench/results/mobile.md
 	$(PY) -m bench.mobile --threads 1,2 $(BENCH_ARGS)
+
+# Its own target, not a stage of bench-mobile: it builds llama.cpp's llama-bench (10+ min on 2 cores, cached in ~/.cache/mobilemoe)
+# and reruns both engines beside it, which would double bench-mobile's 48 min.
+bench-llama: install mobile $(VENV)/.bench-installed ## llama.cpp's own llama-bench vs bench.mobile's driver vs ours -> bench/results/llama_bench.md
+	$(PY) -m bench.llama_bench --threads 1,2 $(BENCH_ARGS)
 
 # Root for the mmap column's memory cap (a child cgroup); without it that column says why it was not measured.
 bench-streaming: install mobile ## decode under a memory budget (expert cache) vs all-resident vs mmap under the same cap -> bench/results/streaming.md
