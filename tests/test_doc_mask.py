@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from model.config import get_config
 from model.model import DocMask, MobileMoE
 from train.batches import Batcher, LMSource, SFTSource, document_ids
-from train.loop import StageConfig, forward_loss, rank_batch, train_stage
+from train.loop import StageConfig, evaluate, forward_loss, rank_batch, train_stage
 from train.store import StoreMixture, TokenStore, packing
 
 EOS = 1
@@ -208,6 +208,9 @@ def test_train_stage_per_rank_rows_match_the_global_batch_path_and_doc_mask_trai
             x = rb.ids[0, int(idx[0]):int(idx[-1]) + 2][None]
             tot += float(forward_loss(m, x, torch.ones(1, x.shape[1] - 1, dtype=torch.long), "cpu")[0])
     assert abs(float(s) - tot) < 1e-4 * max(1.0, abs(tot))
+    # evaluation under the same masking (doc_eos): the masked loss per target; without it, another number
+    assert abs(evaluate(m, rb.ids[:1], rb.mask[:1], 1, "cpu", doc_eos=EOS) - float(s) / 32) < 1e-6
+    assert abs(evaluate(m, rb.ids[:1], rb.mask[:1], 1, "cpu") - float(s) / 32) > 1e-4
 
 
 def test_recipe_data_doc_mask_key(tmp_path):
