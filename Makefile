@@ -8,7 +8,7 @@ RUN ?= runs/$(SIZE)
 THREADS ?= 2
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: help install test lint train mobile bench bench-kernels bench-mobile bench-llama bench-streaming bench-gpu scaling-law eval data toolchain clean
+.PHONY: help install test lint train mobile bench bench-kernels bench-mobile bench-llama bench-streaming bench-executorch bench-gpu scaling-law eval data toolchain clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -90,6 +90,19 @@ bench-llama: install mobile $(VENV)/.bench-installed ## llama.cpp's own llama-be
 # Root for the mmap column's memory cap (a child cgroup); without it that column says why it was not measured.
 bench-streaming: install mobile ## decode under a memory budget (expert cache) vs all-resident vs mmap under the same cap -> bench/results/streaming.md
 	$(PY) -m bench.streaming --threads $(THREADS) --trained $(RUN)/model.mmoe $(BENCH_ARGS)
+
+# ExecuTorch in its own venv (executorch 1.5.1 pins torchao 0.18, not torch): it reuses .venv's torch through a
+# .pth file, so both engines run one torch build, and pip never touches .venv.
+ET_VENV := bench/.venv-executorch
+$(ET_VENV)/.installed: $(VENV)/.installed
+	python3 -m venv $(ET_VENV)
+	$(VENV)/bin/python -c "import site; print(site.getsitepackages()[0])" \
+	  > "$$($(ET_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_mmoe_main_venv.pth"
+	$(ET_VENV)/bin/pip install -q --no-deps executorch==1.5.1 torchao==0.18.0 flatbuffers ruamel.yaml ruamel.yaml.clib expecttest
+	@touch $@
+
+bench-executorch: install mobile $(ET_VENV)/.installed ## ExecuTorch (XNNPACK 8da4w) vs ours on dense-1B and S -> bench/results/executorch.md
+	$(PY) -m bench.executorch_peer --threads 1,2 $(BENCH_ARGS)
 
 bench-gpu: install ## GPU check (CUDA; ~6 min on one H100/H200): ceilings, kernel correctness + speed, one training step -> bench/results/gpu.{md,json}
 	$(PY) -m bench.gpu $(BENCH_ARGS)
