@@ -221,7 +221,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
 def shard_model_ep(model, world_mesh, dp_mesh, policy=None):
     """FSDP2 for an expert-parallel model (after model.set_expert_parallel(mesh["ep"])): each MoE's expert
     weights fully_shard over `dp_mesh` = mesh["dp_shard"] (the ranks holding the same experts; it must come from
-    the same 2-D mesh as the ep mesh), everything else over `world_mesh` (all dp_shard * ep ranks, 1-D). Mixed precision as train/recipe.py's shard_model: blocks gathered in the compute
+    the same 2-D mesh as the ep mesh), everything else over `world_mesh` (all dp_shard * ep ranks, 1-D). Mixed precision as train/parallel.py's shard_model: blocks gathered in the compute
     dtype, router and norm gains in their own fp32 groups."""
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 

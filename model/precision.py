@@ -21,7 +21,7 @@ router's F.linear in bf16, the opposite of what the router needs. Under the poli
     bf16 weight copies exist only inside the forward/backward.
 Under FSDP2 the same policy becomes MixedPrecisionPolicy(param_dtype=compute_dtype,
 reduce_dtype=reduce_dtype): blocks are all-gathered in bf16 and gradients reduce-scattered in fp32, while
-the router and the RMSNorm gains are sharded in their own fp32 groups (train/recipe.py: wrap_fsdp).
+the router and the RMSNorm gains are sharded in their own fp32 groups (train/parallel.py: shard_model).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def _model(world: int):
     from model.config import get_config
     from model.model import MobileMoE
     from model.precision import policy_for
-    from train.recipe import wrap_fsdp
+    from train.parallel import wrap_fsdp
 
     torch.manual_seed(0)  # every rank builds the same full weights before sharding
     cfg = get_config("tiny", vocab_size=96, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, n_experts=4,

@@ -165,7 +165,7 @@ def test_fsdp_shard_keeps_router_fp32_and_blocks_bf16(tmp_path):
     the blocks in bf16; the sharded masters and their reduced grads stay fp32."""
     import torch.distributed as dist
 
-    from train.recipe import shard_model
+    from train.parallel import shard_model
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -361,11 +361,12 @@ def test_recipe_stage_reads_a_token_store(tmp_path, capsys, monkeypatch):
     from model import cli
     from train import recipe as R
     from train.testing import make_corpus, read_log, stage_toml, write_recipe
+    from train.tokenizer import prepare_tokenizer
 
     files = make_corpus(tmp_path / "c")
     run = tmp_path / "run"
     probe = write_recipe(tmp_path, files, stage_toml("pretrain", "pretrain", files["train"], 3))
-    tok, tok_path = R.prepare_tokenizer(R.load_recipe(None, str(probe)), run, "unused")
+    tok, tok_path = prepare_tokenizer(R.load_recipe(None, str(probe)), run, "unused")
     build_store(files["train"], tok, tmp_path / "store", shard_tokens=1000, progress=False)
     cfg = write_recipe(tmp_path, files, stage_toml("pretrain", "pretrain", str(tmp_path / "store"), 400))
     assert cli.run(R.main, ["--config", str(cfg), "--out", str(run), "--dry-run"]) == 0
