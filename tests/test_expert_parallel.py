@@ -99,6 +99,50 @@ def test_recipe_ep_must_divide_gpus():
         parse_recipe(text, "x.toml")
 
 
+def _dry_run(tmp_path, capsys, hardware: str) -> list[str]:
+    """The tiny recipe's dry-run plan with its [hardware] table replaced (micro_batch 4, so 4 GPUs divide it)."""
+    from model import cli
+    from train import recipe
+
+    text = (ROOT / "train/configs/tiny.toml").read_text()
+    assert text.count('device = "cpu"\ngpus = 1\n') == 1
+    tmp_path.mkdir()
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(text.replace('device = "cpu"\ngpus = 1\n', hardware).replace("micro_batch = 16", "micro_batch = 4"))
+    assert cli.run(recipe.main, ["--config", str(cfg), "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    return [ln.strip() for ln in capsys.readouterr().out.splitlines()]
+
+
+def test_dry_run_prints_the_ep_layout(tmp_path, capsys):
+    """--dry-run shows the dp_shard x ep mesh for the planned GPUs, the experts per rank and what the all_to_all
+    moves per step; ep = 1 says EP is off."""
+    from train.recipe import load_recipe
+
+    m = load_recipe("tiny").model  # the numbers below are for this shape
+    assert (m.d_model, m.top_k, m.n_experts, m.n_moe_layers) == (128, 2, 16, 4)
+    lines = _dry_run(tmp_path / "cuda", capsys, 'device = "cuda"\ngpus = 4\nep = 2\n')
+    assert "expert parallel: ep 2 (mesh dp_shard 2 x ep 2, 8 experts per rank)" in lines
+    assert ("ep rank r holds routed experts [8r, 8r + 8) of 16; expert weights FSDP2 over dp_shard 2, everything "
+            "else over all 4 ranks") in lines
+    # pretrain: 16 x 128 tokens / 4 ranks = 512 a rank, x top_k 2 = 1024 slot rows a MoE layer; forward and
+    # backward each send the rows (128 bf16 = 256 B) + their fp32 gate (4 B) and get as many output rows back:
+    # 1024 x 2 x (2 x 256 + 4) B x 4 layers, half of it to the other rank = 2,113,536 B = 2.0 MiB
+    a2a = [ln for ln in lines if ln.startswith("all_to_all")]
+    assert len(a2a) == 4  # one per stage
+    assert a2a[0] == ("all_to_all (ep 2): 1,024 slot rows per rank per MoE layer per step (512 tokens x top_k 2) "
+                      "x 4 layers, there and back, fwd + bwd: ~2.0 MiB leave each rank per step (balanced routing)")
+    # on CPU the world is torchrun's: the whole step's rows (2048 tokens x 2), fp32 rows (512 B): 16.1 MiB cross
+    lines = _dry_run(tmp_path / "cpu", capsys, 'device = "cpu"\ngpus = 1\nep = 2\n')
+    assert "expert parallel: ep 2 (mesh dp_shard (world / 2) x ep 2, 8 experts per rank)" in lines
+    assert ("all_to_all (ep 2): 4,096 slot rows per MoE layer per step over all ranks (2,048 tokens x top_k 2) x 4 "
+            "layers, there and back, fwd + bwd: ~16.1 MiB cross ranks per step (balanced routing)") in lines
+    lines = _dry_run(tmp_path / "off", capsys, 'device = "cpu"\ngpus = 1\n')
+    assert [ln for ln in lines if ln.startswith("expert parallel")] == [
+        "expert parallel: off (ep = 1: every rank holds all 16 routed experts, no all_to_all; [hardware] ep = N "
+        "shards them over N ranks)"]
+    assert not any(ln.startswith("all_to_all") for ln in lines)
+
+
 def test_recipe_ep2_torchrun_matches_one_rank(tmp_path):
     """python -m train under torchrun with [hardware] ep = 2 (dp_shard 1 x ep 2, FSDP2 + all_to_all, the EP grad
     norm, DCP checkpoints, the full-model save) reproduces the 1-rank run's per-step losses and saved weights."""

@@ -1,6 +1,6 @@
 """The recipe's plan (`python -m train --dry-run`) and the hardware check a real run makes before anything else.
 
-print_plan: model, tokenizer, hardware, the expert-parallel mesh, per stage its tokens, steps, LR
+print_plan: model, tokenizer, hardware, the expert-parallel layout (ep_lines), per stage its tokens, steps, LR
 and the per-GPU memory estimate, then train/data_plan.py's per-source unique vs planned tokens.
 check_hardware: CPU recipes run anywhere; a CUDA recipe fails at once, in one line, when the GPU memory is short.
 """
@@ -14,6 +14,7 @@ import torch
 
 from model import cli
 from model.config import count_params
+from model.precision import policy_for
 from train import data_plan
 from train.loop import StageConfig, dist_info
 from train.recipe_config import Recipe
@@ -36,6 +37,60 @@ def memory_estimate(mcfg, st: StageConfig, gpus: int) -> dict:
     return dict(params=total, states=states, gathered=gathered, activations=act, total=states + gathered + act)
 
 
+def _compute_itemsize(dev: str) -> int:
+    """Bytes of one element of the token rows the all_to_all moves: the precision policy's compute dtype on the
+    device the recipe will run on (bf16 on CUDA, fp32 on CPU; "auto" follows this machine, as the run does)."""
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return policy_for(dev).compute_dtype.itemsize
+
+
+def ep_lines(rec: Recipe, mcfg) -> list[str]:
+    """The device-mesh / expert-parallel layout for the planned world (the `[hardware]` gpus on CUDA; on CPU
+    the world is whatever torchrun launches, so the mesh is given per world size)."""
+    ep, gpus, dev, E = rec.hardware.ep, rec.hardware.gpus, rec.hardware.device, mcfg.n_experts
+    if ep == 1:
+        if E == 0:
+            return ["expert parallel: off (ep = 1; a dense model has no routed experts)"]
+        return [f"expert parallel: off (ep = 1: every rank holds all {E} routed experts, no all_to_all; "
+                f"[hardware] ep = N shards them over N ranks)"]
+    dp = f"{gpus // ep}" if dev != "cpu" else f"(world / {ep})"
+    world = f"{gpus}" if dev != "cpu" else "world"
+    L = E // ep
+    return [f"expert parallel: ep {ep} (mesh dp_shard {dp} x ep {ep}, {L} experts per rank)",
+            f"    ep rank r holds routed experts [{L}r, {L}r + {L}) of {E}; expert weights FSDP2 over dp_shard {dp}, "
+            f"everything else over all {world} ranks"]
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def ep_stage_line(rec: Recipe, mcfg, st: StageConfig) -> str | None:
+    """What the all_to_all moves in one optimizer step of `st` (None without EP). Per MoE layer and micro-batch
+    a rank sends its tokens' top_k slot rows (compute dtype) + their fp32 gates to the experts' owners and gets
+    as many output rows back; backward repeats both exchanges reversed. At balanced routing (ep - 1) / ep of
+    the rows leave the rank. An estimate from the shapes, not a measurement."""
+    ep, dev = rec.hardware.ep, rec.hardware.device
+    if ep == 1 or mcfg.n_experts == 0:
+        return None
+    n_moe, K, D = mcfg.n_moe_layers, mcfg.top_k, mcfg.d_model
+    tokens = st.global_batch * st.seq_len
+    per_row = 2 * (2 * D * _compute_itemsize(dev) + 4)  # (x out + y back) rows + fp32 gate, forward and backward
+    if dev != "cpu":
+        gpus = rec.hardware.gpus
+        rows = tokens * K // gpus
+        sent = rows * per_row * n_moe * (ep - 1) / ep
+        return (f"all_to_all (ep {ep}): {rows:,} slot rows per rank per MoE layer per step ({tokens // gpus:,} "
+                f"tokens x top_k {K}) x {n_moe} layers, there and back, fwd + bwd: ~{_size(sent)} leave "
+                f"each rank per step (balanced routing)")
+    rows = tokens * K
+    sent = rows * per_row * n_moe * (ep - 1) / ep
+    return (f"all_to_all (ep {ep}): {rows:,} slot rows per MoE layer per step over all ranks ({tokens:,} tokens x "
+            f"top_k {K}) x {n_moe} layers, there and back, fwd + bwd: ~{_size(sent)} cross ranks per step "
+            f"(balanced routing)")
+
+
 def print_plan(rec: Recipe, mcfg, stages: list[StageConfig], out: str) -> None:
     gpus, dev = rec.hardware.gpus, rec.hardware.device
     total, active = count_params(mcfg)
@@ -47,11 +102,8 @@ def print_plan(rec: Recipe, mcfg, stages: list[StageConfig], out: str) -> None:
     print(f"  tokenizer: {tk.kind} " + (f"(train BPE {tk.vocab_size} on {tk.train_on})" if tk.kind == "bpe"
                                         else f"{tk.name or tk.file}"))
     print(f"  hardware: {dev}, planned GPUs {gpus} (FSDP2 across them)" if dev != "cpu" else f"  hardware: {dev}")
-    if rec.hardware.ep > 1:
-        ep = rec.hardware.ep
-        dp = f"{gpus // ep}" if dev != "cpu" else f"(world / {ep})"
-        print(f"  expert parallel: ep {ep} (mesh dp_shard {dp} x ep {ep}, {mcfg.n_experts // ep} experts per "
-              f"rank)")
+    for line in ep_lines(rec, mcfg):
+        print(f"  {line}")
     print(f"  {'stage':<9} {'kind':<9} {'tokens':>16} {'seq':>6} {'batch':>6} {'steps':>10} {'lr':>8} "
           f"{'sched':<8} {'mem/GPU':>9}")
     for st in stages:
@@ -60,6 +112,9 @@ def print_plan(rec: Recipe, mcfg, stages: list[StageConfig], out: str) -> None:
               f"{st.lr:>8.1e} {st.schedule:<8} {mem['total'] / 2**30:>7.1f}Gi" + ("  (QAT)" if st.qat else ""))
         for line in data_plan.plan_lines(rec, st, Path(out)):  # unique vs planned tokens, epochs, warnings
             print(f"      {line}")
+        a2a = ep_stage_line(rec, mcfg, st)
+        if a2a is not None:
+            print(f"      {a2a}")
     ev = rec.eval
     print(f"  eval: held-out {ev.heldout} (max {ev.max_tokens} tokens) vs its unigram entropy"
           + (f"; SFT pairs {ev.heldout_sft}" if ev.heldout_sft else ""))
