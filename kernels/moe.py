@@ -1,6 +1,7 @@
 """The single MoE dispatch point: routed SwiGLU experts over dropless routing.
 
-backend: "auto" (Triton on CUDA, reference on CPU), "triton", "reference", "megablocks" (optional CUDA extra).
+backend: "auto" (Triton on CUDA, reference on CPU), "triton", "reference", "cpu", "megablocks" (optional CUDA extra).
+"cpu" is kernels/moe_cpu.py, a one-node CPU path tested against the reference; opt-in (see resolve_backend).
 The choice is logged once per (requested, resolved, device) triple.
 Under torch.compile the routed experts are one custom op, mobilemoe::moe_experts (bottom of this file).
 """
@@ -15,14 +16,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.moe_cpu import moe_experts_cpu
+
 log = logging.getLogger("mobilemoe.kernels")
 _logged: set = set()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
+        # CPU stays on the reference: kernels/moe_cpu.py ("cpu") measured no faster at the tiny and sweep shapes
+        # (bench/results/kernels.md, "CPU training path"), so it is opt-in, not the automatic choice
         resolved = "triton" if device.type == "cuda" else "reference"
-    elif backend in ("reference", "triton"):
+    elif backend in ("reference", "triton", "cpu"):
         resolved = backend
     elif backend == "megablocks":
         from kernels.megablocks_adapter import require_megablocks  # noqa: PLC0415
@@ -30,7 +35,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         require_megablocks(device)  # the adapter's own check: CUDA device, megablocks + grouped_gemm importable
         resolved = "megablocks"
     else:
-        raise ValueError(f"unknown moe backend {backend!r}: auto|triton|reference|megablocks")
+        raise ValueError(f"unknown moe backend {backend!r}: auto|triton|reference|cpu|megablocks")
     key = (backend, resolved, device.type)
     # dynamo cannot trace a Logger call (a graph break in every compiled MoE block): a compiled model's first
     # eager call (evaluation, generation) logs the choice instead
@@ -191,6 +196,8 @@ def dispatch_experts(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, resolved
     """The routed experts on an already resolved backend, eagerly (autograd through the backend's own pieces)."""
     if resolved == "reference":
         return moe_experts_reference(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, act_fq)
+    if resolved == "cpu":
+        return moe_experts_cpu(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, act_fq)
     if resolved == "triton":
         from kernels.moe_triton import moe_experts_triton  # noqa: PLC0415  (imports triton)
 
@@ -274,9 +281,9 @@ def _resolve(name: str) -> Callable | None:
 
 
 def _check(x_TD, ids_TK, gates_TK, w_gate_up_EFD, w_down_EDF, backend, act_fq):
-    if backend not in ("reference", "triton", "megablocks"):
+    if backend not in ("reference", "cpu", "triton", "megablocks"):
         raise ValueError(f"mobilemoe::moe_experts: backend must be a resolved backend "
-                         f"(reference|triton|megablocks), got {backend!r}")
+                         f"(reference|cpu|triton|megablocks), got {backend!r}")
     if ids_TK.dim() != 2 or x_TD.dim() != 2 or x_TD.shape[0] != ids_TK.shape[0]:
         raise ValueError(f"mobilemoe::moe_experts: x_TD {tuple(x_TD.shape)} and ids_TK {tuple(ids_TK.shape)} "
                          f"must be 2-D with the same T")
