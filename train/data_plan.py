@@ -52,7 +52,7 @@ from train.store import (
 )
 
 RUN_STORE_DIR = "store"
-IN_MEMORY_MAX_TOKENS = 50_000_000  # train.recipe.DataCache.lm reads at most this much of a file / hub text source
+IN_MEMORY_MAX_TOKENS = 50_000_000  # train.data_cache.DataCache.lm reads at most this much of a file / hub text source
 IN_MEMORY_MAX_ROWS = 200_000  # and DataCache.sft at most this many prompt/response rows of a chat source
 
 

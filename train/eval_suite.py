@@ -23,10 +23,13 @@ def eval_suite(rec: Recipe, data: DataCache, mcfg, device, micro_batch: int):
                             data.eos)
         s_uni = unigram_entropy(sx, sm, mcfg.vocab_size)
 
+    # held-out windows are scored with the attention pattern training used
+    doc_eos = data.eos if rec.data.doc_mask else None
+
     def fn(model, sft: bool = True) -> dict:
-        out = dict(heldout_loss=evaluate(model, hx, hm, micro_batch, device), unigram=uni)
+        out = dict(heldout_loss=evaluate(model, hx, hm, micro_batch, device, doc_eos=doc_eos), unigram=uni)
         if sx is not None and sft:
-            out.update(sft_loss=evaluate(model, sx, sm, micro_batch, device), sft_unigram=s_uni)
+            out.update(sft_loss=evaluate(model, sx, sm, micro_batch, device, doc_eos=doc_eos), sft_unigram=s_uni)
         return out
 
     return fn

@@ -88,6 +88,8 @@ def stage_fingerprint(rec: Recipe, st: StageConfig, n_tokens: int) -> str:
     fp = dict(model=rec.model.to_dict(), stage=stage_dict(st), seed=rec.seed, tok=n_tokens)
     if data_plan.reads_run_stores(rec, st.name):  # another sample order than the in-memory Batcher's
         fp["data"] = "run-stores"
+    if rec.data.doc_mask:  # another attention pattern: a checkpoint of the other setting must not continue
+        fp["doc_mask"] = True
     return ck.fingerprint(fp)
 
 
@@ -150,6 +152,9 @@ def run(args) -> int:
     if args.dry_run:
         print_plan(rec, mcfg, stages, str(run_dir))
         return 0
+    # a prepared store that is missing (or built from another source) stops the run here, before it writes or
+    # loads anything, not when its stage comes
+    data_plan.check_prepared_stores(rec, run_dir)
     device = check_hardware(rec, mcfg, stages)
     rank, world, device = init_distributed(device)
     ep = rec.hardware.ep
@@ -221,6 +226,7 @@ def run(args) -> int:
             model = wrap_fsdp(model, policy)
         mix = rec.mixture(st.name)
         batcher = data.batcher(mix, st, seed + len(results))
+        batcher.set_doc_mask(rec.data.doc_mask, data.eos)
         tracker = None
         if rank == 0:
             tracker = Tracker(run_dir, group=run_dir.name, stage=st.name,

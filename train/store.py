@@ -72,8 +72,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # fingerprints
 def tokenizer_fingerprint(tok) -> str:
     """The tokenizer minus its added-token list: the same for a pretrained tokenizer.json and a run's copy of
-    it with the chat special tokens added (train/recipe.py), which encode plain text to the same ids. The EOS
-    id, which added tokens can change, is compared on its own (manifest "eos_id")."""
+    it with the chat special tokens added (train/tokenizer.py prepare_tokenizer), which encode plain text to the
+    same ids. The EOS id, which added tokens can change, is compared on its own (manifest "eos_id")."""
     d = json.loads(tok.to_str())
     d.pop("added_tokens", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
