@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 ET_PYTHON = REPO / "bench" / ".venv-executorch" / "bin" / "python"
 WORKER = REPO / "bench" / "executorch_worker.py"
 ENGINES = ("ours", "executorch")
-EXPORT_FORMAT = 1  # bump when bench/executorch_model.py or the worker's export changes what a .pte holds
+EXPORT_FORMAT = 2  # bump when bench/executorch_model.py or the worker's export changes what a .pte holds
 ROW_KEYS = ("engine", "threads", "load_s", "kernels", "prefill", "decode", "profile", "routing", "peak_rss_mb",
             "size", "rep", "decode_tokens", "loadavg", "engine_commit")
 

@@ -97,6 +97,7 @@ def export(size: str, seed: int, max_ctx: int, form: str, out: str, max_prefill:
             ep = torch.export.export(model, args, dynamic_shapes=dyn, strict=False)
         done(step)
         step = "to_edge_transform_and_lower"
+        import executorch.kernels.quantized  # noqa: F401, PLC0415  (embedding_4bit's out variant for quant fusion)
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: PLC0415
         from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower  # noqa: PLC0415
 
@@ -106,7 +107,19 @@ def export(size: str, seed: int, max_ctx: int, form: str, out: str, max_prefill:
         res["ops_outside_xnnpack"] = _non_delegated_ops(edge)
         done(step)
         step = "to_executorch"
-        prog = edge.to_executorch()
+        from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass  # noqa: PLC0415
+        from executorch.exir.capture._config import ExecutorchBackendConfig  # noqa: PLC0415
+        from executorch.exir.passes import MemoryPlanningPass  # noqa: PLC0415
+        from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass  # noqa: PLC0415
+
+        # the llama example's LLMEdgeManager.to_executorch: quant fusion turns the INT4 embedding's
+        # dequantize_affine + embedding into quantized_decomposed::embedding_4bit (no out variant otherwise), and
+        # memory is planned for the dynamic token dimension's upper bound, not for the 2-token example input
+        edge = edge.transform([ConvertToLinearPass()])
+        prog = edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
         done(step)
         step = "save"
         tmp = Path(out).with_suffix(".pte.tmp")
@@ -131,7 +144,7 @@ def _non_delegated_ops(edge) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in edge.exported_program().graph.nodes:
         if node.op == "call_function":
-            name = str(node.target)
+            name = getattr(node.target, "__name__", str(node.target))  # e.g. aten.topk.default
             if "executorch_call_delegate" in name or "getitem" in name:
                 continue
             counts[name] = counts.get(name, 0) + 1
@@ -139,6 +152,7 @@ def _non_delegated_ops(edge) -> dict[str, int]:
 
 
 def time_pte(pte: str, threads: int, plan: dict) -> dict:
+    import executorch.kernels.quantized  # noqa: F401, PLC0415  (registers embedding_4bit's kernels)
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from executorch.extension.pybindings import portable_lib as pl  # noqa: PLC0415
