@@ -205,7 +205,9 @@ def _main(argv: list[str]) -> int:
                                        0, pr["vocab_size"], a.decode_tokens - 1)]))
             prompt.update(temperature=a.temperature, top_p=a.top_p, sample_seed=a.seed)
             t = time.time()
-            row = runs.run_row(path, variant, budget, policy, prompt, o, cap_reason)
+            k = runs.slots(spec, pr) if spec != "-" else None
+            row = runs.run_row(path, variant, budget, policy, prompt, o, cap_reason,
+                               dict(slots=k, probe=pr) if k and variant == "stream" else None)
             row["measured_s"] = time.time() - t
         row.update(model=name, spec=spec)
         raw["rows"][key] = row

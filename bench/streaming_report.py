@@ -116,9 +116,9 @@ def _policy_table(raw: dict, plan: list) -> list[str]:
             cells.append(f"{d['cache']['hit_rate']:.1%} / {d['storage_bytes'] / d['tokens'] / 1e6:.2f} / "
                          f"{tok_s(r):.1f}")
         res = rows.get(_key(model, "-", "resident", "None"))
-        same = "yes" if _ok(res) and all(_ok(r) and r["ids"] == res["ids"] for r in rs) else \
-            ("no" if _ok(res) else "?")
-        out.append(f"| {model} | {ref['budget_mb']:.1f} ({spec}) | {ref['decode']['cache']['slots_per_layer']} of "
+        same = "?" if not _ok(res) else ("no" if any(_ok(r) and r["ids"] != res["ids"] for r in rs) else
+                                         "yes" if all(_ok(r) for r in rs) else "? (a run failed)")
+        out.append(f"| {model} | {ref['budget_mb']:.1f}{f' ({spec})' if spec.endswith('%') else ''} | {ref['decode']['cache']['slots_per_layer']} of "
                    f"{n_exp} | " + " | ".join(cells) + f" | {same} |")
     return out
 

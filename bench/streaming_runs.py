@@ -66,12 +66,20 @@ def parse_spec(spec: str, opt: str, known: tuple[str, ...]) -> list[tuple[str, s
     return out
 
 
-def budget_mb(spec: str, probe: dict) -> float:
-    """MiB for a spec: as given, or for N% (that many of a layer's experts as slots, at least top_k) the
-    probed minimum (top_k slots) + the further slots + half a slot a layer, so rounding keeps the count."""
+def slots(spec: str, probe: dict) -> int | None:
+    """The slot count a layer an N% spec asks for (at least top_k); None for a MiB spec."""
     if not spec.endswith("%"):
+        return None
+    return int(np.clip(round(float(spec[:-1]) / 100 * probe["n_experts"]), probe["top_k"], probe["n_experts"]))
+
+
+def budget_mb(spec: str, probe: dict) -> float:
+    """MiB for a spec: as given, or for N% the probed minimum (top_k slots) + the further slots + half a slot a
+    layer, so rounding keeps the count. (The worker redoes the N% sum against its own baseline; this figure is
+    the cgroup cap and the report's before the run.)"""
+    k = slots(spec, probe)
+    if k is None:
         return float(spec)
-    k = int(np.clip(round(float(spec[:-1]) / 100 * probe["n_experts"]), probe["top_k"], probe["n_experts"]))
     per_slot = probe["slot_bytes"] * probe["moe_layers"] / MiB
     return probe["min_budget_mb"] + (k - probe["top_k"] + 0.5) * per_slot
 
@@ -101,7 +109,7 @@ def probe(path: Path, o: dict) -> dict:
 
 
 def run_row(path: Path, variant: str, budget: float | None, policy: str | None, prompt: dict, o: dict,
-            cap_reason: str | None) -> dict:
+            cap_reason: str | None, slot_plan: dict | None = None) -> dict:
     """One measured row. variant: resident (uncapped), stream (the budget, and the same cgroup cap when caps
     work), mmap (the normal open under a cgroup cap of the budget; without caps: unavailable, never uncapped)."""
     row: dict = dict(variant=variant, budget_mb=budget, policy=policy, model_file=str(path), loadavg_start=loadavg())
@@ -113,7 +121,7 @@ def run_row(path: Path, variant: str, budget: float | None, policy: str | None, 
     row["evicted_left"] = streaming_sys.evict(path)  # cold storage: the run pays for every byte it reads
     plan = dict(model=str(path), mode=variant, threads=o["threads"], io_threads=o["io_threads"],
                 max_ctx=o["max_ctx"], decode_tokens=prompt["decode_tokens"], budget_mb=budget, policy=policy,
-                cap_mb=budget, **{k: v for k, v in prompt.items() if k != "decode_tokens"})
+                cap_mb=budget, **(slot_plan or {}), **{k: v for k, v in prompt.items() if k != "decode_tokens"})
     cg = None
     try:
         if capped:

@@ -57,12 +57,14 @@ def _delta(a: dict, b: dict) -> dict:
 
 
 def probe(plan: dict) -> dict:
+    streaming_sys.cached_fraction(plan["model"])  # what measure() does before its open, so the baselines match
+    rss = _status_mb("VmRSS")
     with Engine(plan["model"], threads=plan["threads"], max_ctx=plan["max_ctx"], mem_budget_mb=1 << 20,
                 io_threads=plan["io_threads"]) as eng:
         cs = eng.cache_stats()
         return dict(mode="probe", min_budget_mb=cs["min_budget_mb"], slot_bytes=cs["slot_bytes"],
                     moe_layers=cs["moe_layers"], n_experts=eng.n_experts, top_k=eng.info("top_k"),
-                    resident_mb=cs["resident_mb"], vocab_size=eng.vocab_size)
+                    resident_mb=cs["resident_mb"], vocab_size=eng.vocab_size, rss_before_open_mb=rss)
 
 
 def measure(plan: dict) -> dict:
@@ -70,7 +72,15 @@ def measure(plan: dict) -> dict:
     out: dict = dict(mode=mode, cached_at_start=streaming_sys.cached_fraction(path))
     if mode == "resident":
         out["warm_s"] = streaming_sys.warm(path)
-    kw = dict(mem_budget_mb=plan["budget_mb"], cache_policy=plan["policy"], io_threads=plan["io_threads"]) \
+    budget = plan.get("budget_mb")
+    if mode == "stream" and plan.get("slots"):
+        # N slots a layer: the probe's minimum moved by this process's own baseline (the engine counts the RSS
+        # at open, which differs between processes by more than a small model's slot), + half a slot of slack
+        pr, k = plan["probe"], plan["slots"]
+        budget = (pr["min_budget_mb"] - pr["rss_before_open_mb"] + _status_mb("VmRSS")
+                  + (k - pr["top_k"] + 0.5) * pr["slot_bytes"] * pr["moe_layers"] / (1 << 20))
+    out["budget_mb"] = budget
+    kw = dict(mem_budget_mb=budget, cache_policy=plan["policy"], io_threads=plan["io_threads"]) \
         if mode == "stream" else {}
     c0 = _counters()
     eng = Engine(path, threads=plan["threads"], max_ctx=plan["max_ctx"], **kw)
@@ -101,7 +111,8 @@ def measure(plan: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m bench.streaming_worker", __doc__)
     p.add_argument("--plan", required=True, help="JSON: model, mode, threads, io_threads, max_ctx, prompt_ids | "
-                   "prompt_text, decode_tokens, decode_ids (optional), temperature, top_p, sample_seed, budget_mb and policy (stream)")
+                   "prompt_text, decode_tokens, decode_ids (optional), temperature, top_p, sample_seed, budget_mb and policy (stream; or slots and "
+                   "probe: the budget for that many slots a layer, worked out in this process)")
     a = p.parse_args(argv)
     try:
         plan = json.loads(a.plan)
