@@ -196,6 +196,13 @@ def test_resume_skips_finished_runs(micro_corpus, tmp_path):
     seen.clear()
     C.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
     assert seen == []
+    import fcntl
+
+    with open(out / ".claims.lock", "w") as held:   # another process running on the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        (out / "rows" / "pre-dense-s1.json").unlink()
+        with pytest.raises(C.ClaimsError, match="another"):
+            C.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
 
 
 def test_micro_end_to_end_claim_d(micro_corpus, tmp_path):

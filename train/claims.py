@@ -363,10 +363,27 @@ def done_keys(plan: Plan, rows: dict[str, dict]) -> set[str]:
 
 def run_claims(plan: Plan, corpus: str | os.PathLike, out: str | os.PathLike, log=print, tok_s: dict | None = None,
                execute_fn=None, threads: int = 1) -> dict[str, dict]:
-    """Every run of the plan not yet in <out>/rows, in plan order; one row file per finished run."""
-    import torch  # noqa: PLC0415
+    """Every run of the plan not yet in <out>/rows, in plan order; one row file per finished run. One process
+    per folder (a lock): two would write the same checkpoints."""
+    import fcntl  # noqa: PLC0415
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".claims.lock", "w")  # noqa: SIM115  (held until this process ends)
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ClaimsError(f"{out}: another `python -m train.claims` is running on this folder") from None
+    try:
+        return _run_locked(plan, corpus, out, log, tok_s, execute_fn, threads)
+    finally:
+        lock.close()
+
+
+def _run_locked(plan, corpus, out: Path, log, tok_s, execute_fn, threads) -> dict[str, dict]:
+    import torch  # noqa: PLC0415
+
     rows = read_rows(out)
     done = done_keys(plan, rows)
     todo = [r for r in plan.runs if r.key not in done]
