@@ -126,7 +126,9 @@ def section(results: dict, args) -> str:
          f"machine), torch {torch.__version__}, commit {_commit()} (+ the working tree "
          f"it ran from), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Interleaved repeats, medians; 1 thread "
          "timed by thread CPU time, 2 threads by wall time. Before = backend `reference` (what `auto` runs on CPU), "
-         "after = backend `cpu` (kernels/moe_cpu.py, opt-in).", ""]
+         "after = backend `cpu` (kernels/moe_cpu.py, opt-in). With more than one thread the wall times include "
+         "waiting for cores when the machine is loaded (OpenMP threads meet at a barrier after every op; "
+         "bench/results/threads.md), so read those rows against the load average above.", ""]
     for threads, r in results.items():
         L += [f"### {threads} thread(s)", "",
               f"MoE layer forward + backward (router + top-k + routed experts, fp32; {args.reps} repeats):", "",
