@@ -1,4 +1,4 @@
-"""train.claims (plan math, verdicts, resume, a micro end-to-end run) and train.corpus (the offline corpus)."""
+"""train.claims and its modules (plan math, verdicts, resume, a micro end-to-end run) and train.corpus (the offline corpus)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import pytest
 
 from model.config import count_params
 from train import claims as C
+from train import claims_plan as P
+from train import claims_report as R
+from train import claims_run as X
+from train import claims_stats as S
 from train import corpus as K
 
 
@@ -81,7 +85,7 @@ def test_corpus_cli_bad_input(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------
 # plan
 def test_plan_budget_is_at_least_20_tokens_per_active_param():
-    plan = C.make_plan()
+    plan = P.make_plan()
     assert plan.tokens % plan.step_tokens == 0
     for a in plan.arms:
         _, active = count_params(plan.config(a, 0))
@@ -92,27 +96,27 @@ def test_plan_budget_is_at_least_20_tokens_per_active_param():
     assert len(plan.runs) == 3 * (4 + 2)
     assert [r.seed for r in plan.runs[:6]] == [0] * 6   # seed-major
     assert plan.cont_tokens == round(0.1 * plan.tokens / plan.step_tokens) * plan.step_tokens
-    hours = sum(C.run_seconds(plan, r, C.MEASURED_TOK_S) for r in plan.runs) / 3600
+    hours = sum(P.run_seconds(plan, r, P.MEASURED_TOK_S) for r in plan.runs) / 3600
     assert 4 <= hours <= 8
-    only_a = C.make_plan(("a",), (0, 1, 2))
+    only_a = P.make_plan(("a",), (0, 1, 2))
     assert {r.arm for r in only_a.runs} == {"dense", "moe"} and only_a.fingerprint() == plan.fingerprint()
-    with pytest.raises(C.ClaimsError, match="unknown claim"):
-        C.make_plan(("z",))
+    with pytest.raises(P.ClaimsError, match="unknown claim"):
+        P.make_plan(("z",))
 
 
 # ------------------------------------------------------------------------------------------------------
 # verdicts
 def test_paired_verdict():
-    assert C.paired_verdict([-0.05, -0.06, -0.04])["verdict"] == "supports"
-    assert C.paired_verdict([0.05, 0.06, 0.04])["verdict"] == "contradicts"
-    v = C.paired_verdict([-0.10, 0.08, -0.02])
+    assert S.paired_verdict([-0.05, -0.06, -0.04])["verdict"] == "supports"
+    assert S.paired_verdict([0.05, 0.06, 0.04])["verdict"] == "contradicts"
+    v = S.paired_verdict([-0.10, 0.08, -0.02])
     assert v["verdict"].startswith("cannot resolve") and v["lo"] < 0 < v["hi"]
     # a large, consistent mean with only 2 seeds is still no verdict
-    assert C.paired_verdict([-0.5, -0.6])["verdict"].startswith("cannot resolve")
+    assert S.paired_verdict([-0.5, -0.6])["verdict"].startswith("cannot resolve")
     # t-interval width: n=3, sd 0.01 -> half width 4.303 * 0.01 / sqrt(3)
-    v = C.paired_verdict([-0.01, -0.02, -0.03])
+    v = S.paired_verdict([-0.01, -0.02, -0.03])
     assert math.isclose(v["hi"] - v["mean"], 4.302653 * 0.01 / math.sqrt(3), rel_tol=1e-4)
-    assert C.t_crit(9) == pytest.approx(2.262157, rel=1e-4) and C.t_crit(200) == C.t_crit(30)
+    assert S.t_crit(9) == pytest.approx(2.262157, rel=1e-4) and S.t_crit(200) == S.t_crit(30)
 
 
 def _rows(plan, seeds, moe=2.0, dense=2.1, softmax=2.0, noshared=2.0, load=(1.2, 1.5), jitter=0.001):
@@ -133,28 +137,28 @@ def _rows(plan, seeds, moe=2.0, dense=2.1, softmax=2.0, noshared=2.0, load=(1.2,
 
 
 def test_claim_verdicts_on_synthetic_rows(tmp_path):
-    plan = C.make_plan()
+    plan = P.make_plan()
     rows = _rows(plan, (0, 1, 2), noshared=2.0)
-    by = {c.id: C.paired_verdict(C.claim_diffs(c, rows, (0, 1, 2)))["verdict"] for c in C.CLAIM_TESTS}
+    by = {c.id: S.paired_verdict(S.claim_diffs(c, rows, (0, 1, 2)))["verdict"] for c in S.CLAIM_TESTS}
     assert by["a"] == "supports"                          # moe 2.0 < dense 2.1
     assert by["b-load"] == "supports"                     # 1.2 < 1.5
     assert by["b-loss"].startswith("cannot resolve")      # identical losses: never a win
     assert by["c"].startswith("cannot resolve")
     assert by["d-ptq"] == "supports"                      # 2.01 < 2.05
     assert by["d-ctrl"].startswith("cannot resolve")      # mean -0.01, seed sd 0.007: the CI contains 0
-    g = C.gap_recovered(rows, (0, 1, 2))
+    g = S.gap_recovered(rows, (0, 1, 2))
     assert [round(x, 6) for x in g["naive"]][1] == round(1 - 0.01 / 0.05, 6)
-    pngs = C.make_plots(rows, (0, 1, 2), tmp_path)
+    pngs = R.make_plots(rows, (0, 1, 2), tmp_path)
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
-    md = C.report_md(plan, rows, (0, 1, 2))
+    md = R.report_md(plan, rows, (0, 1, 2))
     assert "**supports**" in md and "**cannot resolve" in md and "(d-ctrl)" in md
     # a dense worse by 0.1 on two seeds only: no verdict
     two = {k: v for k, v in rows.items() if not k.endswith("s2")}
-    assert C.paired_verdict(C.claim_diffs(C.CLAIM_TESTS[0], two, (0, 1)))["verdict"].startswith("cannot resolve")
+    assert S.paired_verdict(S.claim_diffs(S.CLAIM_TESTS[0], two, (0, 1)))["verdict"].startswith("cannot resolve")
     # rows of another plan are refused
     rows["pre-moe-s0"]["plan"] = "other"
-    with pytest.raises(C.ClaimsError, match="another plan"):
-        C.done_keys(plan, rows)
+    with pytest.raises(P.ClaimsError, match="another plan"):
+        P.done_keys(plan, rows)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -171,13 +175,13 @@ def micro_corpus(tmp_path_factory):
 
 
 def _micro_plan(vocab, claims=("d",)):
-    return C.make_plan(claims, (0,), d=32, n_layers=1, vocab=vocab, seq_len=16, batch=4, ratio=0.05, cont_frac=0.5,
+    return P.make_plan(claims, (0,), d=32, n_layers=1, vocab=vocab, seq_len=16, batch=4, ratio=0.05, cont_frac=0.5,
                          eval_windows=24)
 
 
 def test_resume_skips_finished_runs(micro_corpus, tmp_path):
     corpus, vocab = micro_corpus
-    plan = C.make_plan(("a", "d"), (0, 1), d=32, n_layers=1, vocab=vocab, seq_len=16, batch=4, ratio=0.05,
+    plan = P.make_plan(("a", "d"), (0, 1), d=32, n_layers=1, vocab=vocab, seq_len=16, batch=4, ratio=0.05,
                        eval_windows=8)
     out = tmp_path / "out"
     seen = []
@@ -187,22 +191,22 @@ def test_resume_skips_finished_runs(micro_corpus, tmp_path):
         return dict(key=run.key, kind=run.kind, arm=run.arm, seed=run.seed, plan=plan.fingerprint(), val_loss=1.0,
                     val_int4=1.1, seconds=0.0)
 
-    C.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
+    X.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
     assert seen == [r.key for r in plan.runs]
     (out / "rows" / "pre-dense-s1.json").unlink()
     seen.clear()
-    C.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
+    X.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
     assert seen == ["pre-dense-s1"]
     seen.clear()
-    C.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
+    X.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
     assert seen == []
     import fcntl
 
     with open(out / ".claims.lock", "w") as held:   # another process running on the folder
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         (out / "rows" / "pre-dense-s1.json").unlink()
-        with pytest.raises(C.ClaimsError, match="another"):
-            C.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
+        with pytest.raises(P.ClaimsError, match="another"):
+            X.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
 
 
 def test_micro_end_to_end_claim_d(micro_corpus, tmp_path):
@@ -210,7 +214,7 @@ def test_micro_end_to_end_claim_d(micro_corpus, tmp_path):
     plan = _micro_plan(vocab)
     assert [r.key for r in plan.runs] == ["pre-moe-s0", "cont-float-s0", "cont-qat-s0"]
     out = tmp_path / "out"
-    rows = C.run_claims(plan, corpus, out, log=lambda *_: None)
+    rows = X.run_claims(plan, corpus, out, log=lambda *_: None)
     pre, fl, qa = (rows[k] for k in ("pre-moe-s0", "cont-float-s0", "cont-qat-s0"))
     for r in (pre, fl, qa):
         assert math.isfinite(r["val_loss"]) and math.isfinite(r["val_int4"]) and r["val_loss"] < math.log(vocab) + 1
@@ -221,7 +225,7 @@ def test_micro_end_to_end_claim_d(micro_corpus, tmp_path):
     assert fl["start_float"] == qa["start_float"] == pytest.approx(pre["val_loss"])
     assert fl["start_ptq"] == qa["start_ptq"] == pytest.approx(pre["val_int4"])
     assert fl["val_loss"] != qa["val_loss"]
-    p = C.write_report(plan, out, tmp_path / "res", plots=False)
+    p = R.write_report(plan, out, tmp_path / "res", plots=False)
     assert "(d-ctrl)" in p.read_text() and "1 seed" in p.read_text()
 
 
