@@ -379,7 +379,7 @@ def _main(argv: list[str]) -> int:
     raw = dict(info=info, versions=versions, rows=rows, sizes=o["sizes"], threads=o["threads"],
                engines=o["engines"], repeats={s: o["repeats"] for s in o["sizes"]},
                decode_tokens={s: o["decode_tokens"] for s in o["sizes"]}, max_ctx=o["max_ctx"],
-               exports=[dict(size=s, form=f, **rec) for (s, f), rec in exports.items()])
+               exports=[{**rec, "size": s, "form": f} for (s, f), rec in exports.items()])
     atomic_write(out / "executorch_raw.json", json.dumps(raw, indent=1))
     partial.unlink(missing_ok=True)
     log(f"[executorch_peer] wrote {out / 'executorch.md'}")
