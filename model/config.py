@@ -132,8 +132,9 @@ class ModelConfig:
 
 # ------------------------------------------------------------------------------------------------------
 # Presets. See README "Model sizes" for the reasoning; the accounting below reproduces the table.
-# Vocabulary 49152 (SmolLM2's open BPE tokenizer) for S/M/L: a 202k vocabulary would spend a third of
-# S's 0.3B active budget on the embedding.
+# Vocabulary for S/M/L: SmolLM2's open BPE tokenizer (49152 entries, <|endoftext|> among them) plus the three
+# chat tokens the recipes add (<|user|>, <|assistant|>, <|end|>: 49155), padded to a multiple of 64: 49216. A
+# 202k vocabulary would spend a third of S's 0.3B active budget on the embedding.
 # The MoE layer the paper publishes for S/M/L (shared by the three presets below).
 _PAPER_MOE = dict(
     n_experts=60, top_k=4, n_shared_experts=1, router_score="sigmoid", norm_topk_prob=True,
@@ -153,18 +154,19 @@ PRESETS: dict[str, dict] = {
     # see README "Model sizes". RoPE base 500k for the whole run: 2k pre-training, then 8k without a base change.
     # ffn_dim is only used by layers listed in dense_layers (none here).
     "S": dict(
-        vocab_size=49152, d_model=1280, n_layers=30, n_heads=20, n_kv_heads=4, ffn_dim=3584,
+        vocab_size=49216, d_model=1280, n_layers=30, n_heads=20, n_kv_heads=4, ffn_dim=3584,
         **_PAPER_MOE, expert_ffn_dim=160, shared_ffn_dim=160,
     ),
     "M": dict(
-        vocab_size=49152, d_model=1792, n_layers=29, n_heads=28, n_kv_heads=7, ffn_dim=4864,
+        vocab_size=49216, d_model=1792, n_layers=29, n_heads=28, n_kv_heads=7, ffn_dim=4864,
         **_PAPER_MOE, expert_ffn_dim=256, shared_ffn_dim=256,
     ),
     "L": dict(
-        vocab_size=49152, d_model=2048, n_layers=40, n_heads=32, n_kv_heads=8, ffn_dim=5632,
+        vocab_size=49216, d_model=2048, n_layers=40, n_heads=32, n_kv_heads=8, ffn_dim=5632,
         **_PAPER_MOE, expert_ffn_dim=320, shared_ffn_dim=320,
     ),
-    # The earlier softmax designs, kept because bench/results/*.md measured them (under the names S/M/L):
+    # The earlier softmax designs, kept because bench/results/*.md measured them (under the names S/M/L), as they
+    # were measured (vocab 49152: a run with SmolLM2's tokenizer needs vocab_size=49216 as an override):
     # fine-grained experts of width D/8, one shared expert of the same width, softmax router + LB loss,
     # E/k = 10.7-12, total/active 4.3-5.9.
     "S-softmax": dict(

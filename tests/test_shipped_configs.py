@@ -211,3 +211,27 @@ def test_prepare_cli_bad_input_is_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no source names a prepared store" in err
     assert cli.run(prepare_main, []) == 2 and "give --size or --config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_pretrained_tokenizer_with_the_chat_tokens_fits_the_preset_vocab(size, tmp_path):
+    """The run tokenizer is SmolLM2's 49152 entries (<|endoftext|> among them) plus our other chat tokens; a
+    run refuses a tokenizer larger than the model's vocab_size, so the preset must hold them all. A stand-in
+    with SmolLM2's size and its <|endoftext|> at id 0 keeps this offline."""
+    import dataclasses
+
+    from tokenizers import Tokenizer, models
+
+    from train.tokenizer import prepare_tokenizer
+
+    vocab = {"<|endoftext|>": 0, **{f"t{i}": i for i in range(1, 49152)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    t.add_special_tokens(["<|endoftext|>"])
+    t.save(str(tmp_path / "smollm2-size.json"))
+    rec = _recipe(size)
+    assert rec.tokenizer.kind == "pretrained"
+    tk = dataclasses.replace(rec.tokenizer, file=str(tmp_path / "smollm2-size.json"))
+    rec = dataclasses.replace(rec, tokenizer=tk)
+    tok, _ = prepare_tokenizer(rec, tmp_path, str(tmp_path))
+    assert tok.get_vocab_size() == 49155  # three chat tokens were added
+    assert tok.get_vocab_size() <= rec.model.vocab_size and rec.model.vocab_size % 64 == 0
