@@ -14,6 +14,7 @@ import numpy as np
 
 from bench import mobile_runners as runners
 from bench.machine import loadavg, run_cmd
+from model.config import get_config
 
 MODEL_FORMAT = 4  # bump when the random models change: 4 = model/init.py's balanced random init
 
@@ -90,7 +91,8 @@ def _read_stamp(stamp: Path) -> dict | None:
 
 
 def prepare_models(sizes: list[str], work: Path, seed: int, log, gguf: bool = True) -> dict[str, dict[str, Path]]:
-    """{size: {"ours": .mmoe, "llama.cpp": .gguf}}; reuses a .mmoe whose stamp (size, seed, format) matches.
+    """{size: {"ours": .mmoe, "llama.cpp": .gguf}}; reuses a .mmoe whose stamp (size, seed, format and the
+    preset's whole config, so an edited preset is never measured from a stale file) matches.
     The .gguf is derived from that .mmoe, so it is deleted whenever the .mmoe is rebuilt, and (gguf=False, a
     run without llama.cpp) only made when asked for."""
     work.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,7 @@ def prepare_models(sizes: list[str], work: Path, seed: int, log, gguf: bool = Tr
         paths = model_paths(s, work)
         mm, gg = paths["ours"], paths["llama.cpp"]
         stamp = work / f"{s}.stamp.json"
-        want = dict(size=s, seed=seed, format=MODEL_FORMAT)
+        want = dict(size=s, seed=seed, format=MODEL_FORMAT, config=get_config(s).to_dict())
         if not (_read_stamp(stamp) == want and mm.is_file()):
             stamp.unlink(missing_ok=True)
             gg.unlink(missing_ok=True)

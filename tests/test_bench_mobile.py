@@ -260,3 +260,19 @@ def test_tiny_end_to_end_run_reports_routing_and_commit(tmp_path):
         {f.name for f in out.iterdir()}
     if engines == "ours":
         assert not (work / "tiny-random-q4_0.gguf").exists()  # no GGUF conversion without llama.cpp
+
+
+def test_cached_random_exports_are_rebuilt_when_the_preset_changes(tmp_path, monkeypatch):
+    """The benchmark's cached exports are keyed by the preset's whole config: an edited preset (a vocab change,
+    say) is exported again instead of being measured from a stale file under the same name."""
+    from bench import mobile_driver
+    from model import config
+
+    logs = []
+    p1 = mobile_driver.prepare_models(["tiny"], tmp_path, 0, logs.append, gguf=False)["tiny"]["ours"]
+    t1 = p1.stat().st_mtime_ns
+    mobile_driver.prepare_models(["tiny"], tmp_path, 0, logs.append, gguf=False)
+    assert p1.stat().st_mtime_ns == t1 and len([m for m in logs if "exported" in m]) == 1  # reused
+    monkeypatch.setitem(config.PRESETS, "tiny", dict(config.PRESETS["tiny"], rope_theta=20000.0))
+    mobile_driver.prepare_models(["tiny"], tmp_path, 0, logs.append, gguf=False)
+    assert len([m for m in logs if "exported" in m]) == 2  # the stamp no longer matched: rebuilt
