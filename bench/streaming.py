@@ -6,7 +6,7 @@ the all-resident engine and against plain mmap under the same memory cap.
 For every MODEL@BUDGET of --matrix, three columns, each a fresh worker process (bench/streaming_worker.py)
 started from cold storage (the model file evicted from the page cache, checked with mincore):
   resident  the normal engine with the whole file read into memory first (no cap): the speed to aim for;
-  stream    --mem-budget BUDGET (LRU expert cache, O_DIRECT reads), run inside a child memory cgroup capped at
+  stream    --mem-budget BUDGET (the default LFU expert cache, O_DIRECT reads), run inside a child memory cgroup capped at
             BUDGET (page cache charged to it, as on a phone);
   mmap      the normal engine (mmap) inside the same cgroup cap: the kernel pages the file in and out.
 If a memory cgroup cannot be made here (not root, no controller), the mmap column says why instead of running
@@ -41,7 +41,7 @@ from bench import streaming_runs as runs
 from bench import streaming_sys
 from bench.machine import REPO, engine_commit, loadavg, machine_info
 from bench.streaming_report import write_report
-from mobile.engine import CACHE_POLICIES, default_lib_path
+from mobile.engine import CACHE_POLICIES, DEFAULT_CACHE_POLICY, default_lib_path
 from model import cli
 from model.atomic import atomic_write
 
@@ -117,7 +117,7 @@ def _plan_rows(o: dict) -> list[tuple[str, str, str, str | None]]:
 
     for name, b in o["matrix"]:
         add((name, "-", "resident", None))
-        add((name, b, "stream", "lru"))
+        add((name, b, "stream", DEFAULT_CACHE_POLICY))
         add((name, b, "mmap", None))
     for name, b in o["policy_rows"]:
         add((name, "-", "resident", None))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.machine import describe_commit
+from mobile.engine import DEFAULT_CACHE_POLICY
 from model.atomic import atomic_write
 
 COLUMNS = ("resident", "stream", "mmap")
@@ -37,7 +38,7 @@ def _f(x, fmt=".2f", none="-") -> str:
 
 def goal(raw: dict, model: str, spec: str) -> dict:
     rows = raw["rows"]
-    res, st, mm = (rows.get(_key(model, "-", "resident", "None")), rows.get(_key(model, spec, "stream", "lru")),
+    res, st, mm = (rows.get(_key(model, "-", "resident", "None")), rows.get(_key(model, spec, "stream", DEFAULT_CACHE_POLICY)),
                    rows.get(_key(model, spec, "mmap", "None")))
     g = dict(model=model, spec=spec, stream=tok_s(st), resident=tok_s(res), mmap=tok_s(mm))
     g["vs_resident"] = g["stream"] / g["resident"] if g["stream"] and g["resident"] else None
@@ -57,7 +58,7 @@ def _main_table(raw: dict, plan: list) -> list[str]:
            "slots / layer | tokens = resident | load avg (1 min, end) |", "|" + "---|" * 16]
     seen, shown_resident = [], set()
     for model, spec, variant, policy in plan:
-        if variant == "resident" or (variant == "stream" and policy != "lru") or (model, spec) in seen:
+        if variant == "resident" or (variant == "stream" and policy != DEFAULT_CACHE_POLICY) or (model, spec) in seen:
             continue
         if not any(m == model and s == spec and v == "mmap" for m, s, v, _ in plan):
             continue  # a policy-only row: in the policy table
@@ -68,7 +69,7 @@ def _main_table(raw: dict, plan: list) -> list[str]:
                 continue  # one resident row a model, above its first budget
             shown_resident.add(model)
             r = rows.get(_key(model, "-", "resident", "None") if col == "resident" else
-                         _key(model, spec, col, "lru" if col == "stream" else "None"))
+                         _key(model, spec, col, DEFAULT_CACHE_POLICY if col == "stream" else "None"))
             b = r.get("budget_mb") if r else None
             budget = ("- (no cap)" if col == "resident" else _f(b, ".0f") if b is not None else spec)
             if not _ok(r):
@@ -136,7 +137,7 @@ def write_plot(raw: dict, plan: list, path: Path) -> Path:
     x, w = np.arange(len(groups)), 0.27
     for j, col in enumerate(COLUMNS):
         ys = [tok_s(rows.get(_key(m, "-", "resident", "None") if col == "resident" else
-                             _key(m, s, col, "lru" if col == "stream" else "None"))) for m, s in groups]
+                             _key(m, s, col, DEFAULT_CACHE_POLICY if col == "stream" else "None"))) for m, s in groups]
         ax.bar(x + (j - 1) * w, [y or 0 for y in ys], w, label=col if col != "mmap" else "mmap under the cap")
         for xi, y in zip(x, ys):
             ax.text(xi + (j - 1) * w, (y or 0), "n/a" if y is None else f"{y:.2g}", ha="center", va="bottom",
@@ -197,7 +198,8 @@ def report_text(raw: dict, plan: list, goal_spec: tuple[str, str], png_name: str
         "",
         "## Decode per size and budget",
         "",
-        "resident: the whole file read into memory, then the normal engine; stream: `--mem-budget` (LRU); mmap: "
+        f"resident: the whole file read into memory, then the normal engine; stream: `--mem-budget` "
+        f"({DEFAULT_CACHE_POLICY.upper()}, the default policy); mmap: "
         "the normal engine under the cap. Storage MB / token: this process's storage reads during decode "
         "(/proc/self/io read_bytes: O_DIRECT reads and page faults alike). I/O wait: the engine's stall time "
         "(compute waiting for expert reads); the mmap column's waits are inside its page faults, which the "

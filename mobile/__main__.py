@@ -232,7 +232,7 @@ def build_parser():
                         "file and are read on demand into an expert cache sized from it; below the model's "
                         "minimum is an error naming it; unset: off, everything mmapped")
     g.add_argument("--cache-policy", type=one_of(("lru", "lfu", "pin")), default=None, metavar="lru|lfu|pin",
-                   help="expert-cache eviction under --mem-budget; unset: lru, the best measured")
+                   help="expert-cache eviction under --mem-budget; unset: lfu, the best measured")
     i = sub.add_parser("info", help="validate a .mmoe file, print its header and tensor table",
                        formatter_class=p.formatter_class,
                        description="Validate a .mmoe file with the C engine's loader, then print its header and "

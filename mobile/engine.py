@@ -28,7 +28,7 @@ TIMERS = ("attention", "router", "experts", "shared", "lm_head", "other")
 CACHE_STATS = ("hits", "misses", "evictions", "bytes_read", "read_ns", "stall_ns", "slots_per_layer", "slot_bytes",
                "moe_layers", "policy", "direct_io", "io_threads", "budget", "min_budget", "resident_bytes")
 CACHE_POLICIES = ("lru", "lfu", "pin")  # mmoe.h MMOE_CACHE_* order
-DEFAULT_CACHE_POLICY = "lru"  # best hit rate measured (mobile/README.md, "Running under a memory budget")
+DEFAULT_CACHE_POLICY = "lfu"  # best hit rate measured (bench/results/streaming.md; mobile/README.md)
 MiB = 1 << 20
 _LIB = None
 

@@ -10,6 +10,7 @@ import sys
 from bench import streaming_sys
 from bench.streaming import _plan_rows
 from bench.streaming_report import report_text, write_report
+from mobile.engine import DEFAULT_CACHE_POLICY
 from tests._mobile_util import ROOT, build_engine
 
 
@@ -26,7 +27,7 @@ def test_quick_run_measures_every_column_and_resumes(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     raw = json.loads((out / "streaming_raw.json").read_text())
     rows = raw["rows"]
-    res, st, mm = rows["quick|-|resident|None"], rows["quick|40%|stream|lru"], rows["quick|40%|mmap|None"]
+    res, st, mm = rows["quick|-|resident|None"], rows[f"quick|40%|stream|{DEFAULT_CACHE_POLICY}"], rows["quick|40%|mmap|None"]
     assert res["evicted_left"] < 0.01 and st["evicted_left"] < 0.01  # cold storage before each run
     # the budget bounds the whole worker's peak RSS, and the expert cache really was smaller than the experts
     assert st["vm_hwm_mb"] <= st["budget_mb"], (st["vm_hwm_mb"], st["budget_mb"])
@@ -44,7 +45,7 @@ def test_quick_run_measures_every_column_and_resumes(tmp_path):
         assert mm["cgroup_peak_mb"] <= mm["cap_mb"] + 1e-6
     else:  # never silently uncapped
         assert "decode" not in mm and mm["unavailable"] == cap_reason and cap_reason
-    assert "not found" in rows["trained|25%|stream|lru"]["unavailable"]
+    assert "not found" in rows[f"trained|25%|stream|{DEFAULT_CACHE_POLICY}"]["unavailable"]
     md = (out / "streaming.md").read_text()
     for col in ("decode tok/s", "x resident", "decode hit rate", "storage MB / token", "I/O wait s (share)",
                 "VmHWM MiB", "cgroup peak MiB", "tokens = resident", "Engine commit", "Engine threads 2",
@@ -67,14 +68,14 @@ def test_bad_matrix_is_one_line_exit_2(tmp_path):
 def _row(variant, tok_s, ids, budget=None, **extra):
     d = dict(s=63 / tok_s, tokens=63, storage_bytes=63 * 5_000_000, major_faults=0, cpu_s=1.0, cache={})
     if variant == "stream":
-        d["cache"] = dict(hit_rate=0.8, stall_s=1.5, slots_per_layer=21, policy="lru")
+        d["cache"] = dict(hit_rate=0.8, stall_s=1.5, slots_per_layer=21, policy=DEFAULT_CACHE_POLICY)
     return dict(variant=variant, budget_mb=budget, decode=d, prefill=dict(s=2.0, tokens=64), ids=ids, loadavg_end="3.5 2 1",
                 vm_hwm_mb=(budget or 3100) - 20, cgroup_peak_mb=budget and budget - 5, **extra)
 
 
 def _canned(mmap_row) -> dict:
     rows = {"L|-|resident|None": _row("resident", 4.0, [1, 2, 3]),
-            "L|1500|stream|lru": _row("stream", 2.5, [1, 2, 3], 1500.0),
+            f"L|1500|stream|{DEFAULT_CACHE_POLICY}": _row("stream", 2.5, [1, 2, 3], 1500.0),
             "L|1500|mmap|None": mmap_row}
     sig = dict(threads=2, io_threads=2, prompt_tokens=64, decode_tokens=64, trained_decode_tokens=128, seed=0,
                temperature=0.8, top_p=0.95, max_ctx=385, trained_prompt="x")

@@ -57,7 +57,7 @@ static void help(void) {
            "                           into an expert cache sized from the budget, in [1, %ld]; a budget below\n"
            "                           the model's minimum is refused, naming it (default: off, all mmapped)\n"
            "  --cache-policy P         expert-cache eviction under --mem-budget: lru, lfu, or pin (each layer's\n"
-           "                           most-routed experts of the prompt stay cached) (default: lru)\n"
+           "                           most-routed experts of the prompt stay cached) (default: lfu)\n"
            "  --io-threads N           expert-read threads under --mem-budget, in [1, 16] (default: 2)\n"
            "  -h, --help               this help\n"
            "\n"
@@ -112,7 +112,7 @@ static int parse_float(const char *s, const char *what, double lo, int lo_open, 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *prompt = NULL, *prompt_ids = NULL;
     long n_new = 64, threads = 1, seed = 0, max_ctx = 0, budget_mb = 0, io_threads = 2;
-    int policy = MMOE_CACHE_LRU; /* the best hit rate measured (mobile/README.md) */
+    int policy = MMOE_CACHE_LFU; /* the best hit rate measured (bench/results/streaming.md) */
     const char *cache_opt = NULL; /* --cache-policy / --io-threads given: they need --mem-budget */
     float temp = 0.8f, top_p = 0.95f;
     int greedy = 0, print_ids = 0, profile = 0, float_path = 0, ignore_eos = 0, check = 0;
