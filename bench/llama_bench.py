@@ -190,8 +190,9 @@ def driver_plan(vocab: int, seed: int) -> dict:
 
 
 def driver_tps(res: dict, shape: Shape) -> float:
+    """tok/s of a bench.mobile worker's JSON line (seconds per prefill / per decode context) for one shape."""
     kind, key = shape.driver_key()
-    n = shape.n_prompt if kind == "prefill" else res["decode_tokens"]
+    n = shape.n_prompt if kind == "prefill" else shape.n_gen
     v = res[kind].get(key)
     return n / v if v else float("nan")
 
@@ -321,7 +322,10 @@ def build_parser():
     p.add_argument("--sizes", default="S,dense-1B", help="comma-separated presets (model/config.py)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="interleaved repeats of every method")
-    p.add_argument("--bench-reps", type=cli.positive_int, default=1, help="llama-bench -r per process")
+    # llama-bench warms a tg test up with one token, so its first tg64 sample also pays the first touch of the
+    # experts that token did not use (the driver's decode follows its prefills): the median of 3 drops that sample
+    p.add_argument("--bench-reps", type=cli.positive_int, default=3, help="llama-bench -r per process (the median "
+                   "of its samples is used)")
     p.add_argument("--no-fa-check", action="store_true", help="skip the llama-bench tg64 @ d1024 run with flash "
                    "attention off")
     p.add_argument("--work", default="/tmp/mmoe-bench", help="where bench.mobile's model files are (or go)")

@@ -85,6 +85,13 @@ def test_command_line_of_each_shape(tmp_path):
     assert plan["prompts"] == [128, 512] and plan["decode_contexts"] == [0, 1024] and plan["decode_tokens"] == 64
 
 
+def test_driver_tps_from_a_worker_line():
+    # the JSON line bench.mobile's worker prints: seconds per prefill length and per decode context
+    res = {"engine": "ours", "prefill": {"128": 2.0, "512": 8.0}, "decode": {"0": 1.0, "1024": 4.0}}
+    tps = {s.name: lb.driver_tps(res, s) for s in lb.SHAPES}
+    assert tps == {"pp128": 64.0, "pp512": 64.0, "tg64": 64.0, "tg64@d1024": 16.0}
+
+
 def test_missing_binary_and_missing_tools_are_one_line_errors(tmp_path):
     with pytest.raises(cli.BadInput, match="not an executable file"):
         lb.locate_or_build(tmp_path, "0.3.36", print, exe=str(tmp_path / "nope"))
