@@ -121,6 +121,21 @@ def test_engine_prefetch_needs_budget(models):
         Engine(models["tiny"], prefetch=True)
 
 
+def test_bench_prefetch_smoke(models, tmp_path):
+    """bench.prefetch: interleaved off/on rows with exact slot counts and the same decoded tokens (it raises
+    otherwise); the prefetch rows count issued and used reads, the others none."""
+    import json
+
+    from bench import prefetch
+
+    out = tmp_path / "rows.json"
+    assert prefetch.main(["--model", str(models["mid"]), "--slots", "6", "--random-ids", "--prompt-tokens", "8",
+                          "--decode-tokens", "8", "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["prefetch"] for r in rows] == [False, True] and all(r["slots"] == 6 for r in rows)
+    assert rows[0]["issued"] == 0 and rows[1]["issued"] > 0 and rows[1]["used"] > 0, rows
+
+
 def test_cli_tokens_and_budget_vmhwm(models):
     """mmoe-run on the 171 MB model: the same tokens resident, under 60 MB (each policy, O_DIRECT and the
     pread + DONTNEED fallback) and under its minimum; VmHWM (the whole C process) within the budget."""
