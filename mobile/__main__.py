@@ -4,7 +4,7 @@
   export   --random-init --size tiny|S|M|L|dense-1B --out F.mmoe [--seed N] [--tokenizer tokenizer.json]
   generate --model F.mmoe --prompt "..." --max-new-tokens N [--greedy] [--threads T] [--chat] [--temperature X]
            [--top-p P] [--seed S] [--prompt-ids 1,2,3] [--ids] [--profile] [--float]
-           [--mem-budget MB [--cache-policy lru|lfu|pin]]
+           [--mem-budget MB [--cache-policy lru|lfu|pin] [--prefetch]]
   info     --model F.mmoe      (header, tensor table summary)
   export --format gguf (--ckpt DIR | --random-init --size S | --from-mmoe F.mmoe) --out F.gguf --type f32|f16|q4_0
            llama.cpp GGUF (mobile/gguf_export.py)
@@ -95,12 +95,14 @@ def _generate(a) -> int:
 
     if a.cache_policy and a.mem_budget is None:
         raise BadInput("--cache-policy chooses how the expert cache of --mem-budget evicts: give --mem-budget too")
+    if a.prefetch and a.mem_budget is None:
+        raise BadInput("--prefetch fills the expert cache of --mem-budget: give --mem-budget too")
     # under a budget the KV cache is sized for this run, as mmoe-run does, not for the model's whole context
     # (a byte-level tokenizer makes at most one token a byte, so the prompt's bytes bound its tokens)
     ctx = 0 if a.mem_budget is None else len(prompt) + a.max_new_tokens
     try:
         eng = Engine(a.model, threads=a.threads, max_ctx=ctx, float_path=a.float, mem_budget_mb=a.mem_budget,
-                     cache_policy=a.cache_policy or DEFAULT_CACHE_POLICY)
+                     cache_policy=a.cache_policy or DEFAULT_CACHE_POLICY, prefetch=a.prefetch)
     except ValueError as e:
         if str(e).startswith("memory budget"):  # the C engine's refusal: name the option
             raise BadInput(f"--mem-budget {a.mem_budget:g}: {e}") from None
@@ -134,6 +136,10 @@ def _generate(a) -> int:
                   f"{cs['budget_mb']:.1f} MB (min {cs['min_budget_mb']:.1f}), hits {cs['hits']} misses {cs['misses']} "
                   f"(hit rate {100 * cs['hit_rate']:.1f}%), read {cs['bytes_read'] / 2**20:.1f} MB, "
                   f"stalled {cs['stall_s']:.3f} s", file=stats)
+            if cs["prefetch"]:
+                print(f"-- prefetch: issued {cs['prefetch_issued']} used {cs['prefetch_used']} (accuracy "
+                      f"{100 * cs['prefetch_accuracy']:.1f}%) wasted {cs['prefetch_wasted']} cancelled "
+                      f"{cs['prefetch_cancelled']}", file=stats)
         if a.profile:
             tot = sum(g.profile.values()) or 1.0
             for k, v in g.profile.items():
@@ -233,6 +239,10 @@ def build_parser():
                         "minimum is an error naming it; unset: off, everything mmapped")
     g.add_argument("--cache-policy", type=one_of(("lru", "lfu", "pin")), default=None, metavar="lru|lfu|pin",
                    help="expert-cache eviction under --mem-budget; unset: lfu, the best measured")
+    g.add_argument("--prefetch", action="store_true",
+                   help="under --mem-budget, each decode step guesses the next MoE layer's experts (its router on "
+                        "the current hidden state) and reads the uncached ones while this layer computes; same "
+                        "outputs")
     i = sub.add_parser("info", help="validate a .mmoe file, print its header and tensor table",
                        formatter_class=p.formatter_class,
                        description="Validate a .mmoe file with the C engine's loader, then print its header and "

@@ -26,7 +26,8 @@ from mobile.format import HEADER_SIZE, LAYER_MOE, read_header
 TIMERS = ("attention", "router", "experts", "shared", "lm_head", "other")
 # mmoe.h MMOE_CS_* order
 CACHE_STATS = ("hits", "misses", "evictions", "bytes_read", "read_ns", "stall_ns", "slots_per_layer", "slot_bytes",
-               "moe_layers", "policy", "direct_io", "io_threads", "budget", "min_budget", "resident_bytes")
+               "moe_layers", "policy", "direct_io", "io_threads", "budget", "min_budget", "resident_bytes", "prefetch",
+               "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled")
 CACHE_POLICIES = ("lru", "lfu", "pin")  # mmoe.h MMOE_CACHE_* order
 DEFAULT_CACHE_POLICY = "lfu"  # best hit rate measured (bench/results/streaming.md; mobile/README.md)
 MiB = 1 << 20
@@ -66,6 +67,7 @@ def load_lib(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         "mmoe_ctx_new_streaming": (c_p, [c_p, c_i, c_i, c_i, ctypes.c_uint64, c_i, c_i, ctypes.c_char_p, c_sz]),
         "mmoe_cache_stats": (c_i, [c_p, c_p]),
         "mmoe_cache_stats_reset": (None, [c_p]),
+        "mmoe_ctx_set_prefetch": (c_i, [c_p, c_i]),
         "mmoe_tokenize": (c_i, [c_p, ctypes.c_char_p, c_sz, c_p, c_i]),
         "mmoe_token_bytes": (c_i, [c_p, ctypes.c_int32, ctypes.c_char_p, c_i]),
         "mmoe_token_is_stop": (c_i, [c_p, ctypes.c_int32]),
@@ -140,11 +142,13 @@ class Engine:
     memory at open included, see mmoe.h): every tensor except the routed experts is read into memory, the
     experts are read from the file on demand into an expert cache (cache_policy "lru", "lfu" or "pin";
     io_threads read threads) sized from what the budget leaves. Outputs are bit-identical to the default
-    (everything mmapped). A budget below the minimum raises ValueError naming both."""
+    (everything mmapped). A budget below the minimum raises ValueError naming both. prefetch=True (needs a
+    budget): each decode step reads the next MoE layer's guessed experts (its router on the current hidden
+    state) while this layer computes; outputs unchanged, counted in cache_stats()."""
 
     def __init__(self, path: str | os.PathLike, threads: int = 1, max_ctx: int = 0, float_path: bool = False,
                  lib: str | os.PathLike | None = None, mem_budget_mb: float | None = None,
-                 cache_policy: str = DEFAULT_CACHE_POLICY, io_threads: int = 2):
+                 cache_policy: str = DEFAULT_CACHE_POLICY, io_threads: int = 2, prefetch: bool = False):
         self.lib = load_lib(lib)
         err = ctypes.create_string_buffer(512)
         stream = mem_budget_mb is not None
@@ -156,6 +160,8 @@ class Engine:
                 raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
             if not 1 <= int(io_threads) <= 16:
                 raise ValueError(f"io_threads must be in [1, 16], got {io_threads!r}")
+        elif prefetch:
+            raise ValueError("prefetch fills the expert cache of a memory budget: give mem_budget_mb too")
         opener = self.lib.mmoe_model_open_streaming if stream else self.lib.mmoe_model_open
         self._m = opener(os.fsencode(path), err, len(err))
         if not self._m:
@@ -171,6 +177,8 @@ class Engine:
             self.lib.mmoe_model_close(self._m)
             self._m = None
             raise ValueError(err.value.decode(errors="replace"))
+        if stream and prefetch:
+            self.lib.mmoe_ctx_set_prefetch(self._c, 1)
         self.threads = int(threads)
         self.vocab_size = self.info("vocab_size")
         self.eos_id = self.info("eos_id")
@@ -272,7 +280,8 @@ class Engine:
         """The expert cache's figures since the last cache_stats_reset (generate resets them): hits / misses
         count (MoE layer, forward step, selected expert) uses, plus hit_rate, evictions, bytes_read, read_s (I/O
         thread time), stall_s (compute waiting for reads), slots_per_layer, policy, direct_io, budget_mb,
-        min_budget_mb, resident_mb. {} without a memory budget."""
+        min_budget_mb, resident_mb; prefetch (on/off), prefetch_issued / _used / _wasted / _cancelled and
+        prefetch_accuracy (used / issued). {} without a memory budget."""
         a = np.zeros(len(CACHE_STATS), dtype=np.uint64)
         if self.lib.mmoe_cache_stats(self._c, _ptr(a)) != 0:
             return {}
@@ -281,6 +290,8 @@ class Engine:
         d["hit_rate"] = d["hits"] / uses if uses else 0.0
         d["policy"] = CACHE_POLICIES[d["policy"]]
         d["direct_io"] = bool(d["direct_io"])
+        d["prefetch"] = bool(d["prefetch"])
+        d["prefetch_accuracy"] = d["prefetch_used"] / d["prefetch_issued"] if d["prefetch_issued"] else 0.0
         d["read_s"], d["stall_s"] = d.pop("read_ns") * 1e-9, d.pop("stall_ns") * 1e-9
         for k in ("budget", "min_budget", "resident_bytes"):
             d[k.replace("_bytes", "") + "_mb"] = d.pop(k) / MiB

@@ -2,7 +2,7 @@
 experts stay in the file and are read on demand into an expert cache (mobile/c/cache.c).
 
 Checked here: logits and greedy tokens are bit-identical to the all-resident engine for every cache policy, with
-budgets that force misses, evictions and multi-wave prefill; the C CLI stays within its budget (VmHWM of a 171 MB
+and without next-layer prefetch, with budgets that force misses, evictions and multi-wave prefill; the C CLI stays within its budget (VmHWM of a 171 MB
 model under 60 MB: the C process, so no Python baseline is hidden in the figure); the static aarch64 build under
 qemu gives the x86 resident tokens with a budget; bad budgets are one-line errors (exit 2); the ASan + UBSan build
 runs the streaming path clean."""
@@ -91,18 +91,49 @@ def test_engine_bit_identical_under_budget(models, name):
     # near the minimum (top_k slots a layer), a few more slots, and everything fitting
     for extra in (0.3, 0.8, 4096):
         for pol in POLICIES:
-            # the minimum includes this process's RSS at open, which drifts as Python allocates: probe it
-            # right before
-            with Engine(path, mem_budget_mb=4096) as probe:
-                base = probe.min_budget_mb()
-            pre, steps, ids, cs = _engine_trace(path, mem_budget_mb=base + extra, cache_policy=pol)
-            assert np.array_equal(pre, ref_pre) and np.array_equal(steps, ref_steps), (name, extra, pol)
-            assert ids == ref_ids, (name, extra, pol)
-            assert cs["policy"] == pol and cs["hits"] + cs["misses"] > 0
-            if extra < 1:
-                assert cs["slots_per_layer"] < n_experts and cs["misses"] > 0 and cs["evictions"] > 0, cs
-            else:
-                assert cs["slots_per_layer"] == n_experts and cs["evictions"] == 0, cs
+            for pf in (False, True):
+                # the minimum includes this process's RSS at open, which drifts as Python allocates: probe it
+                # right before
+                with Engine(path, mem_budget_mb=4096) as probe:
+                    base = probe.min_budget_mb()
+                pre, steps, ids, cs = _engine_trace(path, mem_budget_mb=base + extra, cache_policy=pol, prefetch=pf)
+                case = (name, extra, pol, pf)
+                assert np.array_equal(pre, ref_pre) and np.array_equal(steps, ref_steps), case
+                assert ids == ref_ids, case
+                assert cs["policy"] == pol and cs["hits"] + cs["misses"] > 0 and cs["prefetch"] == pf
+                if extra < 1:
+                    assert cs["slots_per_layer"] < n_experts and cs["misses"] > 0 and cs["evictions"] > 0, cs
+                else:
+                    assert cs["slots_per_layer"] == n_experts and cs["evictions"] == 0, cs
+                pf_counts = [cs[k] for k in ("prefetch_issued", "prefetch_used", "prefetch_wasted",
+                                             "prefetch_cancelled")]
+                if not pf:
+                    assert pf_counts == [0, 0, 0, 0], cs
+                elif extra < 1:  # the guesses are read, and some are what the routing then picks
+                    assert cs["prefetch_issued"] > 0 and cs["prefetch_used"] > 0, cs
+                    assert cs["prefetch_used"] <= cs["prefetch_issued"] + cs["slots_per_layer"] * 4, cs
+
+
+def test_engine_prefetch_needs_budget(models):
+    from mobile.engine import Engine
+
+    with pytest.raises(ValueError, match="prefetch .*mem_budget_mb"):
+        Engine(models["tiny"], prefetch=True)
+
+
+def test_bench_prefetch_smoke(models, tmp_path):
+    """bench.prefetch: interleaved off/on rows with exact slot counts and the same decoded tokens (it raises
+    otherwise); the prefetch rows count issued and used reads, the others none."""
+    import json
+
+    from bench import prefetch
+
+    out = tmp_path / "rows.json"
+    assert prefetch.main(["--model", str(models["mid"]), "--slots", "6", "--random-ids", "--prompt-tokens", "8",
+                          "--decode-tokens", "8", "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["prefetch"] for r in rows] == [False, True] and all(r["slots"] == 6 for r in rows)
+    assert rows[0]["issued"] == 0 and rows[1]["issued"] > 0 and rows[1]["used"] > 0, rows
 
 
 def test_cli_tokens_and_budget_vmhwm(models):
@@ -115,16 +146,21 @@ def test_cli_tokens_and_budget_vmhwm(models):
     ref_ids = _ids(ref)
     hwm_ref = float(re.search(r"peak RSS: ([\d.]+) MB \(VmHWM\)", ref.stderr).group(1))
     assert hwm_ref > 150, ref.stderr  # resident: the whole file ends up mapped in
-    runs = [(pol, 1, {}) for pol in POLICIES] + [("lru", 2, {"MMOE_NO_DIRECT": "1"})]
-    for pol, threads, extra_env in runs:
+    runs = [(pol, 1, {}, ()) for pol in POLICIES] + [("lru", 2, {"MMOE_NO_DIRECT": "1"}, ()),
+                                                      ("lfu", 2, {}, ("--prefetch",))]
+    for pol, threads, extra_env, more in runs:
         env = dict(os.environ, **extra_env)
-        r = _run(exe, big, "-n", 24, "-t", threads, "--mem-budget", 60, "--cache-policy", pol, env=env)
+        r = _run(exe, big, "-n", 24, "-t", threads, "--mem-budget", 60, "--cache-policy", pol, *more, env=env)
         assert _ids(r) == ref_ids, (pol, extra_env, r.stderr)
         hwm = float(re.search(r"peak RSS: ([\d.]+) MB \(VmHWM\)", r.stderr).group(1))
         assert hwm <= 60.0, f"VmHWM {hwm} MB over the 60 MB budget ({pol}):\n{r.stderr}"
         cs = _cache_line(r.stderr)
         assert cs["slots"] < 64 and cs["misses"] > cs["hits"] / 10 and cs["evictions"] > 0, cs
         assert ("O_DIRECT" in r.stderr) != bool(extra_env), r.stderr
+        pf = re.search(r"prefetch: issued (\d+) used (\d+)", r.stderr)
+        assert bool(pf) == bool(more), r.stderr
+        if pf:
+            assert int(pf.group(1)) > 0 and int(pf.group(2)) > 0, r.stderr
     # the minimum budget (top_k slots a layer): still exact, still within
     m = re.search(r"min ([\d.]+) MB", r.stderr)
     lo = int(np.ceil(float(m.group(1))))
@@ -143,6 +179,7 @@ def test_cli_tokens_and_budget_vmhwm(models):
     (["--mem-budget", "60", "--cache-policy", "fifo"], "--cache-policy must be lru, lfu or pin"),
     (["--mem-budget", "60", "--io-threads", "0"], "--io-threads must be an integer"),
     (["--cache-policy", "pin"], "--cache-policy configures the expert cache of --mem-budget"),
+    (["--prefetch"], "--prefetch configures the expert cache of --mem-budget"),
 ])
 def test_cli_bad_budget(models, args, msg):
     r = _run(BUILD / "mmoe-run", models["big"], "-n", 4, *args)
@@ -157,6 +194,7 @@ def test_cli_bad_budget(models, args, msg):
     (["--mem-budget", "nan"], "--mem-budget"),
     (["--cache-policy", "lru"], "give --mem-budget too"),
     (["--mem-budget", "100", "--cache-policy", "mru"], "--cache-policy"),
+    (["--prefetch"], "--prefetch fills the expert cache of --mem-budget: give --mem-budget too"),
 ])
 def test_python_bad_budget(models, args, msg):
     cmd = [sys.executable, "-m", "mobile", "generate", "--model", str(models["tiny"]), "--prompt-ids", "1,2,3",
@@ -175,7 +213,11 @@ def test_python_generate_with_budget(models):
                        timeout=120, cwd=ROOT)
     assert ref.returncode == 0 and r.returncode == 0, r.stderr
     assert r.stdout == ref.stdout
-    assert "-- expert cache: policy pin" in r.stderr, r.stderr
+    assert "-- expert cache: policy pin" in r.stderr and "-- prefetch" not in r.stderr, r.stderr
+    r = subprocess.run(cmd + ["--mem-budget", "400", "--prefetch"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode == 0 and r.stdout == ref.stdout, r.stderr
+    assert re.search(r"-- prefetch: issued \d+ used \d+ \(accuracy", r.stderr), r.stderr
 
 
 def test_python_generate_vmhwm_within_budget(models):
@@ -226,10 +268,11 @@ def test_arm_qemu_budget_tokens_equal_x86(models):
     # handful of slots of the 32 experts a layer
     qemu = ["qemu-aarch64", "-cpu", "cortex-a76"]
     budget = int(np.ceil(_min_mb(arm / "mmoe-run", mid, prefix=qemu))) + 2
-    for pol, threads in (("lru", 1), ("pin", 2)):
+    for pol, threads, more in (("lru", 1, ()), ("pin", 2, ("--prefetch",))):
         r = _run(arm / "mmoe-run", mid, "-n", 24, "--mem-budget", budget, "--cache-policy", pol, "-t", threads,
-                 prefix=qemu)
+                 *more, prefix=qemu)
         assert _ids(r) == ref_ids, r.stderr
+        assert ("prefetch: issued" in r.stderr) == bool(more), r.stderr
         cs = _cache_line(r.stderr)
         assert cs["slots"] < 32 and cs["misses"] > 0 and cs["evictions"] > 0, r.stderr
 
@@ -243,8 +286,9 @@ def test_sanitizers_clean_on_streaming(models):
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=86",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87")
     budget = int(np.ceil(_min_mb(exe, models["mid"], env=env))) + 1  # ASan's shadow memory raises the minimum
-    for pol in POLICIES:
-        r = _run(exe, models["mid"], "-n", 12, "-t", 2, "--mem-budget", budget, "--cache-policy", pol, env=env)
+    for pol, more in [(p, ()) for p in POLICIES] + [("lfu", ("--prefetch",))]:
+        r = _run(exe, models["mid"], "-n", 12, "-t", 2, "--mem-budget", budget, "--cache-policy", pol, *more,
+                 env=env)
         assert "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr
         assert _ids(r) == ref_ids, r.stderr
         cs = _cache_line(r.stderr)

@@ -19,7 +19,16 @@
  *   pin  after each prompt (an eval from position 0) the S - top_k experts of each layer the prompt routed the
  *        most tokens to become that layer's hot set: they are evicted only when nothing else can be, the other
  *        slots are LRU. Before the first prompt ends it is LRU.
- * The policy changes which bytes are read, never what is computed: outputs are those of the resident engine. */
+ * The policy changes which bytes are read, never what is computed: outputs are those of the resident engine.
+ *
+ * Prefetch (opt-in, decode): model.c guesses the next MoE layer's top-k from the current hidden state and
+ * mmoe_cache_prefetch reads the guessed experts that are not cached into that layer's victim slots, on the
+ * same I/O threads but behind every read of the current wave (demand reads are always taken first). The
+ * next mmoe_cache_begin of that layer settles the batch: reads no thread has started are cancelled (their
+ * slots emptied), started ones are waited for (counted as stall). A prefetched slot that the real routing
+ * has not selected yet is the first victim after empty slots, so a wrong guess gives back the slot it took
+ * (the policy's next victim) rather than pushing out a second expert. Prefetch only fills slots: what is
+ * computed is decided by the real routing. */
 #define _GNU_SOURCE /* O_DIRECT */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,7 +47,8 @@
 const char *const mmoe_cache_policy_names[3] = {"lru", "lfu", "pin"};
 const char *const mmoe_cache_stat_names[MMOE_CS_COUNT] = {
     "hits", "misses", "evictions", "bytes_read", "read_ns", "stall_ns", "slots_per_layer", "slot_bytes",
-    "moe_layers", "policy", "direct_io", "io_threads", "budget", "min_budget", "resident_bytes"};
+    "moe_layers", "policy", "direct_io", "io_threads", "budget", "min_budget", "resident_bytes", "prefetch",
+    "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled"};
 
 typedef struct {
     uint64_t off, len;
@@ -65,6 +75,14 @@ struct mmoe_cache {
     uint64_t tick;
     int learning;
     uint64_t hits, misses, evictions, bytes_read, stall_ns;
+    /* prefetch: one batch of at most K reads into MoE layer pf_li's slots, settled by that layer's next begin */
+    uint8_t *pf_mark;      /* [n_moe][S]: holds a prefetched expert the routing has not selected since */
+    uint8_t *pbusy;        /* [S]: slots the batch being planned keeps */
+    io_req *pq;            /* [K] */
+    int32_t *pslot;        /* [K]: the slot of pq[i] */
+    uint8_t *pfail;        /* [K]: its read failed */
+    int pnq, pf_li;        /* requests in the batch (0: none outstanding), their MoE layer */
+    uint64_t pf_issued, pf_used, pf_wasted, pf_cancelled;
     /* I/O threads: one batch at a time (the engine waits for a wave before planning the next) */
     pthread_t th[IO_THREADS_MAX];
     int n_started;
@@ -73,6 +91,7 @@ struct mmoe_cache {
     io_req *q;
     uint8_t *rdone;        /* [S]: 1 = read finished, 2 = handed to the engine */
     int qn, qhead, inflight, taken, quit, io_err;
+    int pqn, pqhead, pinflight; /* the prefetch queue: pq[pqhead..pqn) not started, pinflight running */
     uint64_t read_ns;
     char io_msg[200];
 };
@@ -105,7 +124,8 @@ size_t mmoe_cache_slot_bytes(const mmoe_model *m) {
 size_t mmoe_cache_meta_bytes(const mmoe_model *m, int S) {
     size_t nm = (size_t)mmoe_model_moe_layers(m), E = m->cfg.n_experts ? m->cfg.n_experts : 1, s = (size_t)S;
     return sizeof(struct mmoe_cache) + sizeof(int) * m->cfg.n_layers + nm * s * (4 + 4 + 8) +
-           nm * E * (4 + 8 + 8 + 1) + s * (1 + 4 + sizeof(io_req));
+           nm * E * (4 + 8 + 8 + 1) + s * (1 + 4 + sizeof(io_req)) + nm * s + s +
+           (size_t)m->cfg.top_k * (sizeof(io_req) + 4 + 1);
 }
 
 /* One record into its slot. *direct: try O_DIRECT first; cleared when the filesystem refuses this read's
@@ -153,9 +173,11 @@ static void *io_worker(void *arg) {
     mmoe_cache *c = arg;
     pthread_mutex_lock(&c->mu);
     for (;;) {
-        while (!c->quit && c->qhead == c->qn) pthread_cond_wait(&c->have, &c->mu);
+        while (!c->quit && c->qhead == c->qn && c->pqhead == c->pqn) pthread_cond_wait(&c->have, &c->mu);
         if (c->quit) break;
-        io_req r = c->q[c->qhead++];
+        int pf = c->qhead == c->qn; /* the current wave's reads first: compute is waiting for them */
+        io_req r = pf ? c->pq[c->pqhead++] : c->q[c->qhead++];
+        if (pf) c->pinflight++;
         int direct = c->direct;
         pthread_mutex_unlock(&c->mu);
         char msg[200] = "";
@@ -165,6 +187,12 @@ static void *io_worker(void *arg) {
         pthread_mutex_lock(&c->mu);
         c->read_ns += dt;
         if (!direct) c->direct = 0;
+        if (pf) { /* a failed prefetch is no error: its slot is emptied and a real use reads (and reports) it */
+            c->pfail[r.idx] = rc != 0;
+            c->pinflight--;
+            pthread_cond_signal(&c->done);
+            continue;
+        }
         if (rc && !c->io_err) {
             c->io_err = 1;
             memcpy(c->io_msg, msg, sizeof msg);
@@ -188,7 +216,8 @@ void mmoe_cache_free(mmoe_cache *c) {
     pthread_cond_destroy(&c->have);
     pthread_cond_destroy(&c->done);
     void *bufs[] = {c->mem, c->moe_idx, c->slot_expert, c->slot_lead, c->slot_tick, c->expert_slot, c->freq,
-                    c->pcount, c->hot, c->busy, c->wave_slots, c->q, c->rdone};
+                    c->pcount, c->hot, c->busy, c->wave_slots, c->q, c->rdone, c->pf_mark, c->pbusy, c->pq,
+                    c->pslot, c->pfail};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
@@ -250,8 +279,14 @@ mmoe_cache *mmoe_cache_new(const mmoe_model *m, int S, int policy, int io_thread
         c->wave_slots = malloc(sizeof(int32_t) * s);
         c->q = malloc(sizeof(io_req) * s);
         c->rdone = calloc(s, 1);
+        c->pf_mark = calloc(nm * s, 1);
+        c->pbusy = calloc(s, 1);
+        c->pq = malloc(sizeof(io_req) * (size_t)c->K);
+        c->pslot = malloc(sizeof(int32_t) * (size_t)c->K);
+        c->pfail = calloc((size_t)c->K, 1);
         if (!c->mem || !c->slot_expert || !c->slot_lead || !c->slot_tick || !c->expert_slot || !c->freq ||
-            !c->pcount || !c->hot || !c->busy || !c->wave_slots || !c->q || !c->rdone)
+            !c->pcount || !c->hot || !c->busy || !c->wave_slots || !c->q || !c->rdone || !c->pf_mark ||
+            !c->pbusy || !c->pq || !c->pslot || !c->pfail)
             goto oom;
         for (size_t i = 0; i < nm * s; i++) c->slot_expert[i] = -1;
         for (size_t i = 0; i < nm * E; i++) c->expert_slot[i] = -1;
@@ -271,16 +306,21 @@ oom:
     return NULL;
 }
 
-/* victim among the slots of MoE layer li not used by the current wave, or -1 */
-static int pick_victim(const mmoe_cache *c, int li) {
+/* victim among the slots of MoE layer li not marked in busy, or -1: an empty slot, else a prefetched expert
+ * not selected since, else the policy's choice */
+static int pick_victim(const mmoe_cache *c, int li, const uint8_t *busy) {
     const int32_t *se = c->slot_expert + (size_t)li * c->S;
+    const uint8_t *pm = c->pf_mark + (size_t)li * c->S;
     const uint64_t *tk = c->slot_tick + (size_t)li * c->S;
     const uint64_t *fr = c->freq + (size_t)li * c->E;
     const uint8_t *hot = c->hot + (size_t)li * c->E;
     int best = -1;
+    for (int s = 0; s < c->S; s++)
+        if (!busy[s] && se[s] < 0) return s;
+    for (int s = 0; s < c->S; s++)
+        if (!busy[s] && pm[s]) return s;
     for (int s = 0; s < c->S; s++) {
-        if (c->busy[s]) continue;
-        if (se[s] < 0) return s;
+        if (busy[s]) continue;
         if (best < 0) {
             best = s;
             continue;
@@ -298,11 +338,91 @@ static int pick_victim(const mmoe_cache *c, int li) {
     return best;
 }
 
+/* forget slot s of MoE layer li */
+static void slot_clear(mmoe_cache *c, int li, int s) {
+    int32_t *se = c->slot_expert + (size_t)li * c->S;
+    if (se[s] >= 0) c->expert_slot[(size_t)li * c->E + se[s]] = -1;
+    se[s] = -1;
+    c->pf_mark[(size_t)li * c->S + s] = 0;
+}
+
+/* evict whatever slot s of MoE layer li holds (about to be refilled) */
+static void slot_evict(mmoe_cache *c, int li, int s) {
+    int32_t *se = c->slot_expert + (size_t)li * c->S;
+    if (se[s] < 0) return;
+    c->evictions++;
+    if (c->pf_mark[(size_t)li * c->S + s]) c->pf_wasted++;
+    slot_clear(c, li, s);
+}
+
+/* Settle the outstanding prefetch batch: cancel the reads no thread has started, wait for the others. */
+static void prefetch_settle(mmoe_cache *c) {
+    if (!c->pnq) return;
+    uint64_t t0 = now_ns();
+    pthread_mutex_lock(&c->mu);
+    int started = c->pqhead;
+    c->pqn = c->pqhead;
+    while (c->pinflight > 0) pthread_cond_wait(&c->done, &c->mu);
+    c->pqn = c->pqhead = 0;
+    pthread_mutex_unlock(&c->mu);
+    c->stall_ns += now_ns() - t0;
+    for (int i = 0; i < c->pnq; i++) {
+        if (i < started && !c->pfail[i]) {
+            c->pf_issued++;
+            c->bytes_read += c->rec_bytes;
+        } else {
+            if (i < started) c->bytes_read += c->rec_bytes; /* a failed read still went to the file */
+            c->pf_cancelled++;
+            slot_clear(c, c->pf_li, c->pslot[i]);
+        }
+    }
+    c->pnq = 0;
+}
+
+void mmoe_cache_prefetch(mmoe_cache *c, int l, const int32_t *guess, int n) {
+    prefetch_settle(c); /* normally none is outstanding: each is settled by its layer's begin */
+    int li = c->moe_idx[l], S = c->S, nq = 0;
+    if (li < 0 || !c->n_started) return;
+    int32_t *es = c->expert_slot + (size_t)li * c->E;
+    uint64_t *tk = c->slot_tick + (size_t)li * S;
+    uint64_t tick = ++c->tick;
+    memset(c->pbusy, 0, (size_t)S);
+    for (int i = 0; i < n; i++)
+        if (es[guess[i]] >= 0) c->pbusy[es[guess[i]]] = 1; /* kept: another guess must not evict it */
+    for (int i = 0; i < n && nq < c->K; i++) {
+        int e = guess[i];
+        if (es[e] >= 0) continue;
+        int s = pick_victim(c, li, c->pbusy);
+        if (s < 0) break;
+        slot_evict(c, li, s);
+        uint64_t off = c->m->layers[l].experts.file_off + (uint64_t)e * c->rec_bytes;
+        c->slot_expert[(size_t)li * S + s] = e;
+        es[e] = s;
+        c->pbusy[s] = 1;
+        tk[s] = tick;
+        c->pf_mark[(size_t)li * S + s] = 1;
+        c->slot_lead[(size_t)li * S + s] = (uint32_t)(off % IO_ALIGN);
+        c->pq[nq] = (io_req){off, c->rec_bytes, c->mem + ((size_t)li * S + s) * c->slot_bytes, nq};
+        c->pslot[nq++] = s;
+    }
+    if (!nq) return;
+    c->pnq = nq;
+    c->pf_li = li;
+    pthread_mutex_lock(&c->mu);
+    memset(c->pfail, 0, (size_t)nq);
+    c->pqhead = 0;
+    c->pqn = nq;
+    pthread_cond_broadcast(&c->have);
+    pthread_mutex_unlock(&c->mu);
+}
+
 void mmoe_cache_begin(mmoe_cache *c, int l, const int *need, const int *cnt, int n, int first, int *present,
                       int *n_present, int *loaded, int *n_loaded) {
+    prefetch_settle(c); /* its slots now hold whole records, or nothing */
     int li = c->moe_idx[l], np = 0, nl = 0, S = c->S;
     int32_t *se = c->slot_expert + (size_t)li * S, *es = c->expert_slot + (size_t)li * c->E;
     uint64_t *tk = c->slot_tick + (size_t)li * S;
+    uint8_t *pm = c->pf_mark + (size_t)li * S;
     uint64_t tick = ++c->tick;
     memset(c->busy, 0, (size_t)S);
     for (int i = 0; i < n; i++) {
@@ -312,6 +432,10 @@ void mmoe_cache_begin(mmoe_cache *c, int l, const int *need, const int *cnt, int
             if (c->learning) c->pcount[(size_t)li * c->E + e] += (uint64_t)cnt[i];
             if (s >= 0) c->hits++;
             else c->misses++;
+            if (s >= 0 && pm[s]) {
+                c->pf_used++;
+                pm[s] = 0;
+            }
         }
         if (s >= 0) {
             present[np++] = e;
@@ -323,12 +447,9 @@ void mmoe_cache_begin(mmoe_cache *c, int l, const int *need, const int *cnt, int
     for (int i = 0; i < n; i++) {
         int e = need[i];
         if (es[e] >= 0) continue;
-        int s = pick_victim(c, li);
+        int s = pick_victim(c, li, c->busy);
         if (s < 0) break; /* every slot is used by this wave: the rest waits for the next one */
-        if (se[s] >= 0) {
-            es[se[s]] = -1;
-            c->evictions++;
-        }
+        slot_evict(c, li, s);
         uint64_t off = c->m->layers[l].experts.file_off + (uint64_t)e * c->rec_bytes;
         se[s] = e;
         es[e] = s;
@@ -381,14 +502,8 @@ int mmoe_cache_wait_some(mmoe_cache *c, int *ready, char *err, size_t errlen) {
     if (finished) c->qn = c->qhead = c->taken = 0;
     pthread_mutex_unlock(&c->mu);
     c->stall_ns += now_ns() - t0;
-    if (bad) { /* the slots of this wave may hold unknown bytes: forget them all */
-        for (int i = 0; i < c->n_wave; i++) {
-            int s = c->wave_slots[i];
-            int32_t *se = c->slot_expert + (size_t)li * c->S;
-            if (se[s] >= 0) c->expert_slot[(size_t)li * c->E + se[s]] = -1;
-            se[s] = -1;
-        }
-    }
+    if (bad) /* the slots of this wave may hold unknown bytes: forget them all */
+        for (int i = 0; i < c->n_wave; i++) slot_clear(c, li, c->wave_slots[i]);
     if (finished) c->n_wave = 0;
     return bad ? -1 : k;
 }
@@ -437,10 +552,15 @@ void mmoe_cache_stats_get(const mmoe_cache *c, uint64_t *out) {
     out[MMOE_CS_POLICY] = (uint64_t)c->policy;
     out[MMOE_CS_IO_THREADS] = (uint64_t)c->n_io;
     out[MMOE_CS_RESIDENT] = c->m->resident_bytes;
+    out[MMOE_CS_PF_ISSUED] = c->pf_issued;
+    out[MMOE_CS_PF_USED] = c->pf_used;
+    out[MMOE_CS_PF_WASTED] = c->pf_wasted;
+    out[MMOE_CS_PF_CANCELLED] = c->pf_cancelled;
 }
 
 void mmoe_cache_stats_clear(mmoe_cache *c) {
     c->hits = c->misses = c->evictions = c->bytes_read = c->stall_ns = 0;
+    c->pf_issued = c->pf_used = c->pf_wasted = c->pf_cancelled = 0;
     pthread_mutex_lock(&c->mu);
     c->read_ns = 0;
     pthread_mutex_unlock(&c->mu);

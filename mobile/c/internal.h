@@ -108,6 +108,9 @@ void mmoe_cache_begin(mmoe_cache *c, int l, const int *need, const int *cnt, int
 /* Block until some of the wave's reads are done; writes their places in loaded[] to ready and returns their
  * count (0 once every read was handed out), or -1 if a read failed (err says which; the wave is then over). */
 int mmoe_cache_wait_some(mmoe_cache *c, int *ready, char *err, size_t errlen);
+/* Read the guessed experts guess[0..n) of layer l that are not cached into slots of that layer (not into
+ * slots holding other guesses), behind the current wave's reads; settled by the next mmoe_cache_begin. */
+void mmoe_cache_prefetch(mmoe_cache *c, int l, const int32_t *guess, int n);
 const uint8_t *mmoe_cache_record(const mmoe_cache *c, int l, int e); /* the record of a present/loaded expert */
 void mmoe_cache_prompt_begin(mmoe_cache *c); /* an eval from position 0 starts: count its routing */
 void mmoe_cache_prompt_end(mmoe_cache *c);   /* ... it ended: the pin policy learns its hot sets */

@@ -59,6 +59,10 @@ static void help(void) {
            "  --cache-policy P         expert-cache eviction under --mem-budget: lru, lfu, or pin (each layer's\n"
            "                           most-routed experts of the prompt stay cached) (default: lfu)\n"
            "  --io-threads N           expert-read threads under --mem-budget, in [1, 16] (default: 2)\n"
+           "  --prefetch               under --mem-budget, each decode step guesses the next MoE layer's experts\n"
+           "                           (its router on the current hidden state) and reads the uncached ones\n"
+           "                           into that layer's slots while this layer computes; same outputs\n"
+           "                           (default: off)\n"
            "  -h, --help               this help\n"
            "\n"
            "Environment: MMOE_KERNELS=scalar|avx2|neon|dotprod|i8mm forces a kernel set; MMOE_NO_DIRECT=1: no\n"
@@ -115,7 +119,7 @@ int main(int argc, char **argv) {
     int policy = MMOE_CACHE_LFU; /* the best hit rate measured (bench/results/streaming.md) */
     const char *cache_opt = NULL; /* --cache-policy / --io-threads given: they need --mem-budget */
     float temp = 0.8f, top_p = 0.95f;
-    int greedy = 0, print_ids = 0, profile = 0, float_path = 0, ignore_eos = 0, check = 0;
+    int greedy = 0, print_ids = 0, profile = 0, float_path = 0, ignore_eos = 0, check = 0, prefetch = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -147,6 +151,7 @@ int main(int argc, char **argv) {
                 return EXIT_BAD_INPUT;
             }
         }
+        else if (!strcmp(a, "--prefetch")) { prefetch = 1; cache_opt = a; }
         else if (!strcmp(a, "--greedy")) greedy = 1;
         else if (!strcmp(a, "--ids")) print_ids = 1;
         else if (!strcmp(a, "--profile")) profile = 1;
@@ -258,6 +263,7 @@ int main(int argc, char **argv) {
             goto done;
         }
         c = mmoe_ctx_new_streaming(m, (int)threads, ctx_len, flags, budget, policy, (int)io_threads, err, sizeof err);
+        if (c && prefetch) mmoe_ctx_set_prefetch(c, 1);
     } else {
         c = mmoe_ctx_new(m, (int)threads, ctx_len, flags, err, sizeof err);
     }
@@ -328,6 +334,13 @@ int main(int argc, char **argv) {
                     h + mi ? 100.0 * h / (h + mi) : 0.0,
                     (cs[MMOE_CS_BYTES_READ] - cs0[MMOE_CS_BYTES_READ]) / 1048576.0,
                     (cs[MMOE_CS_STALL_NS] - cs0[MMOE_CS_STALL_NS]) * 1e-9);
+        }
+        if (cs[MMOE_CS_PREFETCH]) {
+            uint64_t is = cs[MMOE_CS_PF_ISSUED];
+            fprintf(stderr, "expert cache, prefetch: issued %llu used %llu (accuracy %.1f%%) wasted %llu "
+                    "cancelled %llu\n", (unsigned long long)is, (unsigned long long)cs[MMOE_CS_PF_USED],
+                    is ? 100.0 * cs[MMOE_CS_PF_USED] / is : 0.0, (unsigned long long)cs[MMOE_CS_PF_WASTED],
+                    (unsigned long long)cs[MMOE_CS_PF_CANCELLED]);
         }
     }
     if (profile) {

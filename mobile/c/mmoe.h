@@ -56,10 +56,19 @@ mmoe_ctx *mmoe_ctx_new_streaming(const mmoe_model *m, int n_threads, int max_ctx
  * reset): out has MMOE_CS_COUNT entries. Returns -1 (nothing written) for a context without a cache. */
 enum { MMOE_CS_HITS, MMOE_CS_MISSES, MMOE_CS_EVICTIONS, MMOE_CS_BYTES_READ, MMOE_CS_READ_NS, MMOE_CS_STALL_NS,
        MMOE_CS_SLOTS_PER_LAYER, MMOE_CS_SLOT_BYTES, MMOE_CS_MOE_LAYERS, MMOE_CS_POLICY, MMOE_CS_DIRECT_IO,
-       MMOE_CS_IO_THREADS, MMOE_CS_BUDGET, MMOE_CS_MIN_BUDGET, MMOE_CS_RESIDENT, MMOE_CS_COUNT };
+       MMOE_CS_IO_THREADS, MMOE_CS_BUDGET, MMOE_CS_MIN_BUDGET, MMOE_CS_RESIDENT, MMOE_CS_PREFETCH,
+       MMOE_CS_PF_ISSUED, MMOE_CS_PF_USED, MMOE_CS_PF_WASTED, MMOE_CS_PF_CANCELLED, MMOE_CS_COUNT };
 extern const char *const mmoe_cache_stat_names[MMOE_CS_COUNT];
 int mmoe_cache_stats(const mmoe_ctx *c, uint64_t *out);
 void mmoe_cache_stats_reset(mmoe_ctx *c); /* counters only: the cached experts stay */
+/* Next-layer prefetch for decode steps (off by default): after a MoE layer's routing, the next MoE layer's
+ * router is applied to the current hidden state (normed with that layer's ffn norm; the residual still
+ * changes, so it is a guess) and its guessed top-k experts that are not cached are read into that layer's
+ * slots while this layer computes. Outputs are unchanged (the real routing decides what is computed); no
+ * memory beyond the budget. prefetch_issued counts reads completed, prefetch_used those the routing then
+ * selected before eviction, prefetch_wasted those evicted unselected, prefetch_cancelled those the next
+ * layer began before any I/O thread started (never read). Returns -1 for a context without a cache. */
+int mmoe_ctx_set_prefetch(mmoe_ctx *c, int on);
 
 /* Run n tokens (a prompt as a batch, or one token) after the cached ones. Writes logits of the last token
  * (vocab_size floats) or, if all_logits, of every token (n * vocab_size). Returns 0, or -1 with err set. */

@@ -45,6 +45,9 @@ struct mmoe_ctx {
     mmoe_cache *cache;     /* routed experts read from the file (mmoe_ctx_new_streaming), else NULL */
     uint64_t budget, min_budget;
     int failed;            /* an expert read failed during this eval: errmsg says why */
+    int prefetch;          /* mmoe_ctx_set_prefetch */
+    float *pf_xn, *pf_log; /* the next layer's router input and scores (prefetch guess) */
+    int32_t *pf_ids;
     char errmsg[256];
 };
 
@@ -219,6 +222,8 @@ typedef struct {
     mmoe_ctx *c;
     const mmoe_layer *L;
     int n;
+    const float *xn; /* n x D router inputs */
+    float *out;      /* n x E logits */
 } route_job;
 
 static void route_task(void *arg, int t, int nt) {
@@ -226,14 +231,14 @@ static void route_task(void *arg, int t, int nt) {
     mmoe_ctx *c = j->c;
     long E = c->E, D = c->D, total = (long)j->n * E;
     for (long w = total * t / nt; w < total * (t + 1) / nt; w++)
-        c->rlog[w] = mmoe_dot_f32(c->xn + (size_t)(w / E) * (size_t)D, j->L->router + (size_t)(w % E) * (size_t)D,
-                                  (int)D, c->att_impl);
+        j->out[w] = mmoe_dot_f32(j->xn + (size_t)(w / E) * (size_t)D, j->L->router + (size_t)(w % E) * (size_t)D,
+                                 (int)D, c->att_impl);
 }
 
 static void route(mmoe_ctx *c, const mmoe_layer *L, uint64_t *ecount, int n) {
     const mmoe_config *cf = &c->m->cfg;
     int E = c->E, K = c->K;
-    route_job rj = {c, L, n};
+    route_job rj = {c, L, n, c->xn, c->rlog};
     mmoe_pool_run(c->pool, route_task, &rj, (long)n * E >= 16 ? mmoe_pool_size(c->pool) : 1);
     for (int t = 0; t < n; t++) {
         float *lg = c->rlog + (size_t)t * E;
@@ -270,6 +275,46 @@ static void route(mmoe_ctx *c, const mmoe_layer *L, uint64_t *ecount, int n) {
             for (int k = 0; k < K; k++) g[k] /= gsum;
         }
     }
+}
+
+/* Prefetch guess for a decode step at MoE layer l: the next MoE layer's router on the current residual (after
+ * layer l's attention; layer l's MoE output is not added yet), normed with that layer's ffn norm, top-k by the
+ * same scores and selection bias as route(); the cache reads the guessed experts it lacks. */
+static void prefetch_next(mmoe_ctx *c, int l) {
+    const mmoe_model *m = c->m;
+    uint32_t nl = (uint32_t)l + 1;
+    while (nl < m->cfg.n_layers && !m->layers[nl].is_moe) nl++;
+    if (nl >= m->cfg.n_layers) return;
+    const mmoe_layer *N = &m->layers[nl];
+    int E = c->E, K = c->K;
+    rmsnorm(c->x, N->ffn_norm, c->pf_xn, c->D, m->cfg.norm_eps);
+    route_job rj = {c, N, 1, c->pf_xn, c->pf_log};
+    mmoe_pool_run(c->pool, route_task, &rj, E >= 16 ? mmoe_pool_size(c->pool) : 1);
+    float *lg = c->pf_log;
+    if (m->cfg.router_score == 0) { /* softmax: the selection bias is added to probabilities, as in route() */
+        float mx = lg[0], sum = 0.0f;
+        for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
+        for (int e = 0; e < E; e++) sum += (lg[e] = expf(lg[e] - mx));
+        for (int e = 0; e < E; e++) lg[e] /= sum;
+    } else {
+        for (int e = 0; e < E; e++) lg[e] = 1.0f / (1.0f + expf(-lg[e]));
+    }
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        float bv = 0.0f;
+        for (int e = 0; e < E; e++) {
+            int used = 0;
+            for (int kk = 0; kk < k; kk++) used |= c->pf_ids[kk] == e;
+            float v = lg[e] + N->expert_bias[e];
+            if (isnan(v)) v = -INFINITY;
+            if (!used && (best < 0 || v > bv)) {
+                best = e;
+                bv = v;
+            }
+        }
+        c->pf_ids[k] = best;
+    }
+    mmoe_cache_prefetch(c->cache, (int)nl, c->pf_ids, K);
 }
 
 static mmoe_q4_matrix expert_mat(const mmoe_ctx *c, const mmoe_layer *L, int l, int e, int down) {
@@ -353,6 +398,7 @@ static int experts(mmoe_ctx *c, const mmoe_layer *L, int l, int n) {
                 c->gncnt[q] = c->gcnt[c->gpend[q]];
             }
             mmoe_cache_begin(c->cache, l, c->gneed, c->gncnt, np, first, c->gpres, &npres, c->gload, &nload);
+            if (first && n == 1 && c->prefetch) prefetch_next(c, l); /* queued behind this wave's reads */
             for (int q = 0; q < npres; q++) c->gpres[q] = c->gidx[c->gpres[q]];
             expert_group(c, L, l, c->gpres, npres, first, n); /* overlaps the reads just issued */
             for (int q = 0; q < nload; q++) c->gload[q] = c->gidx[c->gload[q]];
@@ -512,7 +558,8 @@ void mmoe_ctx_free(mmoe_ctx *c) {
     void *bufs[] = {c->kc, c->vc, c->rope_inv, c->x, c->xn, c->q, c->k, c->v, c->att, c->tmp, c->y, c->gu, c->hid,
                     c->rlog, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
                     c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->grow, c->gcnt, c->gpend, c->gneed,
-                    c->gncnt, c->gpres, c->gload, c->gready, c->gidx, c->slot_row, c->items, c->ecount};
+                    c->gncnt, c->gpres, c->gload, c->gready, c->gidx, c->slot_row, c->items, c->ecount,
+                    c->pf_xn, c->pf_log, c->pf_ids};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
@@ -596,6 +643,9 @@ static int ctx_bufs(mmoe_ctx *c, int n_threads, ctx_buf *b) {
     BUF(slot_row, sizeof(int) * B * KK);
     BUF(items, sizeof(mm_item) * (EK + 4));
     BUF(ecount, sizeof(uint64_t) * (size_t)cf->n_layers * EK);
+    BUF(pf_xn, f * D);
+    BUF(pf_log, f * EK);
+    BUF(pf_ids, sizeof(int32_t) * KK);
 #undef BUF
     return n;
 }
@@ -720,6 +770,13 @@ int mmoe_cache_stats(const mmoe_ctx *c, uint64_t *out) {
     mmoe_cache_stats_get(c->cache, out);
     out[MMOE_CS_BUDGET] = c->budget;
     out[MMOE_CS_MIN_BUDGET] = c->min_budget;
+    out[MMOE_CS_PREFETCH] = (uint64_t)c->prefetch;
+    return 0;
+}
+
+int mmoe_ctx_set_prefetch(mmoe_ctx *c, int on) {
+    if (!c->cache) return -1;
+    c->prefetch = on != 0;
     return 0;
 }
 
