@@ -27,7 +27,8 @@ def test_quick_run_measures_every_column_and_resumes(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     raw = json.loads((out / "streaming_raw.json").read_text())
     rows = raw["rows"]
-    res, st, mm = rows["quick|-|resident|None"], rows[f"quick|40%|stream|{DEFAULT_CACHE_POLICY}"], rows["quick|40%|mmap|None"]
+    res, st, mm = (rows["quick|-|resident|None"], rows[f"quick|40%|stream|{DEFAULT_CACHE_POLICY}"],
+                   rows["quick|40%|mmap|None"])
     assert res["evicted_left"] < 0.01 and st["evicted_left"] < 0.01  # cold storage before each run
     # the budget bounds the whole worker's peak RSS, and the expert cache really was smaller than the experts
     assert st["vm_hwm_mb"] <= st["budget_mb"], (st["vm_hwm_mb"], st["budget_mb"])
@@ -51,7 +52,8 @@ def test_quick_run_measures_every_column_and_resumes(tmp_path):
                 "VmHWM MiB", "cgroup peak MiB", "tokens = resident", "Engine commit", "Engine threads 2",
                 "16-token random prompt, then 15 timed decode steps", "Storage (O_DIRECT", "## Cache policies"):
         assert col in md, col
-    assert "| quick | 37" in md or "| quick | 38" in md  # the budget column beside VmHWM
+    # the budget column: the MiB the 40% spec became in the worker (its Python baseline differs by machine)
+    assert f"| quick | {st['budget_mb']:.0f} | stream |" in md
     assert (out / "streaming.png").stat().st_size > 1000
     r2 = _bench(*args)  # resumes: every row kept, nothing measured again
     assert r2.returncode == 0, r2.stderr

@@ -224,11 +224,11 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_pat
                                  n_experts=4, top_k=2, expert_ffn_dim=32, shared_ffn_dim=32, max_seq_len=16))
 
     class Poisoned(Batcher):
-        def get(self, step):
+        def rank_batch(self, step, rank=0, world=1):  # what train_stage reads each step
             if step == 3:  # something upstream went wrong: the weights blow up
                 with torch.no_grad():
                     model.norm.weight.fill_(float("nan"))
-            return super().get(step)
+            return super().rank_batch(step, rank, world)
 
     st = StageConfig(tokens=6 * 4 * 16, seq_len=16, global_batch=4, micro_batch=4, lr=1e-3, ckpt_every=1)
     with pytest.raises(TrainingDiverged, match="at step 3; last good checkpoint: .*step_00000003"):

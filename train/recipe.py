@@ -152,10 +152,10 @@ def run(args) -> int:
     if args.dry_run:
         print_plan(rec, mcfg, stages, str(run_dir))
         return 0
+    device = check_hardware(rec, mcfg, stages)
     # a prepared store that is missing (or built from another source) stops the run here, before it writes or
     # loads anything, not when its stage comes
     data_plan.check_prepared_stores(rec, run_dir)
-    device = check_hardware(rec, mcfg, stages)
     rank, world, device = init_distributed(device)
     ep = rec.hardware.ep
     if ep > 1 and world % ep:
