@@ -237,3 +237,34 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_pat
     assert ck.latest_checkpoint(tmp_path).name == "step_00000003"
     ms, _, _ = ck.load_checkpoint(ck.latest_checkpoint(tmp_path))
     assert all(torch.isfinite(v).all() for v in ms.values())
+
+
+def test_resume_from_an_earlier_checkpoint_moves_the_abandoned_later_ones_aside(tmp_path):
+    """Resuming from an explicit earlier checkpoint starts another trajectory: the stage's later checkpoints are
+    moved (not deleted) under ckpt/abandoned/, so neither the next automatic resume nor pruning mistakes them
+    for the new run's."""
+    from model.config import get_config
+    from model.model import MobileMoE
+    from train.loop import train_stage
+
+    def model():
+        torch.manual_seed(0)
+        return MobileMoE(get_config("tiny", vocab_size=64, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                                    n_experts=4, top_k=2, expert_ffn_dim=32, shared_ffn_dim=32, max_seq_len=16))
+
+    data = lambda: Batcher([LMSource(torch.arange(200) % 64)], [1.0], 16, 4)  # noqa: E731
+    st = StageConfig(tokens=6 * 4 * 16, seq_len=16, global_batch=4, micro_batch=4, lr=1e-3, ckpt_every=1)
+    train_stage(model(), st, data(), stage_dir=tmp_path, resume=None, progress=False)
+    first = {p.name: (p / "COMPLETE").stat().st_mtime_ns for p in ck.list_checkpoints(tmp_path)}
+    assert sorted(first) == ["step_00000005", "step_00000006"]  # keep = 2
+    # resume from step 5 with another learning rate: step 6 onwards is a new trajectory
+    st2 = StageConfig(tokens=6 * 4 * 16, seq_len=16, global_batch=4, micro_batch=4, lr=5e-3, ckpt_every=1)
+    train_stage(model(), st2, data(), stage_dir=tmp_path, resume=tmp_path / "ckpt" / "step_00000005",
+                progress=False)
+    abandoned = list((tmp_path / "ckpt" / ck.ABANDONED_DIR).glob("*/step_*"))
+    assert [p.name for p in abandoned] == ["step_00000006"] and (abandoned[0] / "COMPLETE").is_file()
+    assert (abandoned[0] / "COMPLETE").stat().st_mtime_ns == first["step_00000006"]  # the old one, untouched
+    new6 = ck.latest_checkpoint(tmp_path)
+    assert new6.name == "step_00000006" and (new6 / "COMPLETE").stat().st_mtime_ns != first["step_00000006"]
+    # nothing to move when resuming from the latest
+    assert ck.set_aside_after(tmp_path, 6) == []

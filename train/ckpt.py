@@ -382,6 +382,37 @@ def list_checkpoints(stage_dir: str | os.PathLike) -> list[Path]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+ABANDONED_DIR = "abandoned"
+
+
+def set_aside_after(stage_dir: str | os.PathLike, step: int) -> list[Path]:
+    """A stage resumed from an explicit earlier checkpoint takes another trajectory from `step` on, so the
+    stage's checkpoints after `step` belong to the abandoned one. Left in place they would be the latest after
+    the next kill (an automatic resume would silently continue the abandoned run), and pruning would remove the
+    new run's checkpoints before them. They are moved whole into <stage_dir>/ckpt/abandoned/<time>-<pid>/
+    (moved, never deleted: they are the user's), where list_checkpoints does not look. Collective: rank 0
+    moves, every rank gets the same result or the same error. -> the new paths."""
+    rank, _ = _dist()
+    moved: list[Path] = []
+    err = None
+    if rank == 0:
+        try:
+            root = Path(stage_dir) / "ckpt"
+            later = [p for p in list_checkpoints(stage_dir) if _step_of(p) > step]
+            if later:
+                dest = root / ABANDONED_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                dest.mkdir(parents=True)
+                for p in later:
+                    moved.append(dest / f"step_{_step_of(p):08d}")
+                    os.replace(p, moved[-1])
+                fsync_path(dest)
+                fsync_path(root)
+        except OSError as e:
+            err = _one_line(e)
+    _raise_first(_agree(err), "setting aside the abandoned run's later checkpoints")
+    return moved
+
+
 def latest_checkpoint(stage_dir: str | os.PathLike) -> Path | None:
     cks = list_checkpoints(stage_dir)
     return cks[-1] if cks else None

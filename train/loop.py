@@ -313,6 +313,11 @@ def train_stage(model, cfg: StageConfig, batcher: Batcher, *, stage_dir: str | o
         start = int(st["step"])
         if rank == 0:
             print(f"[{cfg.name}] resumed from {path} at step {start}", file=sys.stderr)
+        if sdir is not None:  # later checkpoints of this stage are another trajectory's: out of the way
+            moved = ck.set_aside_after(sdir, start)
+            if moved and rank == 0:
+                print(f"[{cfg.name}] {len(moved)} later checkpoint(s) of the abandoned run moved to "
+                      f"{moved[0].parent}", file=sys.stderr)
     if log_path is not None and rank == 0:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
