@@ -235,6 +235,37 @@ static void route_task(void *arg, int t, int nt) {
                                  (int)D, c->att_impl);
 }
 
+/* Router logits -> selection scores in place: softmax (router_score 0) or the sigmoid of each logit. */
+static void router_scores(float *lg, int E, int router_score) {
+    if (router_score == 0) {
+        float mx = lg[0], sum = 0.0f;
+        for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
+        for (int e = 0; e < E; e++) sum += (lg[e] = expf(lg[e] - mx));
+        for (int e = 0; e < E; e++) lg[e] /= sum;
+    } else {
+        for (int e = 0; e < E; e++) lg[e] = 1.0f / (1.0f + expf(-lg[e]));
+    }
+}
+
+/* ids[k] = the expert with the k-th largest score + selection bias; ties -> lower expert id. */
+static void select_topk(const float *score, const float *bias, int E, int K, int32_t *ids) {
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        float bv = 0.0f;
+        for (int e = 0; e < E; e++) {
+            int used = 0;
+            for (int kk = 0; kk < k; kk++) used |= ids[kk] == e;
+            float v = score[e] + bias[e];
+            if (isnan(v)) v = -INFINITY; /* NaN ranks like -inf, as in kernels/router.py (v > NaN is never true) */
+            if (!used && (best < 0 || v > bv)) {
+                best = e;
+                bv = v;
+            }
+        }
+        ids[k] = best;
+    }
+}
+
 static void route(mmoe_ctx *c, const mmoe_layer *L, uint64_t *ecount, int n) {
     const mmoe_config *cf = &c->m->cfg;
     int E = c->E, K = c->K;
@@ -242,32 +273,13 @@ static void route(mmoe_ctx *c, const mmoe_layer *L, uint64_t *ecount, int n) {
     mmoe_pool_run(c->pool, route_task, &rj, (long)n * E >= 16 ? mmoe_pool_size(c->pool) : 1);
     for (int t = 0; t < n; t++) {
         float *lg = c->rlog + (size_t)t * E;
-        if (cf->router_score == 0) { /* softmax */
-            float mx = lg[0], sum = 0.0f;
-            for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
-            for (int e = 0; e < E; e++) sum += (lg[e] = expf(lg[e] - mx));
-            for (int e = 0; e < E; e++) lg[e] /= sum;
-        } else {
-            for (int e = 0; e < E; e++) lg[e] = 1.0f / (1.0f + expf(-lg[e]));
-        }
+        router_scores(lg, E, cf->router_score);
         int32_t *ids = c->ids + (size_t)t * K;
         float *g = c->gates + (size_t)t * K, gsum = 0.0f;
-        for (int k = 0; k < K; k++) { /* k-th largest selection score; ties -> lower expert id */
-            int best = -1;
-            float bv = 0.0f;
-            for (int e = 0; e < E; e++) {
-                int used = 0;
-                for (int kk = 0; kk < k; kk++) used |= ids[kk] == e;
-                float v = lg[e] + L->expert_bias[e];
-                if (isnan(v)) v = -INFINITY; /* NaN ranks like -inf, as in kernels/router.py (v > NaN is never true) */
-                if (!used && (best < 0 || v > bv)) {
-                    best = e;
-                    bv = v;
-                }
-            }
-            ids[k] = best;
-            ecount[best]++;
-            g[k] = lg[best];
+        select_topk(lg, L->expert_bias, E, K, ids);
+        for (int k = 0; k < K; k++) {
+            ecount[ids[k]]++;
+            g[k] = lg[ids[k]];
             gsum += g[k];
         }
         if (cf->norm_topk_prob) {
@@ -290,30 +302,8 @@ static void prefetch_next(mmoe_ctx *c, int l) {
     rmsnorm(c->x, N->ffn_norm, c->pf_xn, c->D, m->cfg.norm_eps);
     route_job rj = {c, N, 1, c->pf_xn, c->pf_log};
     mmoe_pool_run(c->pool, route_task, &rj, E >= 16 ? mmoe_pool_size(c->pool) : 1);
-    float *lg = c->pf_log;
-    if (m->cfg.router_score == 0) { /* softmax: the selection bias is added to probabilities, as in route() */
-        float mx = lg[0], sum = 0.0f;
-        for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
-        for (int e = 0; e < E; e++) sum += (lg[e] = expf(lg[e] - mx));
-        for (int e = 0; e < E; e++) lg[e] /= sum;
-    } else {
-        for (int e = 0; e < E; e++) lg[e] = 1.0f / (1.0f + expf(-lg[e]));
-    }
-    for (int k = 0; k < K; k++) {
-        int best = -1;
-        float bv = 0.0f;
-        for (int e = 0; e < E; e++) {
-            int used = 0;
-            for (int kk = 0; kk < k; kk++) used |= c->pf_ids[kk] == e;
-            float v = lg[e] + N->expert_bias[e];
-            if (isnan(v)) v = -INFINITY;
-            if (!used && (best < 0 || v > bv)) {
-                best = e;
-                bv = v;
-            }
-        }
-        c->pf_ids[k] = best;
-    }
+    router_scores(c->pf_log, E, m->cfg.router_score); /* the same scores and selection as route() */
+    select_topk(c->pf_log, N->expert_bias, E, K, c->pf_ids);
     mmoe_cache_prefetch(c->cache, (int)nl, c->pf_ids, K);
 }
 
