@@ -18,7 +18,7 @@ from train import recipe as R
 from train.prepare import main as prepare_main
 from train.recipe_config import RecipeError, load_recipe_file
 from train.store import TokenStore
-from train.testing import MODEL, make_corpus, read_log, stage_toml
+from train.testing import make_corpus, read_log, stage_toml, write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = ("S", "M", "L")
@@ -100,28 +100,8 @@ def test_make_data_is_wired_to_the_prepare_commands(tmp_path, monkeypatch, capsy
 
 def _local_recipe(d: Path, files: dict, store_root: Path, steps: int = 3) -> Path:
     """A CPU recipe whose pre-training reads one prepared store of a local text file."""
-    text = f"""size = "tiny"
-seed = 0
-{MODEL}
-[tokenizer]
-kind = "bpe"
-vocab_size = 320
-train_on = "{files['train']}"
-
-[eval]
-heldout = "{files['heldout']}"
-max_tokens = 2048
-seq_len = 32
-
-[hardware]
-device = "cpu"
-
-[data]
-store_root = "{store_root}"
-""" + stage_toml("pretrain", "pretrain", files["train"], steps) + 'store = "train-text"\n'
-    p = d / "recipe.toml"
-    p.write_text(text)
-    return p
+    return write_recipe(d, files, f'\n[data]\nstore_root = "{store_root}"\n'
+                        + stage_toml("pretrain", "pretrain", files["train"], steps) + 'store = "train-text"\n')
 
 
 def test_run_with_a_missing_store_stops_before_training(tmp_path, capsys):
