@@ -181,16 +181,13 @@ def run_claims(plan: Plan, corpus: str | os.PathLike, out: str | os.PathLike, lo
                execute_fn=None, threads: int = 1) -> dict[str, dict]:
     """Every run of the plan not yet in <out>/rows, in plan order; one row file per finished run. One process
     per folder (a lock): two would write the same checkpoints."""
-    import fcntl  # noqa: PLC0415
+    from train.store import try_lock  # noqa: PLC0415
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".claims.lock", "w")  # noqa: SIM115  (held until this process ends)
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise ClaimsError(f"{out}: another `python -m train.claims` is running on this folder") from None
+    lock = try_lock(out / ".claims.lock")
+    if lock is None:
+        raise ClaimsError(f"{out}: another `python -m train.claims` is running on this folder")
     try:
         return _run_locked(plan, corpus, out, log, tok_s, execute_fn, threads)
     finally:

@@ -174,6 +174,18 @@ def _refuse_foreign(out: Path) -> None:
                              f"into it")
 
 
+
+def try_lock(path: Path):
+    """An exclusive flock on `path` (created if absent), held while the returned file stays open (and released
+    by the kernel if the process dies); None at once when another process holds it."""
+    f = open(path, "w")  # noqa: SIM115  (the caller keeps it open as the lock)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
 def build_store(source: str, tok, out: str | os.PathLike, *, text_field: str = "text", split: str = "train",
                 shard_tokens: int = DEFAULT_SHARD_TOKENS, max_tokens: int | None = None, eos_token: str | None = None,
                 batch_docs: int = 1024, progress: bool = True, docs: Iterable[str] | None = None,
@@ -208,12 +220,9 @@ def build_store(source: str, tok, out: str | os.PathLike, *, text_field: str = "
                 source_fingerprint(source, text_field, split) if docs is None else dict(spec=source))
     _refuse_foreign(out)  # before the lock file, so a foreign folder gets nothing written into it
     out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".prepare.lock", "w")  # noqa: SIM115  (held for the whole build)
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise StoreError(f"{out}: another prepare is writing this store") from None
+    lock = try_lock(out / ".prepare.lock")  # held for the whole build
+    if lock is None:
+        raise StoreError(f"{out}: another prepare is writing this store")
     try:
         man = _open_out(out, want)
         if man["complete"]:
