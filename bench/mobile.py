@@ -1,7 +1,7 @@
 """Phone-engine benchmark: our INT4 engine vs llama.cpp (same model as GGUF Q4_0), MoE vs dense, roofline.
 
     python -m bench.mobile [--sizes S,dense-1B,M,L] [--threads 1,2] [--repeats 5]
-                           [--work /tmp/mmoe-bench] [--out bench/results]
+                           [--trained auto|none|PATH.mmoe,...] [--work /tmp/mmoe-bench] [--out bench/results]
 
 Models are RANDOM-WEIGHT models with the real S / M / L / dense-1B shapes (speed does not depend on the
 values). They use model/init.py's balanced random init, so every MoE layer routes to all its experts, the
@@ -21,6 +21,15 @@ STREAM triad (bench/stream.c) measures memory bandwidth on the same machine; dec
 of the roofline tok/s x (INT4 bytes read per token, model.config.int4_weight_bytes) / bandwidth. Our decode is
 profiled with the engine's per-op timers (mmoe_profile_get). The report's header names the engine commit
 (HEAD, and whether mobile/c had uncommitted changes).
+
+Trained checkpoints (--trained; by default runs/tiny/model.mmoe, the `make train` model, when it exists) are
+timed the same way by both engines (GGUF by `--from-mmoe`), but fed the ids of real held-out text (the
+held-out Shakespeare plays of data/shakespeare, else data/corpus's held-out documents, or --trained-text) encoded
+by the tokenizer.json beside the .mmoe, so their routing statistics are the trained router's on real text; the
+prompts and contexts past such a model's context are skipped and listed. The report also summarises the peers'
+own runs: the llama-bench cross-check (bench/results/llama_bench_raw.json, `make bench-llama`) and ExecuTorch
+(executorch_raw.json, `make bench-executorch`), each with its own date and commit; and the issue's goals table
+for S / M / L (reported, never asserted), with a "why from the profile" line for each missed goal.
 
 Writes <out>/mobile.md, <out>/mobile_{decode,prefill,roofline,profile}.png and <out>/mobile_raw.json.
 
@@ -112,6 +121,12 @@ def build_parser():
     p.add_argument("--work", default="/tmp/mmoe-bench", help="where the model files go (GBs; not the repo)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where the report, plots and raw "
                    "rows go")
+    p.add_argument("--trained", default="auto", help="trained .mmoe checkpoints to time too, comma-separated (each "
+                   "with its tokenizer.json beside it); auto: runs/tiny/model.mmoe (`make train`) when it exists; "
+                   "none: no trained rows")
+    p.add_argument("--trained-text", default="", help="UTF-8 text file fed to the trained rows instead of the "
+                   "held-out Shakespeare plays of data/shakespeare (else data/corpus's held-out documents) "
+                   "(default: none)%(default)s")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="random-weight and token-id seed")
     p.add_argument("--timeout", type=cli.positive_float, default=1800, help="seconds per worker process")
     # the lower bounds are bench/stream.c's own
@@ -159,6 +174,9 @@ def _options(a) -> dict:
         limit = min(MAX_CTX, get_config(s).max_seq_len)
         if max(o["prompts"] + [c + o["decode_tokens"][s] + 1 for c in o["contexts"]]) > limit:
             raise cli.BadInput(f"prompts / context + decode tokens must fit the {limit}-token context of {s}")
+    o["trained"], o["trained_note"] = _trained_paths(a.trained)
+    if a.trained_text and not Path(a.trained_text).is_file():
+        raise cli.BadInput(f"--trained-text {a.trained_text}: no such file")
     if "ours" in engines and not LIB.is_file():
         raise cli.BadInput(f"{LIB} not found: build the engine first (make mobile)")
     if "llama.cpp" in engines:
@@ -170,6 +188,35 @@ def _options(a) -> dict:
     return o
 
 
+DEFAULT_TRAINED = REPO / "runs" / "tiny" / "model.mmoe"
+
+
+def _trained_paths(spec: str) -> tuple[list[Path], str]:
+    """(the trained .mmoe files to time, why there are none); cli.BadInput for a named file that is not usable."""
+    spec = spec.strip()
+    if spec == "none":
+        return [], "none was asked for (--trained none)"
+    if spec == "auto":
+        if not DEFAULT_TRAINED.is_file():
+            return [], (f"{DEFAULT_TRAINED.relative_to(REPO)} (the `make train` model, with its tokenizer.json) was "
+                        "absent when this run started; `make train` makes it, then `make bench-mobile` times it")
+        paths = [DEFAULT_TRAINED]
+    else:
+        paths = [Path(x.strip()) for x in spec.split(",") if x.strip()]
+        if not paths:
+            raise cli.BadInput(f"--trained: expected auto, none or comma-separated .mmoe paths, got {spec!r}")
+    for pth in paths:
+        if not pth.is_file():
+            raise cli.BadInput(f"--trained {pth}: no such file")
+        if not (pth.parent / "tokenizer.json").is_file():
+            raise cli.BadInput(f"--trained {pth}: no tokenizer.json beside it (the run's tokenizer encodes the text)")
+        try:
+            driver.mmoe_config(pth)
+        except (ValueError, OSError) as e:
+            raise cli.BadInput(f"--trained {pth}: {cli.one_line(e)}") from None
+    return paths, ""
+
+
 def _load_raw(path: str, o: dict) -> tuple[list[dict], dict | None]:
     """(rows, STREAM figures or None) of a saved run, keeping the rows the options select."""
     saved = json.loads(Path(path).read_text())
@@ -177,7 +224,7 @@ def _load_raw(path: str, o: dict) -> tuple[list[dict], dict | None]:
     if isinstance(saved, dict):  # a mobile_raw.json: rows and the STREAM figures of that run
         bw = {int(k): v for k, v in saved["stream"].items()}
         saved = saved["rows"]
-    rows = [r for r in saved if r["size"] in o["sizes"] and r["threads"] in o["threads"]
+    rows = [r for r in saved if (r["size"] in o["sizes"] or r.get("trained")) and r["threads"] in o["threads"]
             and r["engine"] in o["engines"]]
     if not rows:
         raise cli.BadInput(f"{path}: no rows for sizes {o['sizes']}, threads {o['threads']}, engines {o['engines']}")
@@ -196,7 +243,7 @@ def _main(argv: list[str]) -> int:
     repeats, decode_tokens = o["repeats"], o["decode_tokens"]
     saved, saved_bw = _load_raw(a.from_raw, o) if a.from_raw else (None, None)
 
-    from model.config import get_config, int4_weight_bytes  # noqa: PLC0415
+    from model.config import ModelConfig, get_config, int4_weight_bytes  # noqa: PLC0415
 
     def log(msg):
         print(msg, flush=True)
@@ -206,6 +253,7 @@ def _main(argv: list[str]) -> int:
     work, out = Path(a.work), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "mobile_rows.partial.json"
+    trained_plans: dict = {}
     try:
         if saved is not None:
             models = {s: driver.model_paths(s, work) for s in sizes}
@@ -215,20 +263,30 @@ def _main(argv: list[str]) -> int:
         else:
             log(f"[bench.mobile] preparing models in {work}")
             models = driver.prepare_models(sizes, work, a.seed, log, gguf="llama.cpp" in engines)
+            if o["trained"]:
+                text = driver.heldout_text(REPO, a.trained_text)
+                log(f"[bench.mobile] trained checkpoints {[str(x) for x in o['trained']]}: text {text[1]}")
+                tmodels, trained_plans = driver.prepare_trained(
+                    o["trained"], work, log, prompts, contexts, a.decode_tokens, text, MAX_CTX,
+                    gguf="llama.cpp" in engines, taken=set(sizes))
+                models.update(tmodels)
+                for lab in tmodels:
+                    repeats[lab], decode_tokens[lab] = max(repeats[s] for s in sizes), a.decode_tokens
         log("[bench.mobile] STREAM triad")
         bw = saved_bw or stream_bandwidth(threads, work, a.stream_mib, a.stream_repeats)
         for t in threads:
             log(f"  {t} thread(s): {bw[t]['best_gbs']:.1f} GB/s")
         plan = dict(prompts=prompts, decode_contexts=contexts, seed=a.seed)
-        log(f"[bench.mobile] measuring {sizes} x threads {threads} x {engines}")
+        timed = sizes + list(trained_plans)
+        log(f"[bench.mobile] measuring {timed} x threads {threads} x {engines}")
         if saved is not None:
             rows = saved
         else:
             # the partial rows survive an interrupted run (--from-raw rebuilds the report from them)
-            rows = driver.run_matrix(models, sizes, threads, repeats, plan, decode_tokens, engines, log, a.timeout,
+            rows = driver.run_matrix(models, timed, threads, repeats, plan, decode_tokens, engines, log, a.timeout,
                                      on_row=lambda rs: atomic_write(partial, json.dumps(rs)),
-                                     commit=engine_commit())
-    except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                                     commit=engine_commit(), trained=trained_plans)
+    except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as e:
         print(f"error: {cli.one_line(e)}", file=sys.stderr)
         return 1
     load_end = loadavg()
@@ -237,18 +295,32 @@ def _main(argv: list[str]) -> int:
     for r in rows:  # distinct, in the order the rows were measured
         if r.get("engine_commit") not in commits:
             commits.append(r.get("engine_commit"))
-    weight_bytes = {s: int4_weight_bytes(get_config(s))["total"] for s in sizes}
-    read_bytes = {s: int4_weight_bytes(get_config(s))["read_per_token"] for s in sizes}
+    # the trained rows' labels and records come from the rows themselves, so --from-raw rebuilds them too
+    trained = {}
+    for r in rows:
+        if r.get("trained") and r["size"] not in trained:
+            trained[r["size"]] = r["trained"]
+    trained_note = o["trained_note"] if saved is None else "the saved rows hold none"
+    cfgs = {s: get_config(s) for s in sizes}
+    for lab, m in trained.items():
+        cfgs[lab] = ModelConfig.from_dict(m["config"])
+        repeats[lab] = len({r["rep"] for r in rows if r["size"] == lab})
+        decode_tokens[lab] = next(r["decode_tokens"] for r in rows if r["size"] == lab)
+        models.setdefault(lab, {"ours": Path(m["source"]), "llama.cpp": Path(m.get("gguf", ""))})
+    weight_bytes = {s: int4_weight_bytes(c)["total"] for s, c in cfgs.items()}
+    read_bytes = {s: int4_weight_bytes(c)["read_per_token"] for s, c in cfgs.items()}
     file_bytes = {s: {e: models[s][e].stat().st_size if models[s][e].is_file() else float("nan") for e in ENGINES}
-                  for s in sizes}
-    agg = aggregate(rows, sizes, threads, engines, prompts, contexts)
+                  for s in cfgs}
+    agg = aggregate(rows, sizes + list(trained), threads, engines, prompts, contexts, trained=set(trained))
     plots = write_plots(agg, sizes, threads, engines, bw, read_bytes, out)
     md = out / "mobile.md"
     atomic_write(md, report_text(agg, sizes, threads, engines, prompts, contexts, bw, info, repeats,
                                  decode_tokens, weight_bytes, read_bytes, file_bytes, plots, started,
-                                 time.time() - t_start, load_start, load_end, commits=commits))
+                                 time.time() - t_start, load_start, load_end, commits=commits, trained=trained,
+                                 trained_note=trained_note, peer_dirs=[out, REPO / "bench" / "results"]))
     raw = dict(info=info, stream=bw, rows=rows, sizes=sizes, threads=threads, engines=engines, repeats=repeats,
-               decode_tokens=decode_tokens, read_bytes=read_bytes, weight_bytes=weight_bytes, engine_commits=commits)
+               decode_tokens=decode_tokens, read_bytes=read_bytes, weight_bytes=weight_bytes, engine_commits=commits,
+               trained=trained, trained_note=trained_note)
     atomic_write(out / "mobile_raw.json", json.dumps(raw, indent=1))
     partial.unlink(missing_ok=True)  # the complete rows are in mobile_raw.json
     log(f"[bench.mobile] wrote {md} and {', '.join(plots)}")

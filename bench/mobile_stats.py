@@ -18,8 +18,10 @@ def _med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def aggregate(rows: list[dict], sizes, threads, engines, prompts, contexts) -> dict:
-    """Medians per (size, threads, engine, metric) and pair-by-pair ratios."""
+def aggregate(rows: list[dict], sizes, threads, engines, prompts, contexts, trained=()) -> dict:
+    """Medians per (size, threads, engine, metric) and pair-by-pair ratios. `trained`: the labels among `sizes`
+    of trained checkpoints, which get engine ratios but no MoE-vs-dense ratio (their shapes are not the dense
+    model's comparison point)."""
     metrics = [("prefill", str(p)) for p in prompts] + [("decode", str(c)) for c in contexts]
     by = {}
     for r in rows:
@@ -44,7 +46,7 @@ def aggregate(rows: list[dict], sizes, threads, engines, prompts, contexts) -> d
     dense = [s for s in sizes if s.startswith("dense")]
     for d in dense:
         for s in sizes:
-            if s in dense:
+            if s in dense or s in trained:
                 continue
             for t in threads:
                 for e in engines:
