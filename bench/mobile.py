@@ -200,11 +200,18 @@ def _trained_paths(spec: str) -> tuple[list[Path], str]:
         if not DEFAULT_TRAINED.is_file():
             return [], (f"{DEFAULT_TRAINED.relative_to(REPO)} (the `make train` model, with its tokenizer.json) was "
                         "absent when this run started; `make train` makes it, then `make bench-mobile` times it")
-        paths = [DEFAULT_TRAINED]
+        try:  # the default is best effort: an unusable one is reported, not an error of the run
+            return _checked([DEFAULT_TRAINED]), ""
+        except cli.BadInput as e:
+            return [], f"{DEFAULT_TRAINED.relative_to(REPO)} is not usable ({e}); `make train` remakes it"
     else:
         paths = [Path(x.strip()) for x in spec.split(",") if x.strip()]
         if not paths:
             raise cli.BadInput(f"--trained: expected auto, none or comma-separated .mmoe paths, got {spec!r}")
+    return _checked(paths), ""
+
+
+def _checked(paths: list[Path]) -> list[Path]:
     for pth in paths:
         if not pth.is_file():
             raise cli.BadInput(f"--trained {pth}: no such file")
@@ -214,7 +221,7 @@ def _trained_paths(spec: str) -> tuple[list[Path], str]:
             driver.mmoe_config(pth)
         except (ValueError, OSError) as e:
             raise cli.BadInput(f"--trained {pth}: {cli.one_line(e)}") from None
-    return paths, ""
+    return paths
 
 
 def _load_raw(path: str, o: dict) -> tuple[list[dict], dict | None]:

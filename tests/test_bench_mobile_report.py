@@ -307,3 +307,22 @@ def test_trained_checkpoint_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr
     md2 = (tmp_path / "out2" / "mobile.md").read_text()
     assert md2.split("## Trained checkpoints (real routing)", 1)[1].split("## Plots", 1)[0] == sec
+
+
+def test_default_trained_checkpoint_is_best_effort(tmp_path, monkeypatch):
+    """--trained auto (the default) times runs/tiny/model.mmoe when usable; absent or unusable, the run goes on
+    and the report says why and how to make it. An explicitly named file must be usable."""
+    import bench.mobile as bm
+    from model.cli import BadInput
+
+    monkeypatch.setattr(bm, "REPO", tmp_path)
+    monkeypatch.setattr(bm, "DEFAULT_TRAINED", tmp_path / "runs" / "tiny" / "model.mmoe")
+    paths, note = bm._trained_paths("auto")
+    assert paths == [] and "runs/tiny/model.mmoe" in note and "absent" in note and "`make train`" in note
+    bm.DEFAULT_TRAINED.parent.mkdir(parents=True)
+    bm.DEFAULT_TRAINED.write_bytes(b"x")
+    paths, note = bm._trained_paths("auto")
+    assert paths == [] and "is not usable" in note and "no tokenizer.json" in note
+    with pytest.raises(BadInput, match="no tokenizer.json"):
+        bm._trained_paths(str(bm.DEFAULT_TRAINED))
+    assert bm._trained_paths("none") == ([], "none was asked for (--trained none)")
