@@ -1,0 +1,276 @@
+"""train.scaling_v2 (the v2 grid: plan, LR rule, resume, lock) and train.scaling_v2_fit (anchor LRs, seed
+aggregation, the two-level bootstrap fit, verdicts, report) on synthetic rows, plus one micro run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from model.config import count_params
+from train import scaling_v2 as V
+from train import scaling_v2_fit as F
+from train.scaling_law import LawParams, default_starts, predict
+from train.scaling_opt import SearchSpace
+
+TRUE = LawParams(E0=1.5, A=1.2, alpha=0.35, delta=0.2, rho=0.9, g=0.7, gamma=1.0, B=1.6, beta=0.3)
+SMALL_SPACE = SearchSpace(d_models=(512, 1024, 1536), n_layers=(12, 20), ffn_mults=(2.75,), X=(1, 4, 16),
+                          G=(1, 4, 8), shared=(0, 1))
+
+
+# ------------------------------------------------------------------------------------------------------
+# LR
+def test_vertex_lr_recovers_the_parabola_minimum_and_flags_edges():
+    lrs = [1e-3, 2e-3, 4e-3, 8e-3]
+    best = 3e-3
+    losses = [2.0 + 0.1 * (math.log(x) - math.log(best)) ** 2 for x in lrs]
+    lr, edge = F.vertex_lr(lrs, losses)
+    assert lr == pytest.approx(best, rel=1e-6) and not edge
+    # monotone: the best is the largest swept LR, flagged as at the edge
+    lr, edge = F.vertex_lr(lrs, [3.0, 2.9, 2.8, 2.7])
+    assert lr == pytest.approx(8e-3) and edge
+    # unordered input is sorted first; two LRs: the swept minimum
+    lr, edge = F.vertex_lr([4e-3, 1e-3], [2.5, 2.6])
+    assert lr == pytest.approx(4e-3) and edge
+
+
+def _anchor(name, family, active, lr):
+    return F.Anchor(name, family, active, [lr], [2.0], lr, False)
+
+
+def test_lr_rule_fit_is_log_linear_in_active_params_with_a_moe_offset():
+    a, b, c = 1.0, -0.5, 0.3
+    anchors = [_anchor(f"{f}{n}", f, n, math.exp(a + b * math.log(n) + c * (f == "moe")))
+               for n in (1e5, 6e5) for f in ("dense", "moe")]
+    rule = F.fit_lr_rule(anchors)
+    assert (rule.a, rule.b, rule.c) == pytest.approx((a, b, c), abs=1e-9)
+    assert rule.rms_log_resid < 1e-9 and rule.n == 4
+    assert rule.lr(3e5, True) == pytest.approx(math.exp(a + b * math.log(3e5) + c))
+    # one family only: no MoE term; one size only: no slope
+    r1 = F.fit_lr_rule([x for x in anchors if x.family == "dense"])
+    assert r1.c == 0.0 and r1.b == pytest.approx(b)
+    r2 = F.fit_lr_rule([x for x in anchors if x.active == 1e5])
+    assert r2.b == 0.0 and r2.c == pytest.approx(c)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the plan
+def test_plan_grid_seeds_holdout_anchors_and_totals():
+    plan = V.make_plan(2048)
+    grid = [r for r in plan.runs if r.phase == "grid"]
+    by_point: dict[str, list[int]] = {}
+    for r in grid:
+        by_point.setdefault(r.point, []).append(r.seed)
+        assert r.lr is None  # the rule's
+        if r.arch.family == "moe":
+            cfg = plan.config(r.arch)
+            assert (cfg.top_k + cfg.n_shared_experts) * cfg.expert_ffn_dim == cfg.ffn_dim
+            assert cfg.router_score == "sigmoid" and cfg.n_experts / cfg.top_k == r.arch.X
+    assert all(sorted(s) == [0, 1] for s in by_point.values())
+    act = {r.point: count_params(plan.config(r.arch))[1] for r in grid}
+    held = {r.point for r in grid if r.holdout}
+    assert {r.arch.family for r in grid if r.holdout} == {"dense", "moe"}
+    assert min(act[p] for p in held) > max(act[p] for p in act if p not in held)
+    ratios = sorted({r.tokens / count_params(plan.config(r.arch))[1] for r in grid})
+    assert ratios[0] < 3 and ratios[-1] > 39
+    for axis in ("X", "G", "shared"):
+        assert len({getattr(r.arch, axis) for r in grid if r.arch.d == 64 and r.arch.family == "moe"}) >= 2
+    # anchors: smallest and largest fitted size, dense and MoE, >= 3 LRs each, never a held-out size
+    anchors = plan.anchors()
+    assert {(r.arch.d, r.arch.family) for r in anchors} == {(32, "dense"), (32, "moe"), (96, "dense"), (96, "moe")}
+    assert all(len({r.lr for r in anchors if r.arch.name == n}) >= 3 for n in {r.arch.name for r in anchors})
+    # plan totals: the sum of the per-run hours, and what is left shrinks by the done runs
+    tok_s = {r.arch.name: 1000.0 for r in plan.runs}
+    done = {plan.runs[0].key, plan.runs[-1].key}
+    lines = V.plan_lines(plan, done, tok_s)
+    total_h = sum(r.tokens for r in plan.runs) / 1000 / 3600
+    left_h = total_h - sum(r.tokens for r in plan.runs if r.key in done) / 1000 / 3600
+    assert lines[-1].startswith(f"total {len(plan.runs)} runs, {total_h:.1f} CPU hours ({left_h:.1f} left)")
+    assert sum(ln.endswith(" done") for ln in lines) == 2
+    with pytest.raises(V.ScalingError, match="seeds"):
+        V.make_plan(2048, (0, 0))
+
+
+# ------------------------------------------------------------------------------------------------------
+# synthetic rows from a known law
+def _fake_row(plan, run, lr, seed_noise=0.004, rng=None):
+    from model.config import param_breakdown
+
+    cfg = plan.config(run.arch)
+    total, active = count_params(cfg)
+    b = param_breakdown(cfg)
+    nonemb = active - b["embedding"] - b["lm_head"]
+    law = float(predict(TRUE, nonemb, run.tokens, run.arch.X, run.arch.G, run.arch.shared))
+    best = math.exp(-2.0 - 0.4 * math.log(active / 1e5) - 0.2 * (run.arch.family == "moe"))
+    noise = (rng.normal(0, seed_noise) if rng is not None else 0.0)
+    val = law * (1 + 0.02 * (math.log(lr) - math.log(best)) ** 2) * (1 + noise)
+    return dict(key=run.key, phase=run.phase, point=run.point, family=run.arch.family, holdout=int(run.holdout),
+                d_model=run.arch.d, n_layers=plan.n_layers, n_experts=cfg.n_experts, top_k=cfg.top_k,
+                expert_ffn_dim=cfg.expert_ffn_dim, n_shared_experts=cfg.n_shared_experts, X=run.arch.X,
+                G=run.arch.G, active_params=active, total_params=total, active_nonemb=nonemb, tokens=run.tokens,
+                ratio=run.ratio, lr=f"{lr:.6g}", seed=run.seed, val_loss=f"{val:.6f}", train_loss="0",
+                seconds="0", plan=plan.fingerprint())
+
+
+def test_aggregate_averages_seeds_per_point():
+    plan = V.make_plan(2048)
+    rows = {}
+    for r in plan.runs:
+        if r.phase == "grid" and r.arch.name == "d64-dense" and r.ratio == 10:
+            row = _fake_row(plan, r, 4e-3)
+            row["val_loss"] = "3.0" if r.seed == 0 else "3.2"
+            rows[r.key] = row
+    (p,) = F.aggregate(rows)
+    assert p.point == "d64-dense-T10" and p.losses == [3.0, 3.2]
+    assert p.mean == pytest.approx(3.1) and p.sd == pytest.approx(math.sqrt(0.02))
+
+
+def test_verdicts_exclude_or_contain_no_effect():
+    base = dict(E0=1, A=1, alpha=0.3, beta=0.3, delta=0.2, rho=0.9, g=0.5, gamma=1.0, B=1)
+    clear = [dict(base, alpha=0.3 + e, beta=0.3 + e, delta=0.2 + e, rho=0.9 + e, g=0.5 + e)
+             for e in np.linspace(-0.05, 0.05, 41)]
+    v = F.verdicts(base, clear)
+    assert v["alpha"]["verdict"] == "loss falls with active params"
+    assert v["delta"]["verdict"] == "sparsity helps"
+    assert v["rho"]["verdict"] == "a shared expert helps"
+    assert v["gran8"]["verdict"] == "finer experts help" and v["gran8"]["hi"] < 1
+    vague = [dict(base, delta=e, rho=1 + e, g=math.exp(-8) if e > 0 else 0.5, alpha=0.3 + 10 * e)
+             for e in np.linspace(-0.1, 0.1, 41)]
+    v = F.verdicts(base, vague)
+    for k in ("alpha", "delta", "rho", "gran8"):
+        assert v[k]["verdict"].startswith("cannot resolve"), k
+    v = F.verdicts(dict(base, delta=-0.2, rho=1.1), [dict(base, delta=-0.2 + e, rho=1.1 + e)
+                                                   for e in np.linspace(-0.05, 0.05, 21)])
+    assert v["delta"]["verdict"] == "sparsity hurts" and v["rho"]["verdict"] == "a shared expert hurts"
+
+
+def _synthetic_rows(plan, noise=0.004):
+    rng = np.random.default_rng(0)
+    rows = {}
+    for r in plan.anchors():
+        rows[r.key] = _fake_row(plan, r, r.lr, rng=rng)
+    lrs, rule = V.grid_lrs(plan, rows)
+    assert rule is not None
+    for r in plan.runs:
+        if r.phase == "grid":
+            rows[r.key] = _fake_row(plan, r, lrs[r.key][0], noise, rng)
+            rows[r.key]["lr_source"] = "rule"
+    return rows
+
+
+def test_report_on_a_synthetic_sweep(tmp_path):
+    plan = V.make_plan(2048)
+    rows = _synthetic_rows(plan)
+    V.write_rows(tmp_path / "s.csv", rows, [r.key for r in plan.runs])
+    back = V.read_rows(tmp_path / "s.csv")
+    assert set(back) == set(rows) and V.done_keys(plan, back) == set(rows)
+    md = F.write_report(plan, back, tmp_path / "scaling_v2.md", n_boot=3, space=SMALL_SPACE,
+                        starts=default_starts()[::32])
+    text = md.read_text()
+    for s in ("LR rule: `rule: ln lr", "| alpha | 0 |", "| gran8 | 1 |", "d128-dense-T10 | 2 |", "paper S:",
+              "paper-like", "Moderate sparsity + fine-grained + shared at "):
+        assert s in text, s
+    assert "Not run yet" not in text
+    fit = json.loads((tmp_path / "scaling_v2_fit.json").read_text())
+    assert fit["n_points"] == 25 and fit["n_runs"] == 50 and fit["n_boot"] == 3
+    assert len(fit["heldout"]) == 2
+    for h in fit["heldout"]:
+        # the LR rule learned from the anchors puts the held-out points near their optimum: the law (fit on
+        # points trained at the rule's LR) predicts them to well under 5%
+        assert abs(h["rel_err"]) < 0.05
+    assert fit["params"]["alpha"] == pytest.approx(TRUE.alpha, abs=0.1)
+    assert fit["verdicts"]["alpha"]["verdict"] == "loss falls with active params"
+    assert fit["verdicts"]["beta"]["verdict"] == "loss falls with tokens"
+    assert fit["lr_rule"]["n"] == 4 and len(fit["optimize"]) == 3
+    # a partial sweep reports what it has
+    part = {k: v for k, v in back.items() if v["phase"] == "lr"}
+    text = F.write_report(plan, part, tmp_path / "p.md", n_boot=0, space=SMALL_SPACE).read_text()
+    assert "Not fitted" in text and f"Not run yet ({len(plan.runs) - len(part)})" in text
+
+
+# ------------------------------------------------------------------------------------------------------
+# the runner: LR gating, resume, lock
+def test_sweep_resumes_row_by_row_gates_on_the_lr_rule_and_locks(tmp_path):
+    plan = V.make_plan(2048)
+    csv_path = tmp_path / "s.csv"
+    seen = []
+    rng = np.random.default_rng(1)
+
+    def fake(plan, run, lr, data, runs_dir, log):
+        seen.append((run.key, lr))
+        return _fake_row(plan, run, lr, rng=rng)
+
+    quiet = dict(log=lambda *_: None, execute_fn=fake)
+    grid0 = next(r.key for r in plan.runs if r.phase == "grid")
+    with pytest.raises(V.ScalingError, match="LR rule"):
+        V.run_sweep(plan, None, csv_path, tmp_path / "runs", only={grid0}, **quiet)
+    V.run_sweep(plan, None, csv_path, tmp_path / "runs", limit=len(plan.anchors()) + 3, **quiet)
+    assert [k for k, _ in seen] == [r.key for r in plan.runs[:len(plan.anchors()) + 3]]
+    rows = V.read_rows(csv_path)
+    assert len(rows) == len(plan.anchors()) + 3
+    g = rows[grid0]
+    _, rule = V.grid_lrs(plan, rows)
+    assert g["lr_source"] == rule.describe()
+    assert float(g["lr"]) == pytest.approx(rule.lr(int(g["active_params"]), g["family"] == "moe"), rel=1e-5)
+    # resume: nothing finished is retrained; a deleted row is the only one that runs
+    rows.pop(grid0)
+    V.write_rows(csv_path, rows, [r.key for r in plan.runs])
+    seen.clear()
+    V.run_sweep(plan, None, csv_path, tmp_path / "runs", only={grid0}, **quiet)
+    assert [k for k, _ in seen] == [grid0]
+    seen.clear()
+    V.run_sweep(plan, None, csv_path, tmp_path / "runs", only={grid0}, **quiet)
+    assert seen == []
+    with pytest.raises(V.ScalingError, match="unknown run key"):
+        V.run_sweep(plan, None, csv_path, tmp_path / "runs", only={"nope"}, **quiet)
+    import fcntl
+
+    with open(tmp_path / ".s.csv.lock", "w") as held:   # another process writing the CSV
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(V.ScalingError, match="another"):
+            V.run_sweep(plan, None, csv_path, tmp_path / "runs", **quiet)
+    # rows of another plan are refused, never mixed in
+    other = V.make_plan(4096)
+    with pytest.raises(V.ScalingError, match="another plan"):
+        V.done_keys(other, V.read_rows(csv_path))
+
+
+def test_micro_run_end_to_end(tmp_path):
+    """One LR-sweep pair and one grid point at the rule's LR on a real (tiny) corpus, with the real trainer."""
+    from tests.test_claims import _fake_site
+    from train import corpus as K
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_site(site, n=300)
+    s = K.build(tmp_path / "corpus", sites=[site], max_mb=1.0, shakespeare=None, heldout_permille=150,
+                vocab_size=320, log=lambda *_: None)
+    plan = V.Plan(s["vocab_size"], n_layers=1, seq_len=16, batch=4, eval_windows=8)
+    a = V.arch(32, 4, 4, 1)
+    for lr in (2e-3, 8e-3):
+        plan.runs.append(V.Run(f"{a.name}-lr{lr:g}-s0", "lr", a, 1.0, 24 * 64, 24, 0, lr))
+    plan.runs.append(V.Run(f"{a.name}-T1-s0", "grid", a, 1.0, 20 * 64, 20, 0, None))
+    out = tmp_path / "s.csv"
+    rows = V.run_sweep(plan, tmp_path / "corpus", out, tmp_path / "runs", log=lambda *_: None)
+    assert len(rows) == 3
+    for r in rows.values():
+        assert 0 < float(r["val_loss"]) < math.log(plan.vocab) + 1
+        assert float(r["load_max_mean"]) >= 1.0
+        assert not (tmp_path / "runs" / r["key"] / "ckpt").exists()
+    g = rows[f"{a.name}-T1-s0"]
+    # two swept LRs, one anchor: the rule is the better of the two
+    best = min((rows[f"{a.name}-lr{lr:g}-s0"] for lr in (2e-3, 8e-3)), key=lambda r: float(r["val_loss"]))
+    assert g["lr_source"].startswith("rule") and float(g["lr"]) == pytest.approx(float(best["lr"]), rel=1e-5)
+
+
+def test_cli_bad_input(capsys, tmp_path):
+    from model.cli import run
+
+    assert run(V.main, ["--plan", "--seeds", "a,b", "--csv", str(tmp_path / "x.csv")]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert run(V.main, ["--plan", "--csv", str(bad)]) == 2
+    assert "not a scaling_v2 CSV" in capsys.readouterr().err
