@@ -274,3 +274,11 @@ def test_cli_bad_input(capsys, tmp_path):
     bad.write_text("a,b\n1,2\n")
     assert run(V.main, ["--plan", "--csv", str(bad)]) == 2
     assert "not a scaling_v2 CSV" in capsys.readouterr().err
+
+
+def test_cli_plan_lists_every_run(capsys, tmp_path):
+    assert V.main(["--plan", "--csv", str(tmp_path / "none.csv"), "--corpus", str(tmp_path / "no-corpus")]) == 0
+    out = capsys.readouterr().out
+    plan = V.make_plan(2048)
+    assert f"total {len(plan.runs)} runs" in out
+    assert all(r.key in out for r in plan.runs)

@@ -301,8 +301,11 @@ def write_report(plan, rows: dict[str, dict], md_path, n_boot: int = 200, space=
     for a in anchors:
         L.append(f"| {a.arch} | {a.active:,} | {', '.join(f'{x:.1e}' for x in a.lrs)} | "
                  f"{', '.join(f'{x:.4f}' for x in a.losses)} | {a.best_lr:.2e}{' (edge of range)' if a.at_edge else ''} |")
-    L += ["", f"LR rule: `{rule.describe()}` over {rule.n} anchors, rms log residual {rule.rms_log_resid:.3f}."
-          if rule else "LR rule: no anchors finished yet.", ""]
+    n_arch = len({r.arch.name for r in plan.anchors()})
+    partial = "" if all(r.key in rows for r in plan.anchors()) else \
+        " Provisional: LR-sweep runs are missing, and the grid runs only once all are done."
+    L += ["", f"LR rule: `{rule.describe()}` over {rule.n} of {n_arch} anchors, rms log residual "
+          f"{rule.rms_log_resid:.3f}.{partial}" if rule else "LR rule: no anchors finished yet.", ""]
     fit = None
     fit_pts = [p for p in pts if not p.holdout]
     if len(fit_pts) >= 9:
