@@ -174,7 +174,7 @@ def test_report_on_a_synthetic_sweep(tmp_path):
         assert s in text, s
     assert "Not run yet" not in text
     fit = json.loads((tmp_path / "scaling_v2_fit.json").read_text())
-    assert fit["n_points"] == 25 and fit["n_runs"] == 50 and fit["n_boot"] == 3
+    assert fit["n_points"] == 28 and fit["n_runs"] == 56 and fit["n_boot"] == 3
     assert len(fit["heldout"]) == 2
     for h in fit["heldout"]:
         # the LR rule learned from the anchors puts the held-out points near their optimum: the law (fit on
