@@ -456,7 +456,16 @@ def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str
     and our engine run exactly the same model. The tokenizer goes out as raw bytes (benchmarks feed ids)."""
     import mmap  # noqa: PLC0415
 
-    from mobile.format import DT_F16, DT_F32, DT_Q4, DT_Q4_EXPERTS, align_up, q4_bytes, read_header, read_table  # noqa: PLC0415
+    from mobile.format import (  # noqa: PLC0415
+        DT_F16,
+        DT_F32,
+        DT_Q4,
+        DT_Q4_EXPERTS,
+        align_up,
+        q4_bytes,
+        read_header,
+        read_table,
+    )
 
     gguf = _gguf()
     Q40 = gguf.GGMLQuantizationType.Q4_0
