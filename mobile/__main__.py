@@ -1,7 +1,8 @@
 """python -m mobile export|generate|info
 
-  export   --ckpt <model dir | run dir> --out F.mmoe [--tokenizer tokenizer.json] [--force]
+  export   --ckpt <model dir | run dir> --out F.mmoe [--tokenizer tokenizer.json] [--router-dtype f32|f16] [--force]
   export   --random-init --size tiny|S|M|L|dense-1B --out F.mmoe [--seed N] [--tokenizer tokenizer.json]
+           [--router-dtype f32|f16]
   generate --model F.mmoe --prompt "..." --max-new-tokens N [--greedy] [--threads T] [--chat] [--temperature X]
            [--top-p P] [--seed S] [--prompt-ids 1,2,3] [--ids] [--profile] [--float]
            [--mem-budget MB [--cache-policy lru|lfu|pin] [--prefetch]]
@@ -49,13 +50,15 @@ def _export(a) -> int:
 
         if a.ckpt:
             raise ValueError("give either --ckpt or --random-init, not both")
-        out = export_random(a.size, a.out, seed=a.seed, tokenizer_json=a.tokenizer, force=a.force)
+        out = export_random(a.size, a.out, seed=a.seed, tokenizer_json=a.tokenizer, force=a.force,
+                            router_dtype=a.router_dtype)
     else:
         if not a.ckpt:
             raise ValueError("--ckpt (a model or run directory) or --random-init is required")
         from mobile.export import export_model_dir  # noqa: PLC0415  (imports torch)
 
-        out = export_model_dir(a.ckpt, a.out, tokenizer_json=a.tokenizer, force=a.force)
+        out = export_model_dir(a.ckpt, a.out, tokenizer_json=a.tokenizer, force=a.force,
+                               router_dtype=a.router_dtype)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -195,6 +198,7 @@ FORMATS = ("mmoe", "gguf")
 
 
 def build_parser():
+    from mobile.format import ROUTER_DTYPES  # noqa: PLC0415  (numpy only)
     from model.config import PRESETS  # noqa: PLC0415  (plain Python)
 
     presets = tuple(PRESETS)
@@ -212,6 +216,9 @@ def build_parser():
                    help="preset for --random-init")
     e.add_argument("--seed", type=nonneg_int, default=0, help="random seed for --random-init")
     e.add_argument("--tokenizer", help="tokenizer.json (byte-level BPE) to embed; default: the model dir's, else bytes")
+    e.add_argument("--router-dtype", default="f32", type=one_of(ROUTER_DTYPES), metavar=choices(ROUTER_DTYPES),
+                   help="router weights: f32 (the trained fp32 router, bit-exact with PyTorch) or f16 (half the "
+                        "router bytes a decode step reads; selections may differ, see mobile/FORMAT.md)")
     e.add_argument("--out", required=True, help="output .mmoe path (written atomically)")
     e.add_argument("--force", action="store_true", help="overwrite --out even when it is not a .mmoe file")
     g = sub.add_parser("generate", help="run the C engine through ctypes", formatter_class=p.formatter_class,

@@ -20,6 +20,7 @@ from mobile.format import (
     TokenizerBlob,
     align_up,
     byte_tokenizer,
+    router_tensor,
     tokenizer_from_json,
     write_mmoe,
 )
@@ -48,7 +49,7 @@ def find_model_dir(path: str | os.PathLike) -> Path:
 
 
 # ---- from a trained model ------------------------------------------------------------------------------
-def _torch_tensors(model) -> list[TensorSpec]:
+def _torch_tensors(model, router_dtype: str = "f32") -> list[TensorSpec]:
     import torch  # noqa: PLC0415  (the runtime side of mobile/ must not import torch)
 
     from model.quant import check_finite, pack_int4, quantize_int4  # noqa: PLC0415
@@ -85,7 +86,8 @@ def _torch_tensors(model) -> list[TensorSpec]:
             out.append(q4(p + "attn." + n, getattr(layer.attn, n).weight))
         if layer.is_moe:
             moe = layer.moe
-            out.append(f32(p + "moe.router", moe.router.weight))
+            check_finite(p + "moe.router", moe.router.weight)
+            out.append(router_tensor(p + "moe.router", moe.router.weight.detach().float().cpu().numpy(), router_dtype))
             # the bias only changes selection when the config enables it: export zeros otherwise
             bias = moe.expert_bias if cfg.router_bias_coeff > 0 else torch.zeros_like(moe.expert_bias)
             out.append(f32(p + "moe.expert_bias", bias))
@@ -111,7 +113,9 @@ def _torch_tensors(model) -> list[TensorSpec]:
 
 
 def export_model_dir(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer_json: str | None = None,
-                     force: bool = False) -> Path:
+                     force: bool = False, router_dtype: str = "f32") -> Path:
+    """router_dtype "f16" halves the router bytes a decode step reads (an fp16-rounded router: selections can
+    differ from the fp32 router the model was trained with; FORMAT.md, version 2)."""
     from model.io import load_model_dir, tokenizer_path  # noqa: PLC0415  (imports torch)
 
     mdir = find_model_dir(ckpt)
@@ -119,11 +123,11 @@ def export_model_dir(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer_
     cfg = model.cfg.to_dict()
     tj = tokenizer_json or tokenizer_path(mdir)
     tok = tokenizer_from_json(tj, cfg["vocab_size"]) if tj else byte_tokenizer()
-    return write_mmoe(out, cfg, _torch_tensors(model), tok, force=force)
+    return write_mmoe(out, cfg, _torch_tensors(model, router_dtype), tok, force=force)
 
 
 # ---- random init, straight into the quantized format ---------------------------------------------------
-def random_tensors(cfg: dict, seed: int = 0, init: str = "balanced") -> list[TensorSpec]:
+def random_tensors(cfg: dict, seed: int = 0, init: str = "balanced", router_dtype: str = "f32") -> list[TensorSpec]:
     """The .mmoe tensors of model/init.py's random INT4 weights (codes drawn directly, one tensor in memory at
     a time); mobile/gguf_export.py --random-init writes the same blocks as Q4_0."""
     from model.config import ModelConfig  # noqa: PLC0415  (plain Python, no torch)
@@ -154,7 +158,7 @@ def random_tensors(cfg: dict, seed: int = 0, init: str = "balanced") -> list[Ten
         out += [q4(p + "attn." + n) for n in ("wq", "wk", "wv", "wo")]
         if cfg["n_experts"] > 0 and i not in cfg["dense_layers"]:
             E = cfg["n_experts"]
-            out += [f32(p + "moe.router"),
+            out += [router_tensor(p + "moe.router", random_f32(plan[p + "moe.router.weight"], seed), router_dtype),
                     TensorSpec(p + "moe.expert_bias", DT_F32, (E,), lambda f, E=E: f.write(np.zeros(E, "<f4")))]
             gu_p, dn_p = plan[p + "moe.w_gate_up"], plan[p + "moe.w_down"]
 
@@ -175,11 +179,11 @@ def random_tensors(cfg: dict, seed: int = 0, init: str = "balanced") -> list[Ten
 
 
 def export_random(size: str, out: str | os.PathLike, seed: int = 0, tokenizer_json: str | None = None,
-                  init: str = "balanced", force: bool = False, **overrides) -> Path:
+                  init: str = "balanced", force: bool = False, router_dtype: str = "f32", **overrides) -> Path:
     """A random-weight .mmoe of a preset: model/init.py's INT4 weights (`init` "balanced" routes like a trained,
     load-balanced model; "train" has MobileMoE.init_weights' stds)."""
     from model.config import get_config  # noqa: PLC0415  (config.py is plain Python, no torch)
 
     cfg = get_config(size, seed=seed, **overrides).to_dict()
     tok: TokenizerBlob = tokenizer_from_json(tokenizer_json, cfg["vocab_size"]) if tokenizer_json else byte_tokenizer()
-    return write_mmoe(out, cfg, random_tensors(cfg, seed, init), tok, force=force)
+    return write_mmoe(out, cfg, random_tensors(cfg, seed, init, router_dtype), tok, force=force)

@@ -1,4 +1,4 @@
-"""The .mmoe file format (version 1): constants and a pure-Python/numpy writer + reader. No torch here.
+"""The .mmoe file format (versions 1 and 2): constants and a pure-Python/numpy writer + reader. No torch here.
 
 See mobile/FORMAT.md for the byte layout; the C loader (mobile/c/loader.c) is the authority on validation and
 must agree with the constants below (tests/test_mobile_loader.py checks both sides).
@@ -18,7 +18,11 @@ import numpy as np
 from model.atomic import atomic_open, check_file_target  # plain Python, no torch
 
 MAGIC = b"MMOEINT4"
-VERSION = 1
+# Version 1: every router f32. Version 2: a router may be f16 (the table entry's dtype says which); the writer
+# stamps 2 only on files holding an f16 router, so f32 files stay version 1, byte for byte, for older engines.
+VERSION = 2
+VERSION_MIN = 1
+ROUTER_DTYPES = ("f32", "f16")
 HEADER_SIZE = 1024
 ALIGN = 64
 MAX_LAYERS = 256  # the header carries one layer-kind byte per layer
@@ -177,6 +181,29 @@ class TensorSpec:
     write: Callable
 
 
+def file_version(tensors: Iterable[TensorSpec]) -> int:
+    """The version a file holding these tensors is stamped with: 2 only when it has an f16 router."""
+    return 2 if any(t.dtype == DT_F16 and t.name.endswith(".moe.router") for t in tensors) else 1
+
+
+def router_tensor(name: str, w_ED: np.ndarray, dtype: str) -> TensorSpec:
+    """A router matrix as f32, or as f16 rounded to nearest even (numpy's cast); a weight beyond the fp16 range
+    is an export error naming the tensor, never an inf in the file."""
+    if dtype not in ROUTER_DTYPES:
+        raise ValueError(f"router dtype {dtype!r}: choose one of {', '.join(ROUTER_DTYPES)}")
+    if dtype == "f32":
+        a = np.ascontiguousarray(w_ED, dtype="<f4")
+        return TensorSpec(name, DT_F32, tuple(a.shape), lambda f, a=a: f.write(a.tobytes()))
+    a = np.asarray(w_ED, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        h = np.ascontiguousarray(a.astype("<f2"))
+    bad = int(np.count_nonzero(~np.isfinite(h) & np.isfinite(a)))
+    if bad:
+        raise ValueError(f"{name}: {bad} router weights exceed the fp16 range (|w| > 65504); export with "
+                         "--router-dtype f32")
+    return TensorSpec(name, DT_F16, tuple(h.shape), lambda f, h=h: f.write(h.tobytes()))
+
+
 def header_values(cfg: dict, layer_kinds: list[int], eos_id: int) -> dict:
     return dict(
         vocab_size=cfg["vocab_size"], d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
@@ -226,7 +253,7 @@ def write_mmoe(out: str | os.PathLike, cfg: dict, tensors: Iterable[TensorSpec],
         entries.append((t, pos, size))
         pos = align_up(pos + size)
     file_size = pos
-    vals = dict(version=VERSION, header_size=HEADER_SIZE, file_size=file_size, n_tensors=len(tensors), flags=0,
+    vals = dict(version=file_version(tensors), header_size=HEADER_SIZE, file_size=file_size, n_tensors=len(tensors), flags=0,
                 table_offset=table_offset, table_size=table_size, tok_offset=tok_offset, tok_size=len(tok_b),
                 config_json_offset=cj_offset, config_json_size=len(cfg_json), data_offset=data_offset,
                 **header_values(cfg, layer_kinds, tok.eos_id))

@@ -456,7 +456,16 @@ def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str
     and our engine run exactly the same model. The tokenizer goes out as raw bytes (benchmarks feed ids)."""
     import mmap  # noqa: PLC0415
 
-    from mobile.format import DT_F32, DT_Q4, DT_Q4_EXPERTS, align_up, q4_bytes, read_header, read_table  # noqa: PLC0415
+    from mobile.format import (  # noqa: PLC0415
+        DT_F16,
+        DT_F32,
+        DT_Q4,
+        DT_Q4_EXPERTS,
+        align_up,
+        q4_bytes,
+        read_header,
+        read_table,
+    )
 
     gguf = _gguf()
     Q40 = gguf.GGMLQuantizationType.Q4_0
@@ -516,7 +525,12 @@ def mmoe_to_gguf(mmoe_path: str | os.PathLike, out: str | os.PathLike, name: str
                 add_zeros(b + "attn_v.bias", KV * hd)
             add_q4(b + "attn_output.weight", get(p + "attn.wo", DT_Q4))
             if cfg.layer_is_moe(i):
-                add_f32(b + "ffn_gate_inp.weight", get(p + "moe.router", DT_F32))
+                rt = table.get(p + "moe.router")
+                if rt is not None and rt.dtype == DT_F16:  # an fp16 router (--router-dtype f16): f16 -> f32 is exact
+                    plan.append((b + "ffn_gate_inp.weight", tuple(rt.shape), None,
+                                 lambda e=rt: raw(e).view("<f2").astype(np.float32).reshape(e.shape)))
+                else:
+                    add_f32(b + "ffn_gate_inp.weight", get(p + "moe.router", DT_F32))
                 if glm:  # the graph requires the bias; the .mmoe holds zeros when it is off
                     add_f32(b + "exp_probs_b.bias", get(p + "moe.expert_bias", DT_F32))
                 elif p + "moe.expert_bias" in table and cfg.router_bias_coeff > 0:

@@ -249,18 +249,31 @@ def test_llama_cpp_q4_0_matches_our_int4_weights(tmp_path):
 
 
 @needs_llama
-def test_llama_cpp_runs_the_engines_mmoe_file(tmp_path):
+@pytest.mark.parametrize("router_dtype", ["f32", "f16"])
+def test_llama_cpp_runs_the_engines_mmoe_file(tmp_path, router_dtype):
     """--from-mmoe: the phone engine's .mmoe, re-laid out as Q4_0 without requantizing, gives llama.cpp the
     same model: its logits match our engine's (int8 per-token activations vs llama.cpp's Q8_0 per 32, so a
-    loose tolerance; measured max rel. error 1.0e-2, top-1 agreement 100%)."""
+    loose tolerance; measured max rel. error 1.0e-2, top-1 agreement 100%). An fp16 router (format version 2)
+    goes out as F32 holding exactly its fp16 values."""
+    import gguf
+
     from mobile.engine import Engine, default_lib_path
     from mobile.export import export_random
+    from mobile.format import DT_F16, read_table
     from mobile.gguf_export import mmoe_to_gguf
 
     if not default_lib_path().is_file():
         pytest.skip("the C engine is not built (make mobile)")
-    mm = export_random("tiny", tmp_path / "t.mmoe", seed=1)
+    mm = export_random("tiny", tmp_path / "t.mmoe", seed=1, router_dtype=router_dtype)
     gg = mmoe_to_gguf(mm, tmp_path / "t.gguf")
+    buf = mm.read_bytes()
+    rt = {e.name: e for e in read_table(buf)}["layers.1.moe.router"]
+    want = np.frombuffer(buf, "<f2" if rt.dtype == DT_F16 else "<f4", rt.size // (2 if rt.dtype == DT_F16 else 4),
+                         rt.offset).astype(np.float32).reshape(rt.shape)
+    assert (rt.dtype == DT_F16) == (router_dtype == "f16")
+    got_r = next(t for t in gguf.GGUFReader(str(gg)).tensors if t.name == "blk.1.ffn_gate_inp.weight")
+    assert got_r.tensor_type == gguf.GGMLQuantizationType.F32
+    np.testing.assert_array_equal(np.asarray(got_r.data).reshape(rt.shape), want)
     ids = IDS[:12]
     got = llama_logits(gg, ids, exact=True)
     eng = Engine(str(mm), threads=1)

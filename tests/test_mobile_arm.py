@@ -105,3 +105,19 @@ def test_arm_forced_missing_set_is_a_clear_error(engines):
                         "--greedy", "--ids"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode > 0, f"rc={r.returncode} (negative = killed by a signal)\n{r.stderr}"
     assert "MMOE_KERNELS=dotprod is not available" in r.stderr
+
+
+@pytest.mark.parametrize("cpu", ["max", "cortex-a53"])
+def test_arm_f16_router_greedy_equals_x86(engines, tmp_path, cpu):
+    """An fp16-router file (export --router-dtype f16): the NEON router dot (mmoe_dot_f16), x86 AVX2+F16C and the
+    scalar one give the same greedy tokens."""
+    from mobile.export import export_random
+
+    _, x86, arm, _, _ = engines
+    model = export_random("tiny", tmp_path / "tiny-f16.mmoe", seed=3, init_std=0.3, router_dtype="f16")
+    ids_x86, _ = _generate([], x86, model)
+    ids_scalar, ks = _generate([], x86, model, threads=2, kernels="scalar")
+    assert ks == "scalar" and ids_scalar == ids_x86
+    assert len(set(ids_x86)) >= 8, ids_x86
+    ids, _ = _generate(["qemu-aarch64", "-cpu", cpu], arm, model)
+    assert ids == ids_x86, f"aarch64 ({cpu}) f16-router ids differ from x86:\n{ids}\n{ids_x86}"

@@ -1,5 +1,5 @@
 """Sanitizer fuzzing of the loader: >= 2,000 mutated files (bit flips, truncations, header-field, tensor-table and
-tokenizer-blob edits) loaded in-process by mobile/c/fuzz.c under ASan + UBSan; every mutant the loader accepts
+tokenizer-blob edits, f32 <-> f16 swaps of a router with the format version changed) loaded in-process by mobile/c/fuzz.c under ASan + UBSan; every mutant the loader accepts
 also runs a prefill + decode step and a tokenizer round trip. Every 4th mutant is also opened the streaming way
 (pread of the resident tensors, a minimum-budget expert cache reading experts from the file), which must accept
 exactly what the buffer loader accepts. 0 crashes and 0 sanitizer reports are required."""
@@ -36,12 +36,13 @@ def test_fuzz_loader_under_sanitizers(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, f"fuzz driver failed (rc {r.returncode}):\n{r.stderr[-4000:]}"
     assert "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-4000:]
-    m = re.search(r"cases (\d+) accepted (\d+) rejected (\d+) streamed (\d+)", r.stdout)
+    m = re.search(r"cases (\d+) accepted (\d+) rejected (\d+) streamed (\d+) f16-router (\d+)", r.stdout)
     assert m, r.stdout
-    cases, accepted, rejected, streamed = map(int, m.groups())
+    cases, accepted, rejected, streamed, f16 = map(int, m.groups())
     assert cases == N_CASES and accepted + rejected == N_CASES
     # both outcomes must be exercised: mutants that load (and run) and mutants that are rejected
     assert accepted >= 100 and rejected >= 1000, (accepted, rejected)
     assert streamed >= 25, streamed  # the streaming open and its expert-cache reads ran on accepted mutants
-    print(f"fuzz: {cases} cases, {accepted} accepted and run, {rejected} rejected, {streamed} streamed, "
-          "0 sanitizer reports")
+    assert f16 >= 40, f16  # the seed's routers are f32: these mutants load (version 2) and route in fp16
+    print(f"fuzz: {cases} cases, {accepted} accepted and run ({f16} with an f16 router), {rejected} rejected, "
+          f"{streamed} streamed, 0 sanitizer reports")

@@ -50,6 +50,16 @@ def set_entry(buf, e, **kw):
                      *shape, kw.get("offset", e.offset), kw.get("size", e.size))
 
 
+def _in_order(*_edits):
+    """Several in-place edits as one case (applied as its arguments are evaluated, left to right)."""
+
+
+def _to_f16(buf, name):
+    """The entry as f16 of the same shape (half the size, same offset): a consistent table entry."""
+    e = entry(buf, name)
+    set_entry(buf, e, dtype=fmt.DT_F16, size=e.size // 2)
+
+
 def set_header(buf, field, value):
     off, code = fmt.header_field_offset(field)
     struct.pack_into("<" + code, buf, off, value)
@@ -66,7 +76,21 @@ CASES = {
     "truncated_header": (lambda b: b[:500], "too small"),
     "empty": (lambda b: bytearray(), "too small"),
     "wrong_magic": (lambda b: b.__setitem__(slice(0, 8), b"GGUF\0\0\0\0"), "bad magic"),
-    "wrong_version": (lambda b: set_header(b, "version", 2), "unsupported format version 2"),
+    "wrong_version": (lambda b: set_header(b, "version", 3), "unsupported format version 3"),
+    "version_zero": (lambda b: set_header(b, "version", 0), "unsupported format version 0"),
+    # an f16 router (size consistent with its shape) is version 2 only: a version-1 file holding one is refused
+    "f16_router_in_v1": (lambda b: _to_f16(b, "layers.1.moe.router"), "an f16 router needs format version 2"),
+    # version 2 admits f16 for the router only; any other f32 tensor as f16 is still refused by name
+    "f16_norm_in_v2": (lambda b: _in_order(set_header(b, "version", 2), _to_f16(b, "layers.0.ffn_norm")),
+                       "tensor 'layers.0.ffn_norm': dtype 1 / ndim 1, expected 0 / 1"),
+    "f16_router_bad_size": (lambda b: _in_order(set_header(b, "version", 2), _to_f16(b, "layers.0.moe.router"),
+                                       set_entry(b, entry(b, "layers.0.moe.router"),
+                                                 size=entry(b, "layers.0.moe.router").size * 2)),
+                            "inconsistent with its dtype and shape"),
+    "f16_router_bad_shape": (lambda b: _in_order(set_header(b, "version", 2), _to_f16(b, "layers.0.moe.router"),
+                                        set_entry(b, entry(b, "layers.0.moe.router"), shape=(8, 128),
+                                                  size=2 * 8 * 128)),
+                             "tensor 'layers.0.moe.router': shape[0] = 8 inconsistent with the config"),
     "misaligned_offset": (lambda b: set_entry(b, entry(b, "layers.0.attn.wq"),
                                               offset=entry(b, "layers.0.attn.wq").offset + 4), "misaligned"),
     "offset_out_of_range": (lambda b: set_entry(b, entry(b, "layers.1.attn.wo"), offset=len(b) + 4096),

@@ -1,4 +1,4 @@
-/* Attention over the fp16 KV cache and the fp32 router dot product, with one fixed arithmetic order that a
+/* Attention over the fp16 KV cache and the router dot products (fp32 or fp16 weights), with one fixed arithmetic order that a
  * scalar reference, AVX2+F16C and NEON all reproduce bit for bit (no FMA: mul then add, -ffp-contract=off):
  *
  *   dot(a, b, n): 8 lane accumulators, lane l sums a[i]*b[i] for i = l, l+8, ... over the first n8 = n & ~7
@@ -378,6 +378,15 @@ float mmoe_dot_f32(const float *a, const float *b, int n, int impl) {
     if (impl == MMOE_ATT_SIMD) return dot_f32_neon(a, b, n);
 #endif
     return dot_f32_scalar(a, b, n);
+}
+
+float mmoe_dot_f16(const float *a, const uint16_t *b, int n, int impl) {
+#ifdef MMOE_ATT_X86
+    if (impl == MMOE_ATT_SIMD) return dot_f16_avx2(a, b, n);
+#elif defined(MMOE_ATT_NEON)
+    if (impl == MMOE_ATT_SIMD) return dot_f16_neon(a, b, n);
+#endif
+    return dot_f16_scalar(a, b, n);
 }
 
 void mmoe_att_head(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride, int n_keys, int hd,

@@ -14,6 +14,10 @@ int mmoe_att_best_impl(void);
 /* sum a[i] * b[i] in the canonical 8-lane order (see attention.c) */
 float mmoe_dot_f32(const float *a, const float *b, int n, int impl);
 
+/* sum a[i] * fp32(b[i]) over IEEE-half b, in the same canonical order: each b[i] is converted exactly, so the
+ * result is mmoe_dot_f32 of a and the converted b, bit for bit (the fp16 router's logits) */
+float mmoe_dot_f16(const float *a, const uint16_t *b, int n, int impl);
+
 /* One query head against keys/values s = 0 .. n_keys-1 at kc + s * stride, vc + s * stride (fp16, hd each):
  * softmax(q . K[s] * scale) weighted sum of V[s] into o[hd]; sc is scratch of n_keys floats. */
 void mmoe_att_head(const float *q, const uint16_t *kc, const uint16_t *vc, size_t stride, int n_keys, int hd,

@@ -1,12 +1,14 @@
 /* In-process fuzz driver for the loader (built with ASan + UBSan by `make SANITIZE=1 fuzz`).
  *   mmoe-fuzz VALID.mmoe N SEED
  * Makes N mutants of a valid file (bit flips, truncations, header-field edits, tensor-table edits,
- * tokenizer-blob edits), loads each from an exactly-sized buffer (so any over-read is an ASan report), and
- * for each mutant the loader accepts runs a short prefill + decode and a tokenize/decode round trip.
+ * tokenizer-blob edits, f32 <-> f16 swaps of a tensor (mostly a router) with the format version changed), loads
+ * each from an exactly-sized buffer (so any over-read is an ASan report), and for each mutant the loader accepts
+ * runs a short prefill + decode and a tokenize/decode round trip.
  * Every 4th mutant is also written to a file and opened the streaming way (mmoe_model_open_streaming: its own
  * pread-based reads of the resident tensors, then a minimum-budget expert cache that reads experts from the
  * file), which must accept exactly the files the buffer loader accepts and run the same exercise.
- * Prints "cases N accepted A rejected R streamed S" (S: streaming opens whose budgeted prefill ran) and exits 0; a sanitizer report aborts with a non-zero
+ * Prints "cases N accepted A rejected R streamed S f16-router F" (S: streaming opens whose budgeted prefill ran,
+ * F: accepted mutants with an f16 router) and exits 0; a sanitizer report aborts with a non-zero
  * status, an accept/reject disagreement between the two opens exits 1. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -46,7 +48,7 @@ static uint64_t interesting(uint64_t old) {
 static void mutate(uint8_t *buf, size_t *n, const uint8_t *orig) {
     uint64_t table_off = mmoe_rd64(orig + 32), n_t = mmoe_rd32(orig + 24), tok_off = mmoe_rd64(orig + 48),
              tok_size = mmoe_rd64(orig + 56), data_off = mmoe_rd64(orig + 80);
-    int kind = (int)(rnd() % 7);
+    int kind = (int)(rnd() % 8);
     int reps = 1 + (int)(rnd() % 3);
     for (int r = 0; r < reps; r++) {
         switch (kind) {
@@ -92,6 +94,25 @@ static void mutate(uint8_t *buf, size_t *n, const uint8_t *orig) {
             size_t off = tok_off + 4 * (rnd() % (tok_size / 4));
             if (rnd() & 1) off = tok_off + 4 + 4 * (rnd() % 3);
             put32(buf + off, (uint32_t)interesting(mmoe_rd32(buf + off)));
+            break;
+        }
+        case 6: { /* an f32 <-> f16 swap of one entry, size kept consistent (so it passes the table checks and
+                   * reaches the binder: routers may be f16 in version 2 only), sometimes with the version changed */
+            uint64_t pick = rnd() % n_t;
+            if (rnd() % 4) /* mostly a router: the tensor whose dtype the format lets vary */
+                for (uint64_t k = 0, i = rnd() % n_t; k < n_t; k++, i = (i + 1) % n_t)
+                    if (strstr((const char *)orig + table_off + MMOE_ENTRY_SIZE * i, ".moe.router")) {
+                        pick = i;
+                        break;
+                    }
+            uint8_t *e = buf + table_off + MMOE_ENTRY_SIZE * pick;
+            uint32_t dt = mmoe_rd32(e + 64);
+            if (dt <= 1) {
+                uint64_t sz = mmoe_rd64(e + 96);
+                put32(e + 64, dt ^ 1u);
+                put64(e + 96, dt == 0 ? sz / 2 : sz * 2);
+            }
+            if (rnd() % 4) put32(buf + 8, rnd() % 4 ? 2u : 1u + 2u * (uint32_t)(rnd() % 2)); /* 2 mostly; 1, 3 */
             break;
         }
         default: { /* random bytes over a small metadata span */
@@ -168,7 +189,7 @@ int main(int argc, char **argv) {
     const char *tmpdir = getenv("TMPDIR");
     char spath[4096];
     snprintf(spath, sizeof spath, "%s/mmoe-fuzz-%ld.mmoe", tmpdir && *tmpdir ? tmpdir : "/tmp", (long)getpid());
-    long accepted = 0, rejected = 0, streamed = 0;
+    long accepted = 0, rejected = 0, streamed = 0, f16 = 0;
     for (long i = 0; i < n; i++) {
         uint8_t *work = malloc((size_t)sz);
         if (!work) return 2;
@@ -205,6 +226,9 @@ int main(int argc, char **argv) {
         }
         if (m) {
             accepted++;
+            int has_f16 = 0; /* accepted mutants that route through an f16 router (the swaps above make them) */
+            for (uint32_t l = 0; l < m->cfg.n_layers; l++) has_f16 |= m->layers[l].router_f16 != NULL;
+            f16 += has_f16;
             exercise(m, 0);
             mmoe_model_close(m);
         } else {
@@ -218,7 +242,7 @@ int main(int argc, char **argv) {
         free(buf);
     }
     remove(spath);
-    printf("cases %ld accepted %ld rejected %ld streamed %ld\n", n, accepted, rejected, streamed);
+    printf("cases %ld accepted %ld rejected %ld streamed %ld f16-router %ld\n", n, accepted, rejected, streamed, f16);
     free(orig);
     return 0;
 }

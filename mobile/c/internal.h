@@ -10,7 +10,8 @@
 
 /* File-format constants: must agree with mobile/format.py */
 #define MMOE_MAGIC "MMOEINT4"
-#define MMOE_VERSION 1u
+#define MMOE_VERSION 2u         /* the newest version this engine reads */
+#define MMOE_VERSION_MIN 1u     /* version 1: every router f32; version 2: routers f32 or f16 */
 #define MMOE_HEADER_SIZE 1024u
 #define MMOE_ALIGN 64u
 #define MMOE_MAX_LAYERS 256u
@@ -41,7 +42,8 @@ typedef struct {
     mmoe_q4_matrix wq, wk, wv, wo;
     int is_moe;
     /* MoE */
-    const float *router;      /* E x D */
+    const float *router;         /* E x D fp32, or NULL when the file stores the router in fp16: */
+    const uint16_t *router_f16;  /* E x D IEEE half (version-2 files; exactly one of the two is set) */
     const float *expert_bias; /* E */
     mmoe_experts experts;
     int has_shared;

@@ -124,6 +124,23 @@ static int bind_f32(binder *b, const float **out, const char *name, uint32_t n0,
     return 0;
 }
 
+/* A layer's router: f32 (E x D), or f16 in a version-2 file; the entry's dtype says which. */
+static int bind_router(binder *b, mmoe_layer *L, const char *name, uint32_t E, uint32_t D, uint32_t version) {
+    uint32_t dtype = DT_F32;
+    for (uint32_t i = 0; i < b->n; i++)
+        if (strcmp(b->ents[i].name, name) == 0 && b->ents[i].dtype == DT_F16) dtype = DT_F16;
+    if (dtype == DT_F16 && version < 2) {
+        mmoe_seterr(b->err, b->errlen, "tensor '%s': an f16 router needs format version 2 (the file says %u)", name,
+                    version);
+        return -1;
+    }
+    const uint8_t *p = bind(b, name, dtype, 2, E, D, 0); /* also rejects a duplicate or a wrong shape */
+    if (!p) return -1;
+    L->router = dtype == DT_F32 ? (const float *)(const void *)p : NULL;
+    L->router_f16 = dtype == DT_F16 ? (const uint16_t *)(const void *)p : NULL;
+    return 0;
+}
+
 #define CHECK(cond, ...)                                                                                          \
     do {                                                                                                          \
         if (!(cond)) {                                                                                            \
@@ -140,7 +157,8 @@ static int parse(mmoe_model *m, char *err, size_t errlen) {
           (unsigned long long)size);
     CHECK(memcmp(d, MMOE_MAGIC, 8) == 0, "bad magic: not a .mmoe file");
     uint32_t version = mmoe_rd32(d + 8), header_size = mmoe_rd32(d + 12);
-    CHECK(version == MMOE_VERSION, "unsupported format version %u (this engine reads version %u)", version,
+    CHECK(version >= MMOE_VERSION_MIN && version <= MMOE_VERSION,
+          "unsupported format version %u (this engine reads versions %u-%u)", version, MMOE_VERSION_MIN,
           MMOE_VERSION);
     CHECK(header_size == MMOE_HEADER_SIZE, "header_size %u, expected %u", header_size, MMOE_HEADER_SIZE);
     uint64_t file_size = mmoe_rd64(d + 16);
@@ -271,7 +289,7 @@ static int parse(mmoe_model *m, char *err, size_t errlen) {
         L->is_moe = d[MMOE_LAYER_KINDS_OFFSET + i] == 1;
         if (L->is_moe) {
             uint32_t E = c->n_experts, F = c->expert_ffn_dim;
-            if (bind_f32(&b, &L->router, NM("moe.router"), E, D) ||
+            if (bind_router(&b, L, NM("moe.router"), E, D, version) ||
                 bind_f32(&b, &L->expert_bias, NM("moe.expert_bias"), E, 0))
                 goto fail;
             const uint8_t *p = bind(&b, NM("moe.experts"), DT_Q4_EXPERTS, 3, E, F, D);

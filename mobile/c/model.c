@@ -217,7 +217,8 @@ static void att_task(void *arg, int t, int nt) {
 
 /* ---- router: scores, top-k with the selection bias, renormalised gates ----------------------------------- */
 /* The fp32 router logits, split over the threads by (token, expert): the router matrix (E x D fp32, 327 KB a
- * layer for S) is streamed like any weight, and each logit is one dot whatever thread computes it. */
+ * layer for S; or fp16, each weight converted exactly, then the same fp32 dot) is streamed like any weight, and
+ * each logit is one dot whatever thread computes it. */
 typedef struct {
     mmoe_ctx *c;
     const mmoe_layer *L;
@@ -230,9 +231,13 @@ static void route_task(void *arg, int t, int nt) {
     const route_job *j = arg;
     mmoe_ctx *c = j->c;
     long E = c->E, D = c->D, total = (long)j->n * E;
-    for (long w = total * t / nt; w < total * (t + 1) / nt; w++)
-        j->out[w] = mmoe_dot_f32(j->xn + (size_t)(w / E) * (size_t)D, j->L->router + (size_t)(w % E) * (size_t)D,
-                                 (int)D, c->att_impl);
+    const uint16_t *r16 = j->L->router_f16; /* an fp16 router (--router-dtype f16) reads half the bytes */
+    for (long w = total * t / nt; w < total * (t + 1) / nt; w++) {
+        const float *x = j->xn + (size_t)(w / E) * (size_t)D;
+        size_t row = (size_t)(w % E) * (size_t)D;
+        j->out[w] = r16 ? mmoe_dot_f16(x, r16 + row, (int)D, c->att_impl)
+                        : mmoe_dot_f32(x, j->L->router + row, (int)D, c->att_impl);
+    }
 }
 
 /* Router logits -> selection scores in place: softmax (router_score 0) or the sigmoid of each logit. */

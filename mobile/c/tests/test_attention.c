@@ -1,4 +1,5 @@
-/* attention.c: the SIMD attention / router dot (AVX2+F16C or NEON) must equal the scalar reference bit for bit.
+/* attention.c: the SIMD attention and router dots over fp32 and fp16 weights (AVX2+F16C or NEON) must equal the
+ * scalar reference bit for bit.
  * Build: cc -std=c11 -O2 -ffp-contract=off -I.. test_attention.c ../attention.c -lm   (any ISA; static for qemu)
  * Prints "attention: ok (<cases> cases, impl simd|scalar-only)" and exits 0, or names the first mismatch, exit 1. */
 #include <math.h>
@@ -25,6 +26,13 @@ static uint16_t rand_h(void) {
     return (uint16_t)(sign | ((unsigned)(10 + next() % 8) << 10) | mant); /* 2^-5 .. 2^2 */
 }
 
+/* IEEE half -> float by arithmetic (independent of attention.c's bit-level conversion) */
+static float h2f_ref(uint16_t h) {
+    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    float v = e == 0 ? ldexpf((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexpf((float)(1024 + m), e - 25);
+    return (h & 0x8000) ? -v : v;
+}
+
 static int same(float a, float b) { return memcmp(&a, &b, sizeof a) == 0 || (isnan(a) && isnan(b)); }
 
 int main(void) {
@@ -39,6 +47,24 @@ int main(void) {
         float r0 = mmoe_dot_f32(a, b, n, MMOE_ATT_SCALAR), r1 = mmoe_dot_f32(a, b, n, simd);
         if (!same(r0, r1)) {
             printf("dot_f32 mismatch n=%d: scalar %.9g simd %.9g\n", n, r0, r1);
+            return 1;
+        }
+        cases++;
+    }
+    /* fp16 router dots: SIMD == scalar, and == the fp32 dot of the exactly converted weights (the arithmetic
+     * mmoe_dot_f16 promises), over every tail length and the preset widths (S: 1280) */
+    static uint16_t bh[2048];
+    static float bf[2048], a2[2048];
+    for (int n = 1; n <= 2048; n += (n < 40 ? 1 : n == 1261 ? 19 : 37)) {
+        for (int i = 0; i < n; i++) {
+            a2[i] = unif() * 3.0f;
+            bh[i] = rand_h();
+            bf[i] = h2f_ref(bh[i]);
+        }
+        float r0 = mmoe_dot_f16(a2, bh, n, MMOE_ATT_SCALAR), r1 = mmoe_dot_f16(a2, bh, n, simd);
+        float r2 = mmoe_dot_f32(a2, bf, n, MMOE_ATT_SCALAR);
+        if (!same(r0, r1) || !same(r0, r2)) {
+            printf("dot_f16 mismatch n=%d: scalar %.9g simd %.9g f32-of-converted %.9g\n", n, r0, r1, r2);
             return 1;
         }
         cases++;
