@@ -108,6 +108,24 @@ def test_engine_is_exact_across_batching_threads_and_kernels(tiny, monkeypatch):
     assert kernels in ("scalar", "avx2", "avx512vnni", "neon", "dotprod", "i8mm")
 
 
+def test_whole_context_prompt_is_one_batch_and_exact(tiny):
+    """A prompt filling the whole context (512 tokens: one prefill batch, the batch cap being min(512, max_ctx))
+    gives the same logits bit for bit as the same tokens fed in pieces (300, then 211, then 1 decode step), with
+    1 and 2 threads: the batch size changes which experts share a weight read, never a value."""
+    from mobile import Engine
+
+    path, _, _ = tiny
+    ids = np.random.default_rng(3).integers(0, 2048, 512).tolist()
+    with Engine(path, max_ctx=512) as eng:
+        whole = eng.eval(ids, all_logits=True)
+        eng.reset()
+        pieces = np.concatenate([eng.eval(ids[:300], all_logits=True), eng.eval(ids[300:511], all_logits=True),
+                                 eng.eval(ids[511:], all_logits=True)])
+    np.testing.assert_array_equal(whole, pieces)
+    with Engine(path, max_ctx=512, threads=2) as eng:
+        np.testing.assert_array_equal(eng.eval(ids, all_logits=True), whole)
+
+
 def test_sampling_is_seeded_and_context_limit_is_enforced(tiny):
     from mobile import Engine
 

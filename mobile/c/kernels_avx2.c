@@ -6,6 +6,7 @@
  * Float part: 8 rows live in the 8 lanes of one fp32 accumulator, each lane doing acc = acc + isum * d in group
  * order: exactly the scalar sequence per row, hence bit-identical results. */
 #include <math.h>
+#include <string.h>
 
 #include "kernels_internal.h"
 
@@ -213,11 +214,11 @@ MMOE_INLINE __m256i tok4(__m256i w0, __m256i w1, __m256i w2, __m256i w3, const i
 
 /* One token, two groups, against 4 rows' unpacked nibbles (lo_r = [g0 w'0..15 | g1 w'0..15], hi_r = elements
  * 16..31): [rows 0-3 of g0 | rows 0-3 of g1] of sum w' * x - xo, where xo2 = [8 * sum x of g0 (x4) | of g1 (x4)].
- * int16 lanes hold 4 products w' * x, |.| <= 7620, the bound reduce4_i16 needs; the +8 offset is removed once per
- * (token, group) in int32, as the gemv does, instead of per element pair in int16 (7 fewer ops per token). */
-MMOE_INLINE __m256i tok4_g2(const __m256i lo[4], const __m256i hi[4], const int8_t *x, __m256i xo2) {
-    __m256i xa = _mm256_loadu_si256((const __m256i *)x), xb = _mm256_loadu_si256((const __m256i *)(x + 32));
-    __m256i xlo = _mm256_permute2x128_si256(xa, xb, 0x20), xhi = _mm256_permute2x128_si256(xa, xb, 0x31);
+ * xp is the token's group pair already in the tile layout (gemm_avx2: [g0 x0..15 | g1 x0..15 | g0 x16..31 |
+ * g1 x16..31]), so the activations are two plain loads. int16 lanes hold 4 products w' * x, |.| <= 7620, the
+ * bound reduce4_i16 needs; the +8 offset is removed once per (token, group) in int32, as the gemv does. */
+MMOE_INLINE __m256i tok4_g2(const __m256i lo[4], const __m256i hi[4], const int8_t *xp, __m256i xo2) {
+    __m256i xlo = _mm256_loadu_si256((const __m256i *)xp), xhi = _mm256_loadu_si256((const __m256i *)(xp + 32));
     __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], xlo), _mm256_maddubs_epi16(hi[0], xhi));
     __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[1], xlo), _mm256_maddubs_epi16(hi[1], xhi));
     __m256i p2 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[2], xlo), _mm256_maddubs_epi16(hi[2], xhi));
@@ -225,17 +226,25 @@ MMOE_INLINE __m256i tok4_g2(const __m256i lo[4], const __m256i hi[4], const int8
     return _mm256_sub_epi32(reduce4_i16(p0, p1, p2, p3), xo2);
 }
 
-/* [offset of group g (x4) | of group g + 1 (x4)]: xo holds every offset 4 times (mmoe_gemm_tiled) */
+/* [offset of group g (x4) | of group g + 1 (x4)]: xo holds every offset 4 times (gemm_avx2) */
 MMOE_INLINE __m256i xo_pair(const int32_t *xo) { return _mm256_loadu_si256((const __m256i *)(const void *)xo); }
 
-/* 4 rows x 4 tokens; Y points at (token 0, row 0) of the tile. Two groups per step, one at the end if G is odd. */
-static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, const int32_t *xo, float *Y,
-                     int ldy) {
+/* acc = acc + isum * d for two tokens' 4 rows, one group (half 0x20) or the next (0x31): lanes [tok a | tok b] */
+#define TILE_STEP(acc, sa_, sb_, half, sc) \
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(sa_, sb_, half)), sc))
+
+/* 4 rows x nt tokens (nt = 2..4, a constant after inlining; 1 works too): the 4 rows' nibbles are unpacked once
+ * per group pair and used by every token of the tile, so 2-3 tokens left over by M % 4 share the unpack (and the
+ * L2-hot row block) instead of going through a gemv each. Xp: the tokens in the tile layout (row stride K); xo: their group
+ * offsets; Y points at (token 0, row 0). Per (row, token) the sequence is kernels.h's: groups in order, then xs. */
+MMOE_INLINE void tile_4xn(const mmoe_q4_matrix *W, int r, const int8_t *Xp, const float *xs, const int32_t *xo,
+                          float *Y, int ldy, const int nt) {
     const int K = W->cols, G = K / 32;
     const size_t rowb = (size_t)K / 2;
-    const __m256i m4 = _mm256_set1_epi8(0x0f), eights = _mm256_set1_epi8(8);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), eights = _mm256_set1_epi8(8), z = _mm256_setzero_si256();
     const uint8_t *q = W->qs + (size_t)r * rowb;
     const mmoe_fp16 *d = W->d + (size_t)r * (size_t)G;
+    const int8_t *X1 = Xp + (size_t)K, *X2 = Xp + 2 * (size_t)K, *X3 = Xp + 3 * (size_t)K;
     __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps(); /* lanes: [tok0 rows0-3 | tok1 rows0-3] */
     int g = 0;
     for (; g + 2 <= G; g += 2) {
@@ -251,18 +260,23 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
         __m256 sb = _mm256_cvtph_ps(_mm_setr_epi16(
             (short)d[g + 1], (short)d[G + g + 1], (short)d[2 * (size_t)G + g + 1], (short)d[3 * (size_t)G + g + 1],
             (short)d[g + 1], (short)d[G + g + 1], (short)d[2 * (size_t)G + g + 1], (short)d[3 * (size_t)G + g + 1]));
-        const int8_t *xg = X + 32 * (size_t)g;
+        const size_t xg = 32 * (size_t)g;
         const int32_t *xog = xo + 4 * (size_t)g;
-        __m256i s0 = tok4_g2(lo, hi, xg, xo_pair(xog)), s1 = tok4_g2(lo, hi, xg + K, xo_pair(xog + 4 * (size_t)G));
-        __m256i s2 = tok4_g2(lo, hi, xg + 2 * (size_t)K, xo_pair(xog + 8 * (size_t)G));
-        __m256i s3 = tok4_g2(lo, hi, xg + 3 * (size_t)K, xo_pair(xog + 12 * (size_t)G));
+        __m256i s0 = tok4_g2(lo, hi, Xp + xg, xo_pair(xog));
+        __m256i s1 = nt > 1 ? tok4_g2(lo, hi, X1 + xg, xo_pair(xog + 4 * (size_t)G)) : z;
         /* s_m = [tok m: rows 0-3 of g | rows 0-3 of g+1] -> per group [tok0 | tok1], [tok2 | tok3] */
-        acc01 = _mm256_add_ps(acc01, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(s0, s1, 0x20)), sa));
-        acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(s2, s3, 0x20)), sa));
-        acc01 = _mm256_add_ps(acc01, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(s0, s1, 0x31)), sb));
-        acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(s2, s3, 0x31)), sb));
+        TILE_STEP(acc01, s0, s1, 0x20, sa);
+        if (nt > 2) {
+            __m256i s2 = tok4_g2(lo, hi, X2 + xg, xo_pair(xog + 8 * (size_t)G));
+            __m256i s3 = nt > 3 ? tok4_g2(lo, hi, X3 + xg, xo_pair(xog + 12 * (size_t)G)) : z;
+            TILE_STEP(acc23, s2, s3, 0x20, sa);
+            TILE_STEP(acc01, s0, s1, 0x31, sb);
+            TILE_STEP(acc23, s2, s3, 0x31, sb);
+        } else {
+            TILE_STEP(acc01, s0, s1, 0x31, sb);
+        }
     }
-    for (; g < G; g++) {
+    for (; g < G; g++) { /* an odd last group, kept in the plain layout */
         __m256i w0 = unpack_group(q + 16 * (size_t)g, m4), w1 = unpack_group(q + rowb + 16 * (size_t)g, m4);
         __m256i w2 = unpack_group(q + 2 * rowb + 16 * (size_t)g, m4);
         __m256i w3 = unpack_group(q + 3 * rowb + 16 * (size_t)g, m4);
@@ -270,30 +284,108 @@ static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const floa
                                     (short)d[3 * (size_t)G + g], (short)d[g], (short)d[G + g],
                                     (short)d[2 * (size_t)G + g], (short)d[3 * (size_t)G + g]);
         __m256 sc = _mm256_cvtph_ps(dh);
-        const int8_t *xg = X + 32 * (size_t)g;
-        __m256i s0 = tok4(w0, w1, w2, w3, xg, eights), s1 = tok4(w0, w1, w2, w3, xg + K, eights);
-        __m256i s2 = tok4(w0, w1, w2, w3, xg + 2 * (size_t)K, eights);
-        __m256i s3 = tok4(w0, w1, w2, w3, xg + 3 * (size_t)K, eights);
+        const size_t xg = 32 * (size_t)g;
+        __m256i s0 = tok4(w0, w1, w2, w3, Xp + xg, eights);
+        __m256i s1 = nt > 1 ? tok4(w0, w1, w2, w3, X1 + xg, eights) : z;
         __m256i v01 = _mm256_add_epi32(_mm256_permute2x128_si256(s0, s1, 0x20),
                                        _mm256_permute2x128_si256(s0, s1, 0x31)); /* [tok0 rows 0-3 | tok1] */
-        __m256i v23 = _mm256_add_epi32(_mm256_permute2x128_si256(s2, s3, 0x20),
-                                       _mm256_permute2x128_si256(s2, s3, 0x31));
         acc01 = _mm256_add_ps(acc01, _mm256_mul_ps(_mm256_cvtepi32_ps(v01), sc));
-        acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(_mm256_cvtepi32_ps(v23), sc));
+        if (nt > 2) {
+            __m256i s2 = tok4(w0, w1, w2, w3, X2 + xg, eights);
+            __m256i s3 = nt > 3 ? tok4(w0, w1, w2, w3, X3 + xg, eights) : z;
+            __m256i v23 = _mm256_add_epi32(_mm256_permute2x128_si256(s2, s3, 0x20),
+                                           _mm256_permute2x128_si256(s2, s3, 0x31));
+            acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(_mm256_cvtepi32_ps(v23), sc));
+        }
     }
-    __m256 xs01 = _mm256_setr_ps(xs[0], xs[0], xs[0], xs[0], xs[1], xs[1], xs[1], xs[1]);
-    __m256 xs23 = _mm256_setr_ps(xs[2], xs[2], xs[2], xs[2], xs[3], xs[3], xs[3], xs[3]);
-    acc01 = _mm256_mul_ps(acc01, xs01);
-    acc23 = _mm256_mul_ps(acc23, xs23);
+    const float x1 = nt > 1 ? xs[1] : 0.0f, x2 = nt > 2 ? xs[2] : 0.0f, x3 = nt > 3 ? xs[3] : 0.0f;
+    acc01 = _mm256_mul_ps(acc01, _mm256_setr_ps(xs[0], xs[0], xs[0], xs[0], x1, x1, x1, x1));
     _mm_storeu_ps(Y, _mm256_castps256_ps128(acc01));
-    _mm_storeu_ps(Y + ldy, _mm256_extractf128_ps(acc01, 1));
-    _mm_storeu_ps(Y + 2 * (size_t)ldy, _mm256_castps256_ps128(acc23));
-    _mm_storeu_ps(Y + 3 * (size_t)ldy, _mm256_extractf128_ps(acc23, 1));
+    if (nt > 1) _mm_storeu_ps(Y + ldy, _mm256_extractf128_ps(acc01, 1));
+    if (nt > 2) {
+        acc23 = _mm256_mul_ps(acc23, _mm256_setr_ps(x2, x2, x2, x2, x3, x3, x3, x3));
+        _mm_storeu_ps(Y + 2 * (size_t)ldy, _mm256_castps256_ps128(acc23));
+    }
+    if (nt > 3) _mm_storeu_ps(Y + 3 * (size_t)ldy, _mm256_extractf128_ps(acc23, 1));
+}
+#undef TILE_STEP
+
+static void tile_4x2(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, const int32_t *xo, float *Y,
+                     int ldy) {
+    tile_4xn(W, r, X, xs, xo, Y, ldy, 2);
+}
+static void tile_4x3(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, const int32_t *xo, float *Y,
+                     int ldy) {
+    tile_4xn(W, r, X, xs, xo, Y, ldy, 3);
+}
+static void tile_4x4(const mmoe_q4_matrix *W, int r, const int8_t *X, const float *xs, const int32_t *xo, float *Y,
+                     int ldy) {
+    tile_4xn(W, r, X, xs, xo, Y, ldy, 4);
 }
 
+#define TILE_STACK_G 64 /* groups (K <= 2048) whose tile activations and offsets live on the stack (12 KB) */
+
+/* The AVX2 gemm driver (mmoe_gemm_tiled's blocking, with its own tile layout): row blocks of ~128 KB of weights
+ * (stay in L2) > tiles of up to 4 tokens > 4-row tiles. Per block and token tile, the tokens are copied once into
+ * the tile layout (each group pair as [g x0..15 | g+1 x0..15 | g x16..31 | g+1 x16..31], an odd last group as
+ * is) with their group offsets, instead of every 4-row tile permuting them again. The last 1-3 tokens take the
+ * 4x2 / 4x3 tile, a last single token the gemv, as do rows that do not fill a 4-row tile (same arithmetic). */
 static void gemm_avx2(const mmoe_q4_matrix *W, const int8_t *Xq, const float *xs, int M, float *Y, int ldy, int r0,
                       int r1) {
-    mmoe_gemm_tiled(W, Xq, xs, M, Y, ldy, r0, r1, tile_4x4, gemv_avx2, 1);
+    const int K = W->cols, G = K / 32;
+    const int rend = r0 + (r1 - r0) / 4 * 4;
+    int rb = K > 0 ? (int)((128u * 1024u) / ((unsigned)K / 2u)) / 4 * 4 : 4;
+    if (rb < 4) rb = 4;
+    int8_t xp_stack[4 * 32 * TILE_STACK_G];
+    int32_t xo_stack[16 * TILE_STACK_G];
+    int8_t *xp = xp_stack, *heap = NULL;
+    int32_t *xo = xo_stack;
+    /* tokens the tiles take; the others take the gemv: a last single token (its 8-row gemv beats a 4x1 tile,
+     * which unpacks each weight for one token) and, without memory for the tile layout, every token */
+    int mtile = G > 0 ? (M % 4 == 1 ? M - 1 : M) : 0;
+    if (G > TILE_STACK_G) {
+        heap = malloc(4 * (size_t)K + sizeof(int32_t) * 16 * (size_t)G);
+        if (heap) {
+            xp = heap;
+            xo = (int32_t *)(void *)(heap + 4 * (size_t)K); /* 4 K is a multiple of 128: aligned for int32 */
+        } else {
+            mtile = 0; /* no memory for the tile layout: every token goes through the gemv below (same bits) */
+        }
+    }
+    static void (*const tiles[4])(const mmoe_q4_matrix *, int, const int8_t *, const float *, const int32_t *,
+                                  float *, int) = {NULL, tile_4x2, tile_4x3, tile_4x4};
+    for (int b0 = r0; b0 < rend && mtile > 0; b0 += rb) {
+        const int b1 = rend - b0 < rb ? rend : b0 + rb;
+        for (int m = 0; m < mtile; m += 4) {
+            const int nt = mtile - m < 4 ? mtile - m : 4;
+            for (int t = 0; t < nt; t++) {
+                const int8_t *x = Xq + (size_t)(m + t) * (size_t)K;
+                int8_t *o = xp + (size_t)t * (size_t)K;
+                int g = 0;
+                for (; g + 2 <= G; g += 2) {
+                    memcpy(o + 32 * (size_t)g, x + 32 * (size_t)g, 16);
+                    memcpy(o + 32 * (size_t)g + 16, x + 32 * (size_t)g + 32, 16);
+                    memcpy(o + 32 * (size_t)g + 32, x + 32 * (size_t)g + 16, 16);
+                    memcpy(o + 32 * (size_t)g + 48, x + 32 * (size_t)g + 48, 16);
+                }
+                if (g < G) memcpy(o + 32 * (size_t)g, x + 32 * (size_t)g, 32);
+                for (g = 0; g < G; g++) {
+                    int32_t v = mmoe_group_xoff(x + 32 * (size_t)g);
+                    int32_t *p = xo + 4 * ((size_t)t * (size_t)G + (size_t)g);
+                    p[0] = p[1] = p[2] = p[3] = v;
+                }
+            }
+            float *ym = Y + (size_t)m * (size_t)ldy;
+            for (int r = b0; r < b1; r += 4) tiles[nt - 1](W, r, xp, xs + m, xo, ym + (size_t)(r - r0), ldy);
+        }
+    }
+    free(heap);
+    for (int m = 0; m < M; m++) {
+        float *ym = Y + (size_t)m * (size_t)ldy;
+        const int8_t *xm = Xq + (size_t)m * (size_t)K;
+        if (m >= mtile) gemv_avx2(W, xm, xs[m], ym, r0, r1);                      /* no tile: every row */
+        else if (rend < r1) gemv_avx2(W, xm, xs[m], ym + (rend - r0), rend, r1);  /* leftover rows */
+    }
 }
 
 /* mmoe_quantize_row_q8 in AVX2, the same bytes and scale: max over |x| skipping NaN (maxps returns its second

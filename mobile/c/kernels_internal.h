@@ -44,7 +44,8 @@ MMOE_INLINE int32_t mmoe_group_xoff(const int8_t *x) {
     return 8 * s;
 }
 
-/* The blocking every SIMD gemm shares, around a 4-row x 4-token tile kernel:
+/* The blocking the ARM gemms share (kernels_avx2.c's gemm_avx2 has the same, with its own tile layout), around a
+ * 4-row x 4-token tile kernel:
  *   row blocks of ~128 KB of weights (stay in L2) > 4-token tiles (4 * K bytes of activations stay in L1) >
  *   4-row tiles, so each weight byte comes from memory once per call and each output row is written in order.
  * Rows and tokens that do not fill a tile go through the set's gemv (same arithmetic, hence same bits).

@@ -1,5 +1,5 @@
-/* The forward pass: prefill (a prompt in chunks of MMOE_BATCH tokens as one batch) and decode (one token),
- * fp16 KV cache, GQA attention, RoPE (rotate-half, as model/model.py), RMSNorm, SwiGLU, fp32 router with
+/* The forward pass: prefill (a prompt in chunks of up to MMOE_BATCH_MAX tokens, each as one batch) and decode
+ * (one token), fp16 KV cache, GQA attention, RoPE (rotate-half, as model/model.py), RMSNorm, SwiGLU, fp32 router with
  * top-k + renormalisation + selection-only bias, shared experts, routed experts computed only for the
  * selected ones (a decode step reads only their INT4 records). Every quantized matmul input is quantized
  * per token to int8 exactly as model/quant.py does, then goes through the kernels of kernels.h. */
@@ -12,7 +12,13 @@
 #include "attention.h"
 #include "internal.h"
 
-#define MMOE_BATCH 128
+/* Prefill batch cap. Every routed expert's weights are read once per batch, so a larger batch gives each expert
+ * more token rows per read (S at top-4 of 60: ~8.5 rows an expert at 128 tokens, ~34 at 512); the batch
+ * buffers grow linearly (S: ~9 MB at 128, ~36 MB at 512; mmoe_min_budget counts them). A context never
+ * allocates more than its max_ctx rows (ctx_dims). */
+#ifndef MMOE_BATCH_MAX
+#define MMOE_BATCH_MAX 512
+#endif
 
 const char *const mmoe_timer_names[MMOE_T_COUNT] = {"attention", "router", "experts", "shared", "lm_head", "other"};
 
@@ -21,6 +27,7 @@ struct mmoe_ctx {
     mmoe_pool *pool;
     const mmoe_kernel_set *ks;
     int float_path, max_ctx, pos;
+    int batch; /* tokens a forward_chunk takes at most: min(MMOE_BATCH_MAX, max_ctx) */
     int D, H, KV, hd, QD, KVD, E, K, Fmax, Kmax;
     /* [layer][kv head][max_ctx][hd] fp16: each (layer, KV head) is one contiguous stream for attention. The
      * position-major [layer][max_ctx][KVD] layout made a head's keys a 128-byte-out-of-640 strided read, which
@@ -528,8 +535,8 @@ int mmoe_eval(mmoe_ctx *c, const int32_t *ids, int n, float *logits, int all_log
         }
     int prompt = c->cache && c->pos == 0; /* the pin policy learns its hot sets from a prompt's routing */
     if (prompt) mmoe_cache_prompt_begin(c->cache);
-    for (int s = 0; s < n; s += MMOE_BATCH) {
-        int cnt = n - s < MMOE_BATCH ? n - s : MMOE_BATCH;
+    for (int s = 0; s < n; s += c->batch) {
+        int cnt = n - s < c->batch ? n - s : c->batch;
         float *out = NULL;
         if (all_logits) out = logits + (size_t)s * V;
         else if (s + cnt == n) out = logits;
@@ -566,6 +573,7 @@ static void ctx_dims(mmoe_ctx *c, const mmoe_model *m, int max_ctx) {
     const mmoe_config *cf = &m->cfg;
     c->m = m;
     c->max_ctx = max_ctx;
+    c->batch = max_ctx < MMOE_BATCH_MAX ? max_ctx : MMOE_BATCH_MAX; /* no chunk can hold more than max_ctx */
     c->D = (int)cf->d_model;
     c->H = (int)cf->n_heads;
     c->KV = (int)cf->n_kv_heads;
@@ -593,7 +601,7 @@ typedef struct {
 #define CTX_BUFS 48 /* >= the BUF lines below */
 static int ctx_bufs(mmoe_ctx *c, int n_threads, ctx_buf *b) {
     const mmoe_config *cf = &c->m->cfg;
-    size_t B = MMOE_BATCH, D = (size_t)c->D, kv = (size_t)cf->n_layers * (size_t)c->max_ctx * (size_t)c->KVD;
+    size_t B = (size_t)c->batch, D = (size_t)c->D, kv = (size_t)cf->n_layers * (size_t)c->max_ctx * (size_t)c->KVD;
     size_t EK = c->E ? (size_t)c->E : 1, KK = c->K ? (size_t)c->K : 1, F = (size_t)c->Fmax, f = sizeof(float);
     int n = 0;
 #define BUF(field, bytes) (b[n++] = (ctx_buf){(void **)&c->field, (bytes)})
