@@ -126,6 +126,24 @@ def test_whole_context_prompt_is_one_batch_and_exact(tiny):
         np.testing.assert_array_equal(eng.eval(ids, all_logits=True), whole)
 
 
+def test_decode_expert_pass_is_exact_at_every_thread_count(tiny, monkeypatch):
+    """A decode step runs each expert's gate_up, SwiGLU, quantize and down as one fused job, whole experts per
+    thread and the left-over experts split by rows (model.c expert_group_decode): token-by-token logits must
+    equal the batched prefill's (the two-job path) at thread counts that divide the experts evenly, leave one
+    over, or leave every expert split, with the SIMD and the scalar kernels."""
+    from mobile import Engine
+
+    path, _, _ = tiny
+    with Engine(path) as eng:
+        batch = eng.eval(PROMPT, all_logits=True)
+    for threads in (2, 3, 5, 8):
+        with Engine(path, threads=threads) as eng:
+            np.testing.assert_array_equal(np.stack([eng.eval([t]) for t in PROMPT]), batch, err_msg=f"{threads=}")
+    monkeypatch.setenv("MMOE_KERNELS", "scalar")
+    with Engine(path, threads=2) as eng:
+        np.testing.assert_array_equal(np.stack([eng.eval([t]) for t in PROMPT]), batch)
+
+
 def test_sampling_is_seeded_and_context_limit_is_enforced(tiny):
     from mobile import Engine
 

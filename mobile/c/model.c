@@ -5,6 +5,8 @@
  * per token to int8 exactly as model/quant.py does, then goes through the kernels of kernels.h. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -46,6 +48,9 @@ struct mmoe_ctx {
     int *gpend, *gneed, *gncnt, *gpres, *gload, *gready, *gidx; /* cache waves (E each; gidx: expert -> item) */
     int *slot_row;        /* slot (t * K + k) -> its row in the gathered expert buffers */
     struct mm_item *items; /* E + 4 matmuls of one batched job */
+    struct fx_item *fitems; /* E + 4 experts of one decode job */
+    float *fxh;             /* [thread][Fmax] decode scratch: a split expert's hidden row ... */
+    int8_t *fxq;            /* ... and its int8 quantization */
     int att_impl;          /* MMOE_ATT_SCALAR / MMOE_ATT_SIMD (same values either way) */
     double t[MMOE_T_COUNT];
     uint64_t *ecount;      /* [layer][expert]: (token, k) slots routed there since the last reset */
@@ -328,12 +333,112 @@ static mmoe_q4_matrix expert_mat(const mmoe_ctx *c, const mmoe_layer *L, int l, 
     return m;
 }
 
+/* ---- decode (one token): each expert's gate_up -> SwiGLU -> int8 quantize -> down fused into one job -------
+ * The prefill path below runs every gate_up as one job, SwiGLU + quantize on the calling thread, then every
+ * down as a second job. For one token each expert is two ~200 KB matrices, so that is two wake-ups per layer
+ * plus a serial middle step; here each thread instead takes whole experts (gate_up, SwiGLU, quantize and down
+ * back to back, the hidden row still in L1) and the experts left over (count % threads) are split by rows: a
+ * thread computes its rows of their gate_ups first, its whole experts next, and only then waits (an in-job
+ * counter, normally already complete) to quantize their hidden rows into its own scratch and compute its rows
+ * of their downs. Every value is still one row of one kernel on the same inputs, so the bits are unchanged.
+ * Measured (S, 2-vCPU dev VM at load 8-10, engines interleaved in one process): within +-5% noise of the
+ * two-job path at 1 and 2 threads, contexts 0 and 1024. Not kept: every expert split by rows with the barrier
+ * after all gate_ups (0.78x at 2 threads: a preempted thread stalls the other mid-job), and prefetching the
+ * first 16 KB of the next expert's matrices (no difference outside the noise; the gemv already prefetches
+ * each 8-row block while computing the one before). */
+typedef struct fx_item {
+    mmoe_q4_matrix gu, dn;
+    const int8_t *xq; /* the token's quantized input and its scale */
+    const float *xs;
+    float *g, *h;     /* 2F gate_up outputs, F hidden */
+    int8_t *hq;       /* F quantized hidden (+ its scale hs) */
+    float *hs, *out;  /* out: D */
+} fx_item;
+
+typedef struct {
+    const mmoe_ctx *c;
+    const fx_item *it;
+    int ni, whole; /* items [0, whole) go whole to thread u % nt; [whole, ni) are split by rows */
+    atomic_int arrived;
+} fx_job;
+
+/* rows [r0, r1) of a rows-row matrix for thread t of nt, in blocks of 8 */
+static void fx_rows(int rows, int t, int nt, int *r0, int *r1) {
+    int nb = (rows + 7) / 8;
+    *r0 = nb * t / nt * 8;
+    *r1 = nb * (t + 1) / nt * 8;
+    if (*r0 > rows) *r0 = rows;
+    if (*r1 > rows) *r1 = rows;
+}
+
+static void fx_task(void *arg, int t, int nt) {
+    fx_job *j = arg;
+    const mmoe_ctx *c = j->c;
+    int split = j->ni - j->whole;
+    for (int u = j->whole; u < j->ni; u++) {
+        const fx_item *x = &j->it[u];
+        mm_item g = {x->gu, x->xq, x->xs, 1, x->gu.rows, x->g};
+        int r0, r1;
+        fx_rows(x->gu.rows, t, nt, &r0, &r1);
+        if (r0 < r1) mm_rows(c, &g, r0, r1);
+    }
+    if (split) atomic_fetch_add_explicit(&j->arrived, 1, memory_order_release);
+    for (int u = t; u < j->whole; u += nt) {
+        const fx_item *x = &j->it[u];
+        int F = x->dn.cols;
+        mm_item g = {x->gu, x->xq, x->xs, 1, x->gu.rows, x->g};
+        mm_rows(c, &g, 0, x->gu.rows);
+        swiglu(x->g, x->h, F);
+        x->hs[0] = c->ks->quantize(x->h, x->hq, F);
+        mm_item d = {x->dn, x->hq, x->hs, 1, x->dn.rows, x->out};
+        mm_rows(c, &d, 0, x->dn.rows);
+    }
+    if (!split) return;
+    while (atomic_load_explicit(&j->arrived, memory_order_acquire) < nt) sched_yield();
+    float *h = c->fxh + (size_t)t * c->Fmax, hs;
+    int8_t *hq = c->fxq + (size_t)t * c->Fmax;
+    for (int u = j->whole; u < j->ni; u++) { /* every thread quantizes the same row: the same bytes */
+        const fx_item *x = &j->it[u];
+        int F = x->dn.cols, r0, r1;
+        swiglu(x->g, h, F);
+        hs = c->ks->quantize(h, hq, F);
+        mm_item d = {x->dn, hq, &hs, 1, x->dn.rows, x->out};
+        fx_rows(x->dn.rows, t, nt, &r0, &r1);
+        if (r0 < r1) mm_rows(c, &d, r0, r1);
+    }
+}
+
+static void expert_group_decode(mmoe_ctx *c, const mmoe_layer *L, int l, const int *sel, int ns, int S) {
+    int D = c->D, F = L->experts.F, ni = 0;
+    long rows = 0;
+    fx_item *it = c->fitems;
+    for (int q = 0; q < ns; q++) {
+        int j = sel[q], r0 = c->grow[j];
+        it[ni++] = (fx_item){expert_mat(c, L, l, c->gslot[j], 0), expert_mat(c, L, l, c->gslot[j], 1),
+                             c->gxq + (size_t)r0 * D, c->gxs + r0, c->ggu + (size_t)r0 * 2 * F,
+                             c->ghid + (size_t)r0 * F, c->ghq + (size_t)r0 * F, c->ghs + r0,
+                             c->gout + (size_t)r0 * D};
+    }
+    if (S) it[ni++] = (fx_item){L->sh_gate_up, L->sh_down, c->xq, c->xs, c->gu, c->hid, c->hq, c->hs, c->tmp};
+    if (!ni) return;
+    for (int u = 0; u < ni; u++) rows += it[u].gu.rows + it[u].dn.rows;
+    int nt = mmoe_pool_size(c->pool);
+    if (rows < 64L * nt) nt = rows / 64 > 0 ? (int)(rows / 64) : 1; /* tiny matrices: fewer threads */
+    fx_job j = {c, it, ni, ni / nt * nt, 0};
+    atomic_init(&j.arrived, 0);
+    mmoe_pool_run(c->pool, fx_task, &j, nt);
+}
+
 /* The gathered items sel[0..ns) (their weights must be in memory) and, if with_shared, the shared expert(s):
- * every gate_up as one threaded job, SwiGLU + quantize per row, every down projection as a second job. Each
- * output row depends only on its own inputs, so running the items in several groups (the expert cache's
- * waves) gives the same bits as one group. */
+ * every gate_up as one threaded job, SwiGLU + quantize per row, every down projection as a second job (one token:
+ * expert_group_decode's single fused job instead). Each output row depends only on its own inputs, so running
+ * the items in several groups (the expert cache's waves) gives the same bits as one group. */
 static void expert_group(mmoe_ctx *c, const mmoe_layer *L, int l, const int *sel, int ns, int with_shared, int n) {
     int D = c->D, F = L->experts.F, S = with_shared && L->has_shared ? L->sh_down.cols : 0, ni = 0;
+    if (n == 1) {
+        expert_group_decode(c, L, l, sel, ns, S);
+        return;
+    }
     mm_item *it = c->items;
     for (int q = 0; q < ns; q++) {
         int j = sel[q], r0 = c->grow[j];
@@ -497,7 +602,7 @@ static int forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits, 
             t1 = now();
             c->t[MMOE_T_ROUTER] += t1 - t0;
             t0 = t1;
-            /* routed + shared, one job each for gate_up and down: timed as "experts" */
+            /* routed + shared (prefill: one job each for gate_up and down; decode: one fused job): "experts" */
             if (experts(c, L, (int)l, n)) return -1;
             for (size_t i = 0; i < (size_t)n * D; i++) c->x[i] += c->y[i];
             c->t[MMOE_T_EXPERTS] += now() - t0;
@@ -561,7 +666,7 @@ void mmoe_ctx_free(mmoe_ctx *c) {
                     c->rlog, c->scores, c->xq, c->hq, c->xs, c->hs, c->gates, c->ids, c->gxq, c->ghq,
                     c->gxs, c->ghs, c->ggu, c->ghid, c->gout, c->gslot, c->grow, c->gcnt, c->gpend, c->gneed,
                     c->gncnt, c->gpres, c->gload, c->gready, c->gidx, c->slot_row, c->items, c->ecount,
-                    c->pf_xn, c->pf_log, c->pf_ids};
+                    c->pf_xn, c->pf_log, c->pf_ids, c->fitems, c->fxh, c->fxq};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
@@ -645,6 +750,9 @@ static int ctx_bufs(mmoe_ctx *c, int n_threads, ctx_buf *b) {
     BUF(gidx, sizeof(int) * EK);
     BUF(slot_row, sizeof(int) * B * KK);
     BUF(items, sizeof(mm_item) * (EK + 4));
+    BUF(fitems, sizeof(fx_item) * (EK + 4));
+    BUF(fxh, f * (size_t)n_threads * F);
+    BUF(fxq, (size_t)n_threads * F);
     BUF(ecount, sizeof(uint64_t) * (size_t)cf->n_layers * EK);
     BUF(pf_xn, f * D);
     BUF(pf_log, f * EK);
