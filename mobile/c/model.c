@@ -703,7 +703,7 @@ typedef struct {
     void **p;
     size_t n;
 } ctx_buf;
-#define CTX_BUFS 48 /* >= the BUF lines below */
+#define CTX_BUFS 64 /* >= the BUF lines below (47 today) */
 static int ctx_bufs(mmoe_ctx *c, int n_threads, ctx_buf *b) {
     const mmoe_config *cf = &c->m->cfg;
     size_t B = (size_t)c->batch, D = (size_t)c->D, kv = (size_t)cf->n_layers * (size_t)c->max_ctx * (size_t)c->KVD;
