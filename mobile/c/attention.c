@@ -97,6 +97,141 @@ static inline void att_softmax_rows(float *sc, int nh, int n_keys, const float *
 #define ATT_H2(X) X(0) X(1)
 #define ATT_H4(X) X(0) X(1) X(2) X(3)
 
+/* One softmax row of mmoe_att_head: expf(sc - max) summed in key order, then divided by that sum. */
+static inline void att_softmax_row(float *scr, int n_keys, float mx) {
+    float sum = 0.0f;
+    for (int s = 0; s < n_keys; s++) {
+        scr[s] = expf(scr[s] - mx);
+        sum += scr[s];
+    }
+    for (int s = 0; s < n_keys; s++) scr[s] = scr[s] / sum;
+}
+
+/* ---- query tiles (prefill: mmoe_att_block) ------------------------------------------------------------------
+ * A tile is up to MMOE_ATT_TILE rows, each one (query token, query head) of the same KV head, with its own key
+ * count nk[r] (causal: nk of a later token is larger). Each fp16 key and value row is converted once per tile
+ * (8 rows) instead of once per query token's group, and the 8 independent dot chains hide the add latency.
+ * Per row the values are exactly mmoe_att_head's: the score is the same 8-lane sum and tree times scale, the
+ * maximum is taken over s < nk[r] in key order, the softmax is att_softmax_row, and each output element is the
+ * in-order sum over s < nk[r] of p[s] * v[s][d] starting from +0. Keys nk[r] <= s < max nk are dotted too (the
+ * tile shares the loop) but their scores are dropped, and the weighted sum skips them, so they change nothing.
+ * Skeleton for hd % 8 == 0; P##T_SOFTMAX (att_softmax_row's values), P##T_DECL_ACC / P##_LOAD_K / P##T_DOT_STEP / P##T_DOT_STORE for the scores,
+ * P##T_DECL_OUT / P##T_LOAD_V / P##T_AXPY / P##T_OUT_STORE for the weighted sum of values (8 dims a pass). */
+#define ATT_R1(X) X(0)
+#define ATT_R2(X) ATT_R1(X) X(1)
+#define ATT_R3(X) ATT_R2(X) X(2)
+#define ATT_R4(X) ATT_R3(X) X(3)
+#define ATT_R5(X) ATT_R4(X) X(4)
+#define ATT_R6(X) ATT_R5(X) X(5)
+#define ATT_R7(X) ATT_R6(X) X(6)
+#define ATT_R8(X) ATT_R7(X) X(7)
+typedef void (*att_tile_fn)(const float *const *qr, float *const *orow, const int *nk, const uint16_t *kc,
+                            const uint16_t *vc, size_t stride, int hd, float scale, float *sc);
+#define ATT_TILE_SCORE(r, SUM)                                                                                    \
+    {                                                                                                             \
+        float x = (SUM) * scale;                                                                                  \
+        if (s < nk[r]) {                                                                                          \
+            sc[(size_t)(r) * ld + s] = x;                                                                         \
+            if (x > mx[r]) mx[r] = x;                                                                             \
+        }                                                                                                         \
+    }
+#define ATT_TILE_AXPY_IF(P, r)                                                                                    \
+    if (s < nk[r]) P##T_AXPY(r)
+#define ATT_TILE(NAME, RT, ATTR, P)                                                                               \
+    ATTR static void NAME(const float *const *qr, float *const *orow, const int *nk, const uint16_t *kc,          \
+                          const uint16_t *vc, size_t stride, int hd, float scale, float *sc) {                   \
+        int nmin = nk[0], nmax = nk[0];                                                                           \
+        float mx[RT];                                                                                             \
+        for (int r = 0; r < RT; r++) {                                                                            \
+            nmin = nk[r] < nmin ? nk[r] : nmin;                                                                   \
+            nmax = nk[r] > nmax ? nk[r] : nmax;                                                                   \
+            mx[r] = -INFINITY;                                                                                    \
+        }                                                                                                         \
+        size_t ld = (size_t)nmax;                                                                                 \
+        for (int s = 0; s < nmax; s++) {                                                                          \
+            const uint16_t *k = kc + (size_t)s * stride;                                                          \
+            att_prefetch_row((uintptr_t)k + ATT_PF_KEYS * stride * 2, hd);                                        \
+            ATT_R##RT(P##T_DECL_ACC)                                                                              \
+            for (int i = 0; i < hd; i += 8) {                                                                     \
+                P##_LOAD_K(k + i)                                                                                 \
+                ATT_R##RT(P##T_DOT_STEP)                                                                          \
+            }                                                                                                     \
+            ATT_R##RT(P##T_DOT_STORE)                                                                             \
+        }                                                                                                         \
+        for (int r = 0; r < RT; r++) P##T_SOFTMAX(sc + (size_t)r * ld, nk[r], mx[r]);                             \
+        for (int d = 0; d < hd; d += 8) {                                                                         \
+            ATT_R##RT(P##T_DECL_OUT)                                                                              \
+            const uint16_t *v = vc + d;                                                                           \
+            int s = 0;                                                                                            \
+            for (; s < nmin; s++, v += stride) {                                                                  \
+                if (d == 0) att_prefetch_row((uintptr_t)v + ATT_PF_KEYS * stride * 2, hd);                        \
+                P##T_LOAD_V(v)                                                                                    \
+                ATT_R##RT(P##T_AXPY)                                                                              \
+            }                                                                                                     \
+            for (; s < nmax; s++, v += stride) {                                                                  \
+                P##T_LOAD_V(v)                                                                                    \
+                ATT_R##RT(P##T_AXPY_IF)                                                                           \
+            }                                                                                                     \
+            ATT_R##RT(P##T_OUT_STORE)                                                                             \
+        }                                                                                                         \
+    }
+#define ATT_TILES(PREFIX, ATTR, P)                                                                                \
+    ATT_TILE(PREFIX##1, 1, ATTR, P)                                                                               \
+    ATT_TILE(PREFIX##2, 2, ATTR, P)                                                                               \
+    ATT_TILE(PREFIX##3, 3, ATTR, P)                                                                               \
+    ATT_TILE(PREFIX##4, 4, ATTR, P)                                                                               \
+    ATT_TILE(PREFIX##5, 5, ATTR, P)                                                                               \
+    ATT_TILE(PREFIX##6, 6, ATTR, P)                                                                               \
+    ATT_TILE(PREFIX##7, 7, ATTR, P)                                                                               \
+    ATT_TILE(PREFIX##8, 8, ATTR, P)                                                                               \
+    static const att_tile_fn PREFIX##s[MMOE_ATT_TILE + 1] = {NULL,       PREFIX##1, PREFIX##2, PREFIX##3,        \
+                                                             PREFIX##4,  PREFIX##5, PREFIX##6, PREFIX##7,        \
+                                                             PREFIX##8};
+
+/* The tile in plain C, the twin of the SIMD tiles: the same per-row arithmetic (dot_f16_scalar's lanes, with
+ * each key element converted once for the tile's rows). */
+static void att_tile_scalar(const float *const *qr, float *const *orow, const int *nk, int rt, const uint16_t *kc,
+                            const uint16_t *vc, size_t stride, int hd, float scale, float *sc) {
+    int nmin = nk[0], nmax = nk[0], n8 = hd & ~7;
+    float mx[MMOE_ATT_TILE], l[MMOE_ATT_TILE][8];
+    for (int r = 0; r < rt; r++) {
+        nmin = nk[r] < nmin ? nk[r] : nmin;
+        nmax = nk[r] > nmax ? nk[r] : nmax;
+        mx[r] = -INFINITY;
+    }
+    size_t ld = (size_t)nmax;
+    for (int s = 0; s < nmax; s++) {
+        const uint16_t *k = kc + (size_t)s * stride;
+        memset(l, 0, sizeof l);
+        for (int i = 0; i < n8; i += 8) {
+            float kf[8];
+            for (int j = 0; j < 8; j++) kf[j] = h2f(k[i + j]);
+            for (int r = 0; r < rt; r++)
+                for (int j = 0; j < 8; j++) l[r][j] = l[r][j] + qr[r][i + j] * kf[j];
+        }
+        for (int r = 0; r < rt; r++) {
+            float acc = reduce8(l[r]);
+            for (int i = n8; i < hd; i++) acc = acc + qr[r][i] * h2f(k[i]);
+            float x = acc * scale;
+            if (s < nk[r]) {
+                sc[(size_t)r * ld + s] = x;
+                if (x > mx[r]) mx[r] = x;
+            }
+        }
+    }
+    for (int r = 0; r < rt; r++) att_softmax_row(sc + (size_t)r * ld, nk[r], mx[r]);
+    for (int r = 0; r < rt; r++)
+        for (int d = 0; d < hd; d++) orow[r][d] = 0.0f;
+    for (int s = 0; s < nmax; s++) {
+        const uint16_t *v = vc + (size_t)s * stride;
+        for (int d = 0; d < hd; d++) {
+            float vf = h2f(v[d]);
+            for (int r = 0; r < rt; r++)
+                if (s < nk[r]) orow[r][d] = orow[r][d] + sc[(size_t)r * ld + s] * vf;
+        }
+    }
+}
+
 /* A whole GQA group of NH heads in one function, for hd % 16 == 0 (every real head size), with every accumulator
  * in a register: the per-key dots4/axpys4 calls below kept theirs on the stack (GCC -O2 does not unroll the head
  * loop) and paid a function-pointer call per key, which made attention at context 1024 cost more than streaming
@@ -231,6 +366,32 @@ AVX_DOTS(4)
 ATT_GROUP(att_group2_avx2, 2, AVX_FN, AVX)
 ATT_GROUP(att_group4_avx2, 4, AVX_FN, AVX)
 
+/* att_softmax_row with the division by the sum 8 keys at a time (IEEE division: the same quotients); the scalar
+ * divisions were a fifth of a prefill tile's time. */
+AVX_FN static inline void att_softmax_row_avx2(float *scr, int n_keys, float mx) {
+    float sum = 0.0f;
+    for (int s = 0; s < n_keys; s++) {
+        scr[s] = expf(scr[s] - mx);
+        sum += scr[s];
+    }
+    __m256 sv = _mm256_set1_ps(sum);
+    int s = 0;
+    for (; s + 8 <= n_keys; s += 8) _mm256_storeu_ps(scr + s, _mm256_div_ps(_mm256_loadu_ps(scr + s), sv));
+    for (; s < n_keys; s++) scr[s] = scr[s] / sum;
+}
+
+/* ATT_TILE's pieces for AVX2 (8 dims = 1 ymm per row) */
+#define AVXT_SOFTMAX att_softmax_row_avx2
+#define AVXT_DECL_ACC(r) __m256 a##r = _mm256_setzero_ps();
+#define AVXT_DOT_STEP(r) a##r = _mm256_add_ps(a##r, _mm256_mul_ps(_mm256_loadu_ps(qr[r] + i), kv));
+#define AVXT_DOT_STORE(r) ATT_TILE_SCORE(r, hsum256(a##r))
+#define AVXT_DECL_OUT(r) __m256 o##r = _mm256_setzero_ps();
+#define AVXT_LOAD_V(p) __m256 v0 = ld_h8(p);
+#define AVXT_AXPY(r) o##r = _mm256_add_ps(o##r, _mm256_mul_ps(_mm256_broadcast_ss(sc + (size_t)(r) * ld + s), v0));
+#define AVXT_AXPY_IF(r) ATT_TILE_AXPY_IF(AVX, r)
+#define AVXT_OUT_STORE(r) _mm256_storeu_ps(orow[r] + d, o##r);
+ATT_TILES(att_tile_avx2_, AVX_FN, AVX)
+
 static int have_avx2_f16c(void) { /* cpuid + xgetbv (clang's __builtin_cpu_supports has no "f16c") */
     unsigned a, b, c, d, lo, hi;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
@@ -358,6 +519,42 @@ NEON_DOTS(4)
     vst1q_f32(o + (size_t)(j) * hd + d + 12, o##j##3);
 ATT_GROUP(att_group2_neon, 2, , NATT)
 ATT_GROUP(att_group4_neon, 4, , NATT)
+
+/* att_softmax_row with the division by the sum 4 keys at a time (IEEE division: the same quotients) */
+static inline void att_softmax_row_neon(float *scr, int n_keys, float mx) {
+    float sum = 0.0f;
+    for (int s = 0; s < n_keys; s++) {
+        scr[s] = expf(scr[s] - mx);
+        sum += scr[s];
+    }
+    float32x4_t sv = vdupq_n_f32(sum);
+    int s = 0;
+    for (; s + 4 <= n_keys; s += 4) vst1q_f32(scr + s, vdivq_f32(vld1q_f32(scr + s), sv));
+    for (; s < n_keys; s++) scr[s] = scr[s] / sum;
+}
+
+/* ATT_TILE's pieces for NEON (8 dims = 2 q registers per row) */
+#define NATTT_SOFTMAX att_softmax_row_neon
+#define NATTT_DECL_ACC(r) float32x4_t a##r##l = vdupq_n_f32(0.0f), a##r##h = vdupq_n_f32(0.0f);
+#define NATTT_DOT_STEP(r)                                                                                         \
+    a##r##l = vaddq_f32(a##r##l, vmulq_f32(vld1q_f32(qr[r] + i), kl));                                           \
+    a##r##h = vaddq_f32(a##r##h, vmulq_f32(vld1q_f32(qr[r] + i + 4), kh));
+#define NATTT_DOT_STORE(r) ATT_TILE_SCORE(r, hsum_neon(a##r##l, a##r##h))
+#define NATTT_DECL_OUT(r) float32x4_t o##r##0 = vdupq_n_f32(0.0f), o##r##1 = o##r##0;
+#define NATTT_LOAD_V(p)                                                                                           \
+    float16x8_t h0 = ld_h8n(p);                                                                                   \
+    float32x4_t v0 = vcvt_f32_f16(vget_low_f16(h0)), v1 = vcvt_high_f32_f16(h0);
+#define NATTT_AXPY(r)                                                                                             \
+    {                                                                                                             \
+        float32x4_t p = vdupq_n_f32(sc[(size_t)(r) * ld + s]);                                                    \
+        o##r##0 = vaddq_f32(o##r##0, vmulq_f32(p, v0));                                                           \
+        o##r##1 = vaddq_f32(o##r##1, vmulq_f32(p, v1));                                                           \
+    }
+#define NATTT_AXPY_IF(r) ATT_TILE_AXPY_IF(NATT, r)
+#define NATTT_OUT_STORE(r)                                                                                        \
+    vst1q_f32(orow[r] + d, o##r##0);                                                                              \
+    vst1q_f32(orow[r] + d + 4, o##r##1);
+ATT_TILES(att_tile_neon_, , NATT)
 #endif
 
 /* ---- dispatch ------------------------------------------------------------------------------------------- */
@@ -470,5 +667,35 @@ void mmoe_att_group(const float *q, int ng, const uint16_t *kc, const uint16_t *
     for (int s = 0; s < n_keys; s++) {
         for (int j = 0; j < ng; j++) p[j] = sc[(size_t)j * n_keys + s] / sum[j];
         axpys(o, hd, p, vc + (size_t)s * stride);
+    }
+}
+
+/* Prefill: nq consecutive query tokens (q_stride apart in q, o_stride in o), each with ng heads (hd apart) of one
+ * KV head, query b seeing keys 0 .. n_keys0 + b - 1: for every b exactly mmoe_att_group(q + b * q_stride, ng, ...,
+ * n_keys0 + b, ...), bit for bit. Its (token, head) rows go through tiles of MMOE_ATT_TILE, which share each key and
+ * value row's conversion; sc holds MMOE_ATT_TILE * (n_keys0 + nq - 1) floats. */
+void mmoe_att_block(const float *q, size_t q_stride, int nq, int ng, const uint16_t *kc, const uint16_t *vc,
+                    size_t stride, int n_keys0, int hd, float scale, float *sc, float *o, size_t o_stride, int impl) {
+    const att_tile_fn *tiles = NULL;
+#ifdef MMOE_ATT_X86
+    if (impl == MMOE_ATT_SIMD && hd % 8 == 0) tiles = att_tile_avx2_s;
+#elif defined(MMOE_ATT_NEON)
+    if (impl == MMOE_ATT_SIMD && hd % 8 == 0) tiles = att_tile_neon_s;
+#else
+    (void)impl;
+#endif
+    const float *qr[MMOE_ATT_TILE];
+    float *orow[MMOE_ATT_TILE];
+    int nk[MMOE_ATT_TILE], rows = nq * ng;
+    for (int r0 = 0; r0 < rows; r0 += MMOE_ATT_TILE) {
+        int rt = rows - r0 < MMOE_ATT_TILE ? rows - r0 : MMOE_ATT_TILE;
+        for (int r = 0; r < rt; r++) {
+            int b = (r0 + r) / ng, j = (r0 + r) % ng;
+            qr[r] = q + (size_t)b * q_stride + (size_t)j * hd;
+            orow[r] = o + (size_t)b * o_stride + (size_t)j * hd;
+            nk[r] = n_keys0 + b;
+        }
+        if (tiles) tiles[rt](qr, orow, nk, kc, vc, stride, hd, scale, sc);
+        else att_tile_scalar(qr, orow, nk, rt, kc, vc, stride, hd, scale, sc);
     }
 }

@@ -27,4 +27,14 @@ void mmoe_att_head(const float *q, const uint16_t *kc, const uint16_t *vc, size_
 void mmoe_att_group(const float *q, int ng, const uint16_t *kc, const uint16_t *vc, size_t stride, int n_keys,
                     int hd, float scale, float *sc, float *o, int impl);
 
+/* Rows (query token, head) of one KV head that mmoe_att_block computes together, sharing each K/V conversion. */
+enum { MMOE_ATT_TILE = 8 };
+
+/* Prefill: nq consecutive query tokens (q_stride floats apart in q, o_stride in o), each with ng heads (hd apart)
+ * of one KV head; query b sees keys 0 .. n_keys0 + b - 1 (causal). Exactly mmoe_att_group(q + b * q_stride, ng,
+ * kc, vc, stride, n_keys0 + b, hd, scale, ., o + b * o_stride, impl) for every b, bit for bit; sc is scratch of
+ * MMOE_ATT_TILE * (n_keys0 + nq - 1) floats. */
+void mmoe_att_block(const float *q, size_t q_stride, int nq, int ng, const uint16_t *kc, const uint16_t *vc,
+                    size_t stride, int n_keys0, int hd, float scale, float *sc, float *o, size_t o_stride, int impl);
+
 #endif

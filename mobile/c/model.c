@@ -209,11 +209,14 @@ typedef struct {
     int layer, n, cs;
 } att_job;
 
+/* Scratch scores a thread holds: one row of max_ctx for each head of a decode chunk or each row of a prefill tile */
+#define MMOE_ATT_SCR (MMOE_ATT_TILE > MMOE_ATT_GROUP ? MMOE_ATT_TILE : MMOE_ATT_GROUP)
+
 static void att_task(void *arg, int t, int nt) {
     const att_job *j = arg;
     mmoe_ctx *c = j->c;
     int hd = c->hd, grp = c->H / c->KV, cs = j->cs, nch = (grp + cs - 1) / cs, total = j->n * c->KV * nch;
-    float *sc = c->scores + (size_t)t * MMOE_ATT_GROUP * c->max_ctx;
+    float *sc = c->scores + (size_t)t * MMOE_ATT_SCR * c->max_ctx;
     const uint16_t *kc = c->kc + (size_t)j->layer * c->max_ctx * c->KVD; /* this layer's KV heads */
     const uint16_t *vc = c->vc + (size_t)j->layer * c->max_ctx * c->KVD;
     const size_t head = (size_t)c->max_ctx * (size_t)hd;                  /* one KV head's [max_ctx][hd] */
@@ -224,6 +227,30 @@ static void att_task(void *arg, int t, int nt) {
         mmoe_att_group(c->q + (size_t)tok * c->QD + (size_t)h * hd, ng, kc + (size_t)kvh * head,
                        vc + (size_t)kvh * head, (size_t)hd, p + 1, hd, scale, sc,
                        c->att + (size_t)tok * c->QD + (size_t)h * hd, c->att_impl);
+    }
+}
+
+/* Prefill (n > 1): unit = (block of MMOE_ATT_QBLOCK query tokens, KV head) with all its query heads, whose
+ * (token, head) rows mmoe_att_block runs in tiles sharing each K/V row's fp16 conversion, instead of one
+ * conversion per token. Units are dealt round-robin: a later block sees more keys, so contiguous ranges left the
+ * first thread a quarter of a 2-thread prefill's work. Same values as att_task (mmoe_att_block == mmoe_att_group
+ * per token). */
+#define MMOE_ATT_QBLOCK 8
+static void att_block_task(void *arg, int t, int nt) {
+    const att_job *j = arg;
+    mmoe_ctx *c = j->c;
+    int hd = c->hd, grp = c->H / c->KV, nb = (j->n + MMOE_ATT_QBLOCK - 1) / MMOE_ATT_QBLOCK, total = nb * c->KV;
+    float *sc = c->scores + (size_t)t * MMOE_ATT_SCR * c->max_ctx;
+    const uint16_t *kc = c->kc + (size_t)j->layer * c->max_ctx * c->KVD;
+    const uint16_t *vc = c->vc + (size_t)j->layer * c->max_ctx * c->KVD;
+    const size_t head = (size_t)c->max_ctx * (size_t)hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int w = t; w < total; w += nt) {
+        int tok = w / c->KV * MMOE_ATT_QBLOCK, kvh = w % c->KV, h = kvh * grp;
+        int nq = j->n - tok < MMOE_ATT_QBLOCK ? j->n - tok : MMOE_ATT_QBLOCK;
+        mmoe_att_block(c->q + (size_t)tok * c->QD + (size_t)h * hd, (size_t)c->QD, nq, grp, kc + (size_t)kvh * head,
+                       vc + (size_t)kvh * head, (size_t)hd, c->pos + tok + 1, hd, scale, sc,
+                       c->att + (size_t)tok * c->QD + (size_t)h * hd, (size_t)c->QD, c->att_impl);
     }
 }
 
@@ -588,7 +615,8 @@ static int forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits, 
         int grp = c->H / c->KV, nt = mmoe_pool_size(c->pool);
         att_job aj = {c, (int)l, n, grp < MMOE_ATT_GROUP ? grp : MMOE_ATT_GROUP};
         if (nt > 1 && (long)n * c->KV * ((grp + aj.cs - 1) / aj.cs) < 4L * nt) aj.cs = aj.cs >= 2 ? 2 : 1;
-        mmoe_pool_run(c->pool, att_task, &aj, mmoe_pool_size(c->pool));
+        long blocks = ((long)n + MMOE_ATT_QBLOCK - 1) / MMOE_ATT_QBLOCK * c->KV;
+        mmoe_pool_run(c->pool, n > 1 && blocks >= nt ? att_block_task : att_task, &aj, mmoe_pool_size(c->pool));
         quantize_rows(c, c->att, c->xq, c->xs, n, c->QD);
         matmul(c, &L->wo, c->xq, c->xs, n, c->tmp, D);
         for (size_t i = 0; i < (size_t)n * D; i++) c->x[i] += c->tmp[i];
@@ -724,7 +752,7 @@ static int ctx_bufs(mmoe_ctx *c, int n_threads, ctx_buf *b) {
     BUF(gu, f * B * 2 * F);
     BUF(hid, f * B * F);
     BUF(rlog, f * B * EK);
-    BUF(scores, f * MMOE_ATT_GROUP * (size_t)n_threads * (size_t)c->max_ctx);
+    BUF(scores, f * MMOE_ATT_SCR * (size_t)n_threads * (size_t)c->max_ctx);
     BUF(xq, B * (size_t)c->Kmax);
     BUF(hq, B * F);
     BUF(xs, f * B);

@@ -1,5 +1,5 @@
 /* attention.c: the SIMD attention and router dots over fp32 and fp16 weights (AVX2+F16C or NEON) must equal the
- * scalar reference bit for bit.
+ * scalar reference bit for bit, and the prefill block (mmoe_att_block, SIMD and scalar) must equal mmoe_att_group per query.
  * Build: cc -std=c11 -O2 -ffp-contract=off -I.. test_attention.c ../attention.c -lm   (any ISA; static for qemu)
  * Prints "attention: ok (<cases> cases, impl simd|scalar-only)" and exits 0, or names the first mismatch, exit 1. */
 #include <math.h>
@@ -103,6 +103,48 @@ int main(void) {
                 cases++;
             }
         }
+    }
+    /* prefill blocks: nq query tokens x ng heads, query b seeing n0 + b keys (causal edges: n0 = 1, blocks that
+     * fill or overrun a tile, several tiles): SIMD block == scalar block == per-query mmoe_att_group. An inf in the
+     * last value row, visible only to the last query, must not reach the earlier ones. */
+    static uint16_t kb[80 * 160], vb[80 * 160];
+    static float qb[19 * (6 * 128 + 8)], ob0[19 * (6 * 128 + 8)], ob1[19 * (6 * 128 + 8)], og1[6 * 128], scb[8 * 80], scq[6 * 80];
+    int bhds[] = {64, 8, 16, 128, 24, 10};
+    for (size_t hi = 0; hi < sizeof bhds / sizeof bhds[0]; hi++) {
+        int hd = bhds[hi];
+        size_t stride = (size_t)hd + 8 * (hi & 1); /* head-contiguous (the engine's) and interleaved rows */
+        float scale = 1.0f / sqrtf((float)hd);
+        int n0s[] = {1, 2, 7, 33, 60};
+        for (size_t ni = 0; ni < sizeof n0s / sizeof n0s[0]; ni++)
+            for (int nq = 1; nq <= 19; nq += (nq < 9 ? 1 : 5))
+                for (int ng = 1; ng <= 6; ng++) {
+                    int n0 = n0s[ni], nmax = n0 + nq - 1, inf = (nq + ng) % 4 == 0;
+                    size_t qs = (size_t)ng * hd + 3 * (size_t)(ng & 1), os = (size_t)ng * hd + 5;
+                    for (size_t i = 0; i < (size_t)nmax * stride; i++) {
+                        kb[i] = rand_h();
+                        vb[i] = rand_h();
+                    }
+                    if (inf && nq > 1) vb[(size_t)(nmax - 1) * stride + 1] = 0x7c00u;
+                    for (size_t i = 0; i < (size_t)nq * qs; i++) qb[i] = unif() * 2.0f;
+                    mmoe_att_block(qb, qs, nq, ng, kb, vb, stride, n0, hd, scale, scb, ob0, os, MMOE_ATT_SCALAR);
+                    mmoe_att_block(qb, qs, nq, ng, kb, vb, stride, n0, hd, scale, scb, ob1, os, simd);
+                    for (int b = 0; b < nq; b++) {
+                        mmoe_att_group(qb + (size_t)b * qs, ng, kb, vb, stride, n0 + b, hd, scale, scq, og1, simd);
+                        for (int d = 0; d < ng * hd; d++) {
+                            float g = og1[d], r0 = ob0[(size_t)b * os + (size_t)d], r1 = ob1[(size_t)b * os + (size_t)d];
+                            if (!same(g, r0) || !same(g, r1)) {
+                                printf("block mismatch hd=%d n0=%d nq=%d ng=%d query=%d elem=%d: group %.9g block "
+                                       "scalar %.9g block simd %.9g\n", hd, n0, nq, ng, b, d, g, r0, r1);
+                                return 1;
+                            }
+                        }
+                        if (inf && b < nq - 1 && !isfinite(og1[1])) {
+                            printf("block: inf reached query %d of %d (hd=%d)\n", b, nq, hd);
+                            return 1;
+                        }
+                    }
+                    cases++;
+                }
     }
     printf("attention: ok (%d cases, impl %s)\n", cases, simd == MMOE_ATT_SIMD ? "simd" : "scalar-only");
     return 0;
