@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.atomic import atomic_write
 from model.cli import BadInput
 from model.config import count_params, flops_per_token, get_config, param_breakdown
 from train.claims_plan import MEASURED_TOK_S
@@ -246,20 +247,12 @@ def write_rows(path: str | os.PathLike, rows: dict[str, dict], order: list[str])
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     keys = [k for k in order if k in rows] + sorted(k for k in rows if k not in set(order))
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            for k in keys:
-                w.writerow({c: rows[k].get(c, "") for c in CSV_FIELDS})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for k in keys:
+        w.writerow({c: rows[k].get(c, "") for c in CSV_FIELDS})
+    atomic_write(p, buf.getvalue())
 
 
 def done_keys(plan: Plan, rows: dict[str, dict]) -> set[str]:
