@@ -84,28 +84,29 @@ static inline void att_prefetch_row(uintptr_t p, int hd) {
 }
 /* Each of nh score rows (n_keys apart) in place: expf(sc - max) summed in key order, then divided by that sum:
  * the p = sc / sum of mmoe_att_head, the same value for every implementation. */
-static inline void att_softmax_rows(float *sc, int nh, int n_keys, const float *mx) {
-    for (int j = 0; j < nh; j++) {
-        float *scj = sc + (size_t)j * n_keys, sum = 0.0f;
-        for (int s = 0; s < n_keys; s++) {
-            scj[s] = expf(scj[s] - mx[j]);
-            sum += scj[s];
-        }
-        for (int s = 0; s < n_keys; s++) scj[s] = scj[s] / sum;
-    }
-}
-#define ATT_H2(X) X(0) X(1)
-#define ATT_H4(X) X(0) X(1) X(2) X(3)
-
-/* One softmax row of mmoe_att_head: expf(sc - max) summed in key order, then divided by that sum. */
-static inline void att_softmax_row(float *scr, int n_keys, float mx) {
+/* The first half of a softmax row of mmoe_att_head: scr[s] = expf(scr[s] - mx), summed in key order (the SIMD
+ * rows below share it and only vectorise the division). */
+static inline float att_exp_sum(float *scr, int n_keys, float mx) {
     float sum = 0.0f;
     for (int s = 0; s < n_keys; s++) {
         scr[s] = expf(scr[s] - mx);
         sum += scr[s];
     }
+    return sum;
+}
+
+/* One softmax row of mmoe_att_head: expf(sc - max) summed in key order, then divided by that sum. */
+static inline void att_softmax_row(float *scr, int n_keys, float mx) {
+    float sum = att_exp_sum(scr, n_keys, mx);
     for (int s = 0; s < n_keys; s++) scr[s] = scr[s] / sum;
 }
+
+static inline void att_softmax_rows(float *sc, int nh, int n_keys, const float *mx) {
+    for (int j = 0; j < nh; j++) att_softmax_row(sc + (size_t)j * n_keys, n_keys, mx[j]);
+}
+#define ATT_H2(X) X(0) X(1)
+#define ATT_H4(X) X(0) X(1) X(2) X(3)
+
 
 /* ---- query tiles (prefill: mmoe_att_block) ------------------------------------------------------------------
  * A tile is up to MMOE_ATT_TILE rows, each one (query token, query head) of the same KV head, with its own key
@@ -369,11 +370,7 @@ ATT_GROUP(att_group4_avx2, 4, AVX_FN, AVX)
 /* att_softmax_row with the division by the sum 8 keys at a time (IEEE division: the same quotients); the scalar
  * divisions were a fifth of a prefill tile's time. */
 AVX_FN static inline void att_softmax_row_avx2(float *scr, int n_keys, float mx) {
-    float sum = 0.0f;
-    for (int s = 0; s < n_keys; s++) {
-        scr[s] = expf(scr[s] - mx);
-        sum += scr[s];
-    }
+    float sum = att_exp_sum(scr, n_keys, mx);
     __m256 sv = _mm256_set1_ps(sum);
     int s = 0;
     for (; s + 8 <= n_keys; s += 8) _mm256_storeu_ps(scr + s, _mm256_div_ps(_mm256_loadu_ps(scr + s), sv));
@@ -522,11 +519,7 @@ ATT_GROUP(att_group4_neon, 4, , NATT)
 
 /* att_softmax_row with the division by the sum 4 keys at a time (IEEE division: the same quotients) */
 static inline void att_softmax_row_neon(float *scr, int n_keys, float mx) {
-    float sum = 0.0f;
-    for (int s = 0; s < n_keys; s++) {
-        scr[s] = expf(scr[s] - mx);
-        sum += scr[s];
-    }
+    float sum = att_exp_sum(scr, n_keys, mx);
     float32x4_t sv = vdupq_n_f32(sum);
     int s = 0;
     for (; s + 4 <= n_keys; s += 4) vst1q_f32(scr + s, vdivq_f32(vld1q_f32(scr + s), sv));
