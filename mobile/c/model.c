@@ -136,6 +136,14 @@ static void mm_task(void *arg, int t, int nt) {
     }
 }
 
+/* Threads for a job over `rows` matrix rows: the whole pool, or one per 64 rows for tiny matrices (waking a
+ * thread costs more than it computes on a few rows). */
+static int threads_for_rows(const mmoe_ctx *c, long rows) {
+    int nt = mmoe_pool_size(c->pool);
+    if (rows < 64L * nt) nt = rows / 64 > 0 ? (int)(rows / 64) : 1;
+    return nt;
+}
+
 static void matmul_multi(mmoe_ctx *c, const mm_item *it, int n) {
     mm_job j = {c, it, n, 0};
     long rows = 0;
@@ -143,8 +151,7 @@ static void matmul_multi(mmoe_ctx *c, const mm_item *it, int n) {
         j.total += (long)((it[i].W.rows + 7) / 8) * 8L * (it[i].M + 1);
         rows += it[i].W.rows;
     }
-    int nt = mmoe_pool_size(c->pool);
-    if (rows < 64L * nt) nt = rows / 64 > 0 ? (int)(rows / 64) : 1; /* tiny matrices: fewer threads */
+    int nt = threads_for_rows(c, rows);
     mmoe_pool_run(c->pool, mm_task, &j, nt);
 }
 
@@ -449,8 +456,7 @@ static void expert_group_decode(mmoe_ctx *c, const mmoe_layer *L, int l, const i
     if (S) it[ni++] = (fx_item){L->sh_gate_up, L->sh_down, c->xq, c->xs, c->gu, c->hid, c->hq, c->hs, c->tmp};
     if (!ni) return;
     for (int u = 0; u < ni; u++) rows += it[u].gu.rows + it[u].dn.rows;
-    int nt = mmoe_pool_size(c->pool);
-    if (rows < 64L * nt) nt = rows / 64 > 0 ? (int)(rows / 64) : 1; /* tiny matrices: fewer threads */
+    int nt = threads_for_rows(c, rows);
     fx_job j = {c, it, ni, ni / nt * nt, 0};
     atomic_init(&j.arrived, 0);
     mmoe_pool_run(c->pool, fx_task, &j, nt);
