@@ -77,8 +77,8 @@ typedef struct {
 } binder;
 
 /* Find `name` (exactly once) with the given dtype and shape; returns its data or NULL with err set. */
-static const uint8_t *bind(binder *b, const char *name, uint32_t dtype, uint32_t ndim, uint32_t s0, uint32_t s1,
-                           uint32_t s2) {
+/* The table entry named `name`; NULL, with the error, when it is missing or appears twice. */
+static const entry *find_entry(binder *b, const char *name) {
     const entry *hit = NULL;
     for (uint32_t i = 0; i < b->n; i++) {
         if (strcmp(b->ents[i].name, name) != 0) continue;
@@ -88,10 +88,14 @@ static const uint8_t *bind(binder *b, const char *name, uint32_t dtype, uint32_t
         }
         hit = &b->ents[i];
     }
-    if (!hit) {
-        mmoe_seterr(b->err, b->errlen, "tensor '%s' is missing", name);
-        return NULL;
-    }
+    if (!hit) mmoe_seterr(b->err, b->errlen, "tensor '%s' is missing", name);
+    return hit;
+}
+
+static const uint8_t *bind(binder *b, const char *name, uint32_t dtype, uint32_t ndim, uint32_t s0, uint32_t s1,
+                           uint32_t s2) {
+    const entry *hit = find_entry(b, name);
+    if (!hit) return NULL;
     uint32_t want[3] = {s0, s1, s2};
     if (hit->dtype != dtype || hit->ndim != ndim) {
         mmoe_seterr(b->err, b->errlen, "tensor '%s': dtype %u / ndim %u, expected %u / %u", name, hit->dtype,
@@ -126,15 +130,15 @@ static int bind_f32(binder *b, const float **out, const char *name, uint32_t n0,
 
 /* A layer's router: f32 (E x D), or f16 in a version-2 file; the entry's dtype says which. */
 static int bind_router(binder *b, mmoe_layer *L, const char *name, uint32_t E, uint32_t D, uint32_t version) {
-    uint32_t dtype = DT_F32;
-    for (uint32_t i = 0; i < b->n; i++)
-        if (strcmp(b->ents[i].name, name) == 0 && b->ents[i].dtype == DT_F16) dtype = DT_F16;
+    const entry *e = find_entry(b, name);
+    if (!e) return -1;
+    uint32_t dtype = e->dtype == DT_F16 ? DT_F16 : DT_F32; /* anything else: bind() names the wrong dtype */
     if (dtype == DT_F16 && version < 2) {
         mmoe_seterr(b->err, b->errlen, "tensor '%s': an f16 router needs format version 2 (the file says %u)", name,
                     version);
         return -1;
     }
-    const uint8_t *p = bind(b, name, dtype, 2, E, D, 0); /* also rejects a duplicate or a wrong shape */
+    const uint8_t *p = bind(b, name, dtype, 2, E, D, 0); /* also rejects a wrong shape */
     if (!p) return -1;
     L->router = dtype == DT_F32 ? (const float *)(const void *)p : NULL;
     L->router_f16 = dtype == DT_F16 ? (const uint16_t *)(const void *)p : NULL;
