@@ -622,7 +622,7 @@ static int forward_chunk(mmoe_ctx *c, const int32_t *ids, int n, float *logits, 
         att_job aj = {c, (int)l, n, grp < MMOE_ATT_GROUP ? grp : MMOE_ATT_GROUP};
         if (nt > 1 && (long)n * c->KV * ((grp + aj.cs - 1) / aj.cs) < 4L * nt) aj.cs = aj.cs >= 2 ? 2 : 1;
         long blocks = ((long)n + MMOE_ATT_QBLOCK - 1) / MMOE_ATT_QBLOCK * c->KV;
-        mmoe_pool_run(c->pool, n > 1 && blocks >= nt ? att_block_task : att_task, &aj, mmoe_pool_size(c->pool));
+        mmoe_pool_run(c->pool, n > 1 && blocks >= nt ? att_block_task : att_task, &aj, nt);
         quantize_rows(c, c->att, c->xq, c->xs, n, c->QD);
         matmul(c, &L->wo, c->xq, c->xs, n, c->tmp, D);
         for (size_t i = 0; i < (size_t)n * D; i++) c->x[i] += c->tmp[i];
