@@ -224,12 +224,13 @@ def _checked(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def _load_raw(path: str, o: dict) -> tuple[list[dict], dict | None]:
-    """(rows, STREAM figures or None) of a saved run, keeping the rows the options select."""
+def _load_raw(path: str, o: dict) -> tuple[list[dict], dict | None, dict | None]:
+    """(rows, STREAM figures or None, machine info or None) of a saved run, keeping the rows the options select."""
     saved = json.loads(Path(path).read_text())
-    bw = None
-    if isinstance(saved, dict):  # a mobile_raw.json: rows and the STREAM figures of that run
+    bw = info = None
+    if isinstance(saved, dict):  # a mobile_raw.json: rows, the STREAM figures and the machine of that run
         bw = {int(k): v for k, v in saved["stream"].items()}
+        info = saved.get("info")
         saved = saved["rows"]
     rows = [r for r in saved if (r["size"] in o["sizes"] or r.get("trained")) and r["threads"] in o["threads"]
             and r["engine"] in o["engines"]]
@@ -237,7 +238,7 @@ def _load_raw(path: str, o: dict) -> tuple[list[dict], dict | None]:
         raise cli.BadInput(f"{path}: no rows for sizes {o['sizes']}, threads {o['threads']}, engines {o['engines']}")
     if bw is not None and any(t not in bw for t in o["threads"]):
         bw = None  # that run did not measure every thread count asked for: measure STREAM again
-    return rows, bw
+    return rows, bw, info
 
 
 def _main(argv: list[str]) -> int:
@@ -248,7 +249,7 @@ def _main(argv: list[str]) -> int:
     sizes, threads, engines, prompts, contexts = (o[k] for k in ("sizes", "threads", "engines", "prompts",
                                                                  "contexts"))
     repeats, decode_tokens = o["repeats"], o["decode_tokens"]
-    saved, saved_bw = _load_raw(a.from_raw, o) if a.from_raw else (None, None)
+    saved, saved_bw, saved_info = _load_raw(a.from_raw, o) if a.from_raw else (None, None, None)
 
     from model.config import ModelConfig, get_config, int4_weight_bytes  # noqa: PLC0415
 
@@ -297,11 +298,16 @@ def _main(argv: list[str]) -> int:
         print(f"error: {cli.one_line(e)}", file=sys.stderr)
         return 1
     load_end = loadavg()
-    info = machine_info()
+    info = saved_info or machine_info()  # a rebuilt report describes the machine that measured, not this one
+    if saved is not None:  # and its load: the first and the last measured rows'
+        load_start, load_end = rows[0].get("loadavg", "?"), rows[-1].get("loadavg", "?")
     commits = []
     for r in rows:  # distinct, in the order the rows were measured
         if r.get("engine_commit") not in commits:
             commits.append(r.get("engine_commit"))
+    # the kernel sets that really ran (each worker reports its own), so the report names the dtypes' code path
+    kernels = {e: sorted({str(r["kernels"]) for r in rows if r.get("engine") == e and r.get("kernels")})
+               for e in engines}
     # the trained rows' labels and records come from the rows themselves, so --from-raw rebuilds them too
     trained = {}
     for r in rows:
@@ -324,7 +330,7 @@ def _main(argv: list[str]) -> int:
     atomic_write(md, report_text(agg, sizes, threads, engines, prompts, contexts, bw, info, repeats,
                                  decode_tokens, weight_bytes, read_bytes, file_bytes, plots, started,
                                  time.time() - t_start, load_start, load_end, commits=commits, trained=trained,
-                                 trained_note=trained_note, peer_dirs=[out, REPO / "bench" / "results"]))
+                                 trained_note=trained_note, kernels=kernels, peer_dirs=[out, REPO / "bench" / "results"]))
     raw = dict(info=info, stream=bw, rows=rows, sizes=sizes, threads=threads, engines=engines, repeats=repeats,
                decode_tokens=decode_tokens, read_bytes=read_bytes, weight_bytes=weight_bytes, engine_commits=commits,
                trained=trained, trained_note=trained_note)

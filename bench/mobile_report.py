@@ -70,11 +70,13 @@ def _profile_table(med, sizes, threads) -> list[str]:
 def report_text(agg, sizes, threads, engines, prompts, contexts, bw, info, repeats, decode_tokens,
                 weight_bytes, read_bytes, file_bytes, plots, started, elapsed, load_start, load_end,
                 commits: list[dict | None] | None = None, trained: dict[str, dict] | None = None,
-                trained_note: str = "", peer_dirs: list[Path] | tuple = ()) -> str:
+                trained_note: str = "", peer_dirs: list[Path] | tuple = (),
+                kernels: dict[str, list[str]] | None = None) -> str:
     """commits: the distinct engine_commit values of the rows (machine.engine_commit at measuring time).
     trained: {label: the checkpoint's record (prepare_trained's meta)} for the trained rows (their labels are
     keys of agg, repeats, decode_tokens and the byte dicts, not of `sizes`); trained_note: why there are none.
-    peer_dirs: folders searched, in order, for the peers' own runs (llama_bench_raw.json, executorch_raw.json)."""
+    peer_dirs: folders searched, in order, for the peers' own runs (llama_bench_raw.json, executorch_raw.json).
+    kernels: {engine: the distinct kernel sets its workers reported}."""
     med, re_, rm = agg["med"], agg["ratio_eng"], agg["ratio_moe"]
     trained = trained or {}
     L = []
@@ -116,6 +118,8 @@ def report_text(agg, sizes, threads, engines, prompts, contexts, bw, info, repea
              "matrix Q4_0 incl. the tied embedding/head, router and norms F32); same thread count, n_batch 512, "
              "context 2048. Peak RSS = the worker process's VmHWM (Python interpreter included, mmap'd weights "
              "counted as touched).\n")
+    if kernels:
+        L.append(dtypes_text(kernels) + "\n")
     L.append("| model | repeats | decode tokens N | INT4 weight bytes (config) | .mmoe file | .gguf file | "
              "INT4 bytes read / token |")
     L.append("|---|---|---|---|---|---|---|")
@@ -348,6 +352,17 @@ def why_text(agg, s, t, missed: list[str], bw, read_bytes, file_bytes) -> str:
                      f"{_mb(file_bytes.get(s, {}).get('ours', NAN))}) vs llama.cpp "
                      f"{_f(med.get((s, t, 'llama.cpp', 'rss', ''), NAN), 0)} MB")
     return "; ".join(parts) + "."
+
+
+def dtypes_text(kernels: dict[str, list[str]]) -> str:
+    """What reached the kernels, per engine, with the kernel sets the workers reported."""
+    said = {"ours": "ours: INT4 g32 weights (fp16 scales) x int8 per-token activations in the integer kernels, "
+                    "fp32 router (the `--random-init` export's default) and norms, fp16 KV cache",
+            "llama.cpp": "llama.cpp: Q4_0 weights (the same INT4 codes) x activations quantized to Q8_0 (int8 in blocks of 32), "
+                         "F32 router and norms, its default f16 KV cache"}
+    parts = [f"{said.get(e, e)}; kernel set reported: {' / '.join(f'`{k.strip()}`' for k in ks) or 'not reported'}"
+             for e, ks in kernels.items()]
+    return "**Dtypes and kernels that ran:** " + ". ".join(parts) + "."
 
 
 def goals_text(agg, sizes, threads, engines, bw, read_bytes, file_bytes=None) -> str:

@@ -298,6 +298,10 @@ def test_trained_checkpoint_end_to_end(tmp_path):
     assert {r["engine"] for r in tr} == set(engines.split(","))
     assert all(r["trained"]["source"] == str(ck / "model.mmoe") for r in tr)
     assert raw["trained"]["tiny (trained)"]["text_tokens"] == n_tokens
+    # the Method names what reached the kernels: the kernel set each engine's workers reported
+    ours_ks = {r["kernels"] for r in raw["rows"] if r["engine"] == "ours"}
+    assert len(ours_ks) == 1 and f"kernel set reported: `{ours_ks.pop()}`" in md.split("## Results", 1)[0]
+    assert "**Dtypes and kernels that ran:** ours: INT4 g32 weights" in md
     if "llama.cpp" in engines:
         assert "| tiny (trained) | 1 | llama.cpp | " in sec and Path(tr[0]["trained"]["gguf"]).is_file()
     # --from-raw rebuilds the same trained section from the saved rows alone
@@ -307,6 +311,10 @@ def test_trained_checkpoint_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr
     md2 = (tmp_path / "out2" / "mobile.md").read_text()
     assert md2.split("## Trained checkpoints (real routing)", 1)[1].split("## Plots", 1)[0] == sec
+    # ... and describes the machine (and versions, git included) that measured the rows, not the rebuilding one
+    machine = lambda m: m.split("## Machine", 1)[1].split("- Load average", 1)[0]  # noqa: E731
+    assert machine(md2) == machine(md)
+    assert f"at start: {raw['rows'][0]['loadavg']}; at end: {raw['rows'][-1]['loadavg']}" in md2
 
 
 def test_default_trained_checkpoint_is_best_effort(tmp_path, monkeypatch):
