@@ -202,11 +202,51 @@ def test_resume_skips_finished_runs(micro_corpus, tmp_path):
     assert seen == []
     import fcntl
 
-    with open(out / ".claims.lock", "w") as held:   # another process running on the folder
+    # another worker holds pre-dense-s1: this one trains pre-moe-s1 and leaves pre-dense-s1 to that worker
+    (out / "rows" / "pre-dense-s1.json").unlink()
+    (out / "rows" / "pre-moe-s1.json").unlink()
+    with open(out / "locks" / "pre-dense-s1.lock", "w") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-        (out / "rows" / "pre-dense-s1.json").unlink()
-        with pytest.raises(P.ClaimsError, match="another"):
-            X.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake)
+        rows = X.run_claims(plan, corpus, out, log=lambda *_: None, execute_fn=fake, poll_s=0.01)
+    assert seen == ["pre-moe-s1"] and "pre-dense-s1" not in rows
+
+
+def test_workers_split_the_plan_and_continuations_wait(micro_corpus, tmp_path):
+    """Two workers on one folder: a run held by one is skipped by the other, and a (d) continuation is not
+    started before its pre-trained model's row exists."""
+    import fcntl
+
+    from train.worklist import take_runs
+
+    plan = P.make_plan(("a", "d"), (0,), d=32, n_layers=1, vocab=64, seq_len=16, batch=4, ratio=0.05,
+                       eval_windows=8)
+    keys = [r.key for r in plan.runs]
+    assert keys == ["pre-dense-s0", "pre-moe-s0", "cont-float-s0", "cont-qat-s0"]
+    done: set[str] = set()
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    logs = []
+    needs = {"cont-float-s0": ["pre-moe-s0"], "cont-qat-s0": ["pre-moe-s0"]}
+    with open(locks / "pre-moe-s0.lock", "w") as held:  # the other worker trains pre-moe-s0
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        gen = take_runs(plan.runs, locks, lambda r: r.key, lambda r: r.key in done, lambda r: needs.get(r.key, []),
+                        poll_s=0.01, log=logs.append)
+        assert next(gen).key == "pre-dense-s0"
+        done.add("pre-dense-s0")
+        # nothing is free now: pre-moe is held, both continuations need it -> the worker polls
+
+        import threading
+
+        got = []
+        t = threading.Thread(target=lambda: got.append(next(gen).key))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and not got and "polling" in logs[-1]
+        done.add("pre-moe-s0")  # the other worker finishes
+    t.join(5)
+    assert got == ["cont-float-s0"]
+    done.add("cont-float-s0")
+    assert [r.key for r in gen] == ["cont-qat-s0"]
 
 
 def test_micro_end_to_end_claim_d(micro_corpus, tmp_path):

@@ -28,6 +28,8 @@ above zero: contradicts it; straddling zero, or fewer than 3 seeds: cannot resol
 Resumable: each run's result is one JSON row in <out>/rows/ (a finished run is skipped), a running run
 checkpoints every CKPT_EVERY steps in <out>/runs/<key>/ and continues from there; the pre-trained models are
 kept in <out>/models/ (for (d)). The data are the offline corpus (`python -m train.corpus build`).
+Parallel: start the same command N times on one --out (one core each); every run is taken under its own lock in
+<out>/locks/, so the workers split the plan, and a (d) continuation waits for its pre-trained model.
 """
 
 from __future__ import annotations

@@ -178,25 +178,16 @@ def execute(plan: Plan, run: Run, data: Data, out: Path, log=print) -> dict:
 
 
 def run_claims(plan: Plan, corpus: str | os.PathLike, out: str | os.PathLike, log=print, tok_s: dict | None = None,
-               execute_fn=None, threads: int = 1) -> dict[str, dict]:
-    """Every run of the plan not yet in <out>/rows, in plan order; one row file per finished run. One process
-    per folder (a lock): two would write the same checkpoints."""
-    from train.store import try_lock  # noqa: PLC0415
+               execute_fn=None, threads: int = 1, poll_s: float = 20.0) -> dict[str, dict]:
+    """Every run of the plan not yet in <out>/rows, in plan order; one row file per finished run. Several
+    processes may share the folder: each run is taken under its own lock (train.worklist), and a (d)
+    continuation waits for its pre-trained model, so N workers split the plan N ways."""
+    import torch  # noqa: PLC0415
+
+    from train.worklist import take_runs  # noqa: PLC0415
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = try_lock(out / ".claims.lock")
-    if lock is None:
-        raise ClaimsError(f"{out}: another `python -m train.claims` is running on this folder")
-    try:
-        return _run_locked(plan, corpus, out, log, tok_s, execute_fn, threads)
-    finally:
-        lock.close()
-
-
-def _run_locked(plan, corpus, out: Path, log, tok_s, execute_fn, threads) -> dict[str, dict]:
-    import torch  # noqa: PLC0415
-
     rows = read_rows(out)
     done = done_keys(plan, rows)
     todo = [r for r in plan.runs if r.key not in done]
@@ -210,20 +201,26 @@ def _run_locked(plan, corpus, out: Path, log, tok_s, execute_fn, threads) -> dic
     torch.set_num_threads(threads)
     data = open_data(corpus, plan.seq_len, plan.eval_windows)
     t_all, spent_est = time.time(), 0.0
-    left_est = sum(run_seconds(plan, r, tok_s) for r in todo)
-    for i, run in enumerate(todo):
-        log(f"[{i + 1}/{len(todo)}] {run.key}: {run.tokens:,} tokens ({run.steps} steps)")
+
+    def is_done(run: Run) -> bool:
+        return (rows_dir(out) / f"{run.key}.json").is_file()
+
+    def needs(run: Run) -> list[str]:
+        return [] if run.kind == "pretrain" else [f"pre-{run.arm}-s{run.seed}"]
+
+    for i, run in enumerate(take_runs(todo, out / "locks", lambda r: r.key, is_done, needs, poll_s, log)):
+        log(f"[{i + 1}] {run.key}: {run.tokens:,} tokens ({run.steps} steps)")
         row = (execute_fn or execute)(plan, run, data, out, log)
         atomic_write(rows_dir(out) / f"{run.key}.json", json.dumps(row, indent=1) + "\n")
         shutil.rmtree(out / "runs" / run.key / "ckpt", ignore_errors=True)  # the row and model are what remain
-        rows[run.key] = row
         el = time.time() - t_all
         spent_est += run_seconds(plan, run, tok_s)
         # the rest of the estimate, scaled by how this session's speed compares with the recorded one
-        eta = (left_est - spent_est) * el / max(spent_est, 1e-9)
+        left = [r for r in todo if not is_done(r)]
+        eta = sum(run_seconds(plan, r, tok_s) for r in left) * el / max(spent_est, 1e-9)
         log(f"    val {row['val_loss']:.4f} int4 {row['val_int4']:.4f} ({row['seconds']:.0f} s); "
-            f"{el / 3600:.2f} h so far, ~{eta / 3600:.1f} h left")
-    return rows
+            f"{el / 3600:.2f} h so far, {len(left)} run(s) left in the plan, ~{eta / 3600:.1f} CPU h at this speed")
+    return read_rows(out)
 
 
 
