@@ -191,7 +191,7 @@ def test_report_on_a_synthetic_sweep(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------
-# the runner: LR gating, resume, lock
+# the runner: LR gating, resume, workers sharing the CSV
 def test_sweep_resumes_row_by_row_gates_on_the_lr_rule_and_locks(tmp_path):
     plan = V.make_plan(2048)
     csv_path = tmp_path / "s.csv"
@@ -227,10 +227,26 @@ def test_sweep_resumes_row_by_row_gates_on_the_lr_rule_and_locks(tmp_path):
         V.run_sweep(plan, None, csv_path, tmp_path / "runs", only={"nope"}, **quiet)
     import fcntl
 
-    with open(tmp_path / ".s.csv.lock", "w") as held:   # another process writing the CSV
+    # a second worker: it holds the next grid run (this one takes the one after), and finishes another run
+    # while this one trains: its row is merged into the CSV, not overwritten
+    todo = [r.key for r in plan.runs if r.key not in V.read_rows(csv_path)]
+    other_key = todo[2]
+
+    def fake_beside_other(plan, run, lr, data, runs_dir, log):
+        r = V.read_rows(csv_path)
+        o = next(x for x in plan.runs if x.key == other_key)
+        r[other_key] = dict(_fake_row(plan, o, 1e-3, rng=rng), lr_source="rule")
+        V.write_rows(csv_path, r, [x.key for x in plan.runs])
+        return fake(plan, run, lr, data, runs_dir, log)
+
+    seen.clear()
+    with open(tmp_path / "runs" / "locks" / f"{todo[0]}.lock", "w") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-        with pytest.raises(V.ScalingError, match="another"):
-            V.run_sweep(plan, None, csv_path, tmp_path / "runs", **quiet)
+        V.run_sweep(plan, None, csv_path, tmp_path / "runs", limit=1, log=lambda *_: None,
+                    execute_fn=fake_beside_other)
+    assert [k for k, _ in seen] == [todo[1]]
+    rows = V.read_rows(csv_path)
+    assert todo[0] not in rows and todo[1] in rows and other_key in rows
     # rows of another plan are refused, never mixed in
     other = V.make_plan(4096)
     with pytest.raises(V.ScalingError, match="another plan"):

@@ -1,7 +1,7 @@
 """The scaling law's v2 grid: the offline BPE corpus, a per-point learning rate, >= 2 seeds per point.
 
     python -m train.scaling_v2 --plan [--measure]      # every run, its tokens, LR and estimated CPU hours
-    python -m train.scaling_v2 [--limit N] [--only K]  # train what is not in the CSV yet (resumable, locked)
+    python -m train.scaling_v2 [--limit N] [--only K]  # train what is not in the CSV yet (resumable; N workers may share it)
     python -m train.scaling_v2 --report                # fit + intervals + held-out + optimizer -> scaling_v2.md
 
 Data and trainer are train.claims': the offline corpus (`python -m train.corpus build`, BPE vocabulary 2048,
@@ -23,7 +23,8 @@ shared-vs-none at d64 G2/G4/G8 and d32 (10 tokens/param). Tokens per param count
 N is non-embedding active params (train.scaling_law).
 
 Resumable row by row: bench/results/scaling_v2.csv is rewritten atomically after every finished run, a running
-run checkpoints every CKPT_EVERY steps under runs/scaling_v2/<key>/, and a lock refuses a second process.
+run checkpoints every CKPT_EVERY steps under runs/scaling_v2/<key>/. Parallel: start the same command N times
+(one core each); every run is taken under its own lock, so the workers split the plan (train.worklist).
 """
 
 from __future__ import annotations
@@ -326,33 +327,27 @@ def execute(plan: Plan, run: Run, lr: float, data, runs_dir: Path, log=print) ->
 
 
 def run_sweep(plan: Plan, corpus, csv_path, runs_dir=DEFAULT_RUNS, only: set[str] | None = None,
-              limit: int | None = None, threads: int = 1, log=print, execute_fn=None) -> dict[str, dict]:
-    """Every run not yet in the CSV, in plan order; the CSV rewritten after each. One process per CSV (a lock)."""
-    from train.store import try_lock  # noqa: PLC0415
+              limit: int | None = None, threads: int = 1, log=print, execute_fn=None,
+              poll_s: float = 20.0) -> dict[str, dict]:
+    """Every run not yet in the CSV, in plan order (at most `limit` of them in this process). Several
+    processes may share one CSV: each run is taken under its own lock in <runs_dir>/locks (train.worklist),
+    a grid run waits for the LR sweep's runs, and each finished row is merged into the CSV under a short lock
+    (re-read, add, atomic rewrite), so no worker's row is lost."""
+    import shutil  # noqa: PLC0415
+
+    from train.worklist import held, take_runs  # noqa: PLC0415
 
     csv_path, runs_dir = Path(csv_path), Path(runs_dir)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = try_lock(csv_path.parent / f".{csv_path.name}.lock")
-    if lock is None:
-        raise ScalingError(f"{csv_path}: another `python -m train.scaling_v2` is writing it")
-    try:
-        return _sweep_locked(plan, corpus, csv_path, runs_dir, only, limit, threads, log, execute_fn)
-    finally:
-        lock.close()
-
-
-def _sweep_locked(plan, corpus, csv_path, runs_dir, only, limit, threads, log, execute_fn):
-    import shutil  # noqa: PLC0415
-
+    csv_lock = csv_path.parent / f".{csv_path.name}.lock"
     rows = read_rows(csv_path)
     done = done_keys(plan, rows)
     unknown = sorted((only or set()) - {r.key for r in plan.runs})
     if unknown:
         raise ScalingError(f"--only: unknown run key(s) {unknown[:3]} (see --plan)")
     todo = [r for r in plan.runs if r.key not in done and (not only or r.key in only)]
-    if limit is not None:
-        todo = todo[:limit]
-    log(f"scaling v2: {len(plan.runs)} runs, {len(done)} done, {len(todo)} to run -> {csv_path}")
+    log(f"scaling v2: {len(plan.runs)} runs, {len(done)} done, {len(todo) if limit is None else min(limit, len(todo))}"
+        f" to run here -> {csv_path}")
     if not todo:
         return rows
     data = None
@@ -365,26 +360,39 @@ def _sweep_locked(plan, corpus, csv_path, runs_dir, only, limit, threads, log, e
         torch.set_num_threads(threads)
         data = open_data(corpus, plan.seq_len, plan.eval_windows)
     order = [r.key for r in plan.runs]
-    t_all = time.time()
-    for i, run in enumerate(todo):
+    anchors = [r.key for r in plan.anchors()]
+
+    def is_done(run: Run) -> bool:
+        return run.key in read_rows(csv_path)
+
+    def needs(run: Run) -> list[str]:
+        return anchors if run.lr is None else []
+
+    t_all, n = time.time(), 0
+    for run in take_runs(todo, runs_dir / "locks", lambda r: r.key, is_done, needs, poll_s, log):
         if run.lr is not None:
             lr, src = run.lr, "sweep"
         else:
-            lrs, rule = grid_lrs(plan, rows)
+            lrs, rule = grid_lrs(plan, read_rows(csv_path))
             if rule is None:
-                missing = [r.key for r in plan.anchors() if r.key not in rows]
+                missing = [k for k in anchors if k not in read_rows(csv_path)]
                 raise ScalingError(f"{run.key} needs the LR rule: {len(missing)} LR-sweep run(s) not done yet "
                                    f"(e.g. {missing[0]}); run them first")
             lr, src = lrs[run.key][0], rule.describe()
-        log(f"[{i + 1}/{len(todo)}] {run.key}: {run.tokens:,} tokens ({run.steps} steps), LR {lr:.2e} ({src})")
+        n += 1
+        log(f"[{n}] {run.key}: {run.tokens:,} tokens ({run.steps} steps), LR {lr:.2e} ({src})")
         row = (execute_fn or execute)(plan, run, lr, data, runs_dir, log)
         row["lr_source"] = src
-        rows[run.key] = row
-        write_rows(csv_path, rows, order)
+        with held(csv_lock):  # other workers append too: merge into the CSV as it is now
+            rows = read_rows(csv_path)
+            rows[run.key] = row
+            write_rows(csv_path, rows, order)
         shutil.rmtree(runs_dir / run.key / "ckpt", ignore_errors=True)  # the row is what remains
         log(f"    val {float(row['val_loss']):.4f} ({float(row['seconds']):.0f} s); "
-            f"{(time.time() - t_all) / 3600:.2f} h this session")
-    return rows
+            f"{(time.time() - t_all) / 3600:.2f} h this session, {len(rows)}/{len(plan.runs)} rows in the CSV")
+        if limit is not None and n >= limit:
+            break
+    return read_rows(csv_path)
 
 
 def measure_tok_s(plan: Plan, steps: int = 4, log=print) -> dict:

@@ -7,8 +7,10 @@ When a run left waits on a prerequisite another worker holds, this worker polls 
 run left is held by another worker, it stops (they finish them)."""
 from __future__ import annotations
 
+import fcntl
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -58,3 +60,11 @@ def take_runs(runs: list[R], lock_dir: Path, key: Callable[[R], str], is_done: C
                 f"polling every {poll_s:g} s")
             waiting_said = True
         time.sleep(poll_s)
+
+
+@contextmanager
+def held(path: Path):
+    """An exclusive flock on `path` for a short critical section (blocks until the holder lets go)."""
+    with open(path, "w") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
