@@ -129,12 +129,18 @@ def report_md(plan: Plan, rows: dict[str, dict], seeds) -> str:
         L.append(f"| ({c.id}) {c.text} | {ci} | {', '.join(f'{x:+.4f}' for x in v['diffs']) or '-'} | "
                  f"**{v['verdict']}** |")
     L += ["", "## What the CPU data says", ""]
+    by_word: dict[str, list[str]] = {}
     for c in CLAIM_TESTS:
         if c.id in verdicts:
             v = verdicts[c.id]
             word = v["verdict"].split(" (")[0]
-            L.append(f"- ({c.id}) {c.text}: **{word}** ({v['n']} seeds)" +
-                     ("." if word != "cannot resolve" else f": {v['verdict'].split('(', 1)[-1].rstrip(')')}."))
+            by_word.setdefault(word, []).append(f"({c.id})")
+            n = f"{v['n']} seed{'s' if v['n'] != 1 else ''}"
+            eff = (f"mean {v['mean']:+.4f} {c.unit}, 95% CI [{v['lo']:+.4f}, {v['hi']:+.4f}]" if v["n"] >= 2 else
+                   f"mean {v['mean']:+.4f} {c.unit}" if v["n"] else "no paired seeds")
+            why = "" if word != "cannot resolve" else f"; {v['verdict'].split('(', 1)[-1].rstrip(')')}"
+            L.append(f"- ({c.id}) {c.text}: **{word}** ({eff}, {n}{why}).")
+    L += ["", "In one line: " + "; ".join(f"{w}: {', '.join(ids)}" for w, ids in by_word.items()) + "."]
     L += ["", "Scope: d_model 64, 3 layers, 2048-token BPE, ~7M tokens per model; at phone scale the answers may "
               "differ. The (d) start model is the pre-trained MoE (no SFT data offline).", "",
           "![claims](claims.png)", "", "![expert load](claims_load.png)", ""]
