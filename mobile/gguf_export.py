@@ -238,12 +238,21 @@ def _info(t: torch.Tensor, kind: str, qtype: str) -> tuple[tuple[int, ...], np.d
     return qshape, np.dtype(np.uint8), int(np.prod(qshape)), _gguf().GGMLQuantizationType.Q4_0
 
 
-def _encode(t: torch.Tensor, kind: str, qtype: str) -> np.ndarray:
+F16_MAX = 65504.0
+
+
+def _encode(t: torch.Tensor, kind: str, qtype: str, gname: str = "?") -> np.ndarray:
     st = _storage(t, kind, qtype)
     if st == "f32":
         return np.ascontiguousarray(t.numpy().astype(np.float32))
     if st == "f16":
-        return np.ascontiguousarray(t.numpy().astype(np.float16))
+        a = t.numpy()
+        # numpy turns |x| > 65504 into inf without a word: llama.cpp would then compute inf/NaN logits
+        m = float(np.abs(a).max()) if a.size else 0.0
+        if not m <= F16_MAX:
+            raise ValueError(f"GGUF export: tensor {gname} has |w| = {m:.6g}, outside fp16's range (65504); "
+                             f"export with --type f32 (or q4_0)")
+        return np.ascontiguousarray(a.astype(np.float16))
     return q4_0_bytes_chunked(t)
 
 
@@ -394,7 +403,7 @@ def write_gguf(cfg: ModelConfig, params: Callable[[], Iterator[tuple[str, torch.
     for gname, t, kind in _gguf_tensors(cfg, iter(meta_params), buffers):
         shape, dtype, nbytes, raw = _info(t, kind, qtype)
         w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=raw)
-    arrays = (_encode(t, kind, qtype) for _g, t, kind in _gguf_tensors(cfg, params(), buffers))
+    arrays = (_encode(t, kind, qtype, g) for g, t, kind in _gguf_tensors(cfg, params(), buffers))
     return _stream_out(w, Path(out), arrays, force)
 
 

@@ -133,6 +133,25 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_f16_export_refuses_weights_outside_fp16_and_keeps_the_old_file(tmp_path):
+    """numpy would write |w| > 65504 as inf; the exporter names the tensor instead, and the GGUF already at
+    the destination is left as it was (atomic write)."""
+    from mobile.gguf_export import export_model_dir
+    from model.io import save_model_dir
+    from model.model import MobileMoE
+
+    model = MobileMoE(get_config("tiny", n_layers=2, max_seq_len=64)).eval()
+    out = export_model_dir(save_model_dir(model, tmp_path / "ok"), tmp_path / "m.gguf", "f16")
+    before = out.read_bytes()
+    with torch.no_grad():
+        model.layers[1].attn.wo.weight[3, 5] = 7.0e4
+    bad = save_model_dir(model, tmp_path / "big")
+    with pytest.raises(ValueError, match=r"blk\.1\.attn_output.*65504.*--type f32"):
+        export_model_dir(bad, out, "f16")
+    assert out.read_bytes() == before
+    export_model_dir(bad, tmp_path / "m32.gguf", "f32")  # F32 holds it
+
+
 # ---- parity with llama.cpp ----------------------------------------------------------------------------------
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
