@@ -6,13 +6,16 @@ PY := $(VENV)/bin/python
 SIZE ?= tiny
 RUN ?= runs/$(SIZE)
 THREADS ?= 2
+CORPUS ?= data/corpus
+# claims / scaling-v2: one single-threaded training process per worker, sharing the plan (train/worklist.py)
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: help install test lint train mobile bench bench-kernels bench-mobile bench-llama bench-streaming bench-executorch bench-gpu scaling-law eval data toolchain clean
+.PHONY: help install test lint train mobile bench bench-kernels bench-mobile bench-llama bench-streaming bench-executorch bench-gpu scaling-law claims scaling-v2 eval data toolchain clean
 
 help: ## list targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: SIZE=tiny|S|M|L  DRY_RUN=1  PRINT=1  RESUME=path  THREADS=N  CKPT=...  SUITE=local|quick|paper"
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: SIZE=tiny|S|M|L  DRY_RUN=1  PRINT=1  RESUME=path  THREADS=N  WORKERS=N  CKPT=...  SUITE=local|quick|paper"
 
 # CPU machines get the CPU torch pin through a constraints file; CUDA machines see the user's own
 # torch through --system-site-packages and keep it.
@@ -111,6 +114,22 @@ bench: bench-kernels bench-mobile ## all benchmarks
 
 scaling-law: install data ## CPU scaling-law sweep + fit + report -> bench/results/scaling.md
 	$(PY) -m train.scaling all --grid cpu
+
+# start $(WORKERS) copies of a resumable sweep on one folder and fail if any worker failed
+define workers
+	@pids=; for i in $$(seq $(WORKERS)); do $(1) & pids="$$pids $$!"; sleep 2; done; \
+	st=0; for p in $$pids; do wait $$p || st=1; done; exit $$st
+endef
+
+claims: install data ## the paper's claims with controls, 3 seeds (~4 CPU h, resumable; WORKERS=N) -> bench/results/claims.md
+	$(PY) -m train.corpus build --out $(CORPUS)
+	$(call workers,$(PY) -m train.claims --out runs/claims --corpus $(CORPUS))
+	$(PY) -m train.claims --report --out runs/claims
+
+scaling-v2: install data ## scaling law v2: LR sweep + 2-seed grid (resumable; WORKERS=N) -> bench/results/scaling_v2.md
+	$(PY) -m train.corpus build --out $(CORPUS)
+	$(call workers,$(PY) -m train.scaling_v2 --corpus $(CORPUS))
+	$(PY) -m train.scaling_v2 --report
 
 eval: install mobile ## lm-eval: make eval [CKPT=runs/tiny] [SUITE=local|quick|paper] [ENGINE=all|float|torch|int4] [STAGES=1] [ALLOW_CODE=1]
 	$(PY) -m bench.eval --ckpt $(or $(CKPT),$(RUN)) --suite $(or $(SUITE),local) --engine $(or $(ENGINE),all) --threads $(THREADS) $(if $(STAGES),--stages,) $(if $(ALLOW_CODE),--allow-code-execution,) $(if $(LIMIT),--limit $(LIMIT),)
