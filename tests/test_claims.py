@@ -238,7 +238,7 @@ def test_workers_split_the_plan_and_continuations_wait(micro_corpus, tmp_path):
         import threading
 
         got = []
-        t = threading.Thread(target=lambda: got.append(next(gen).key))
+        t = threading.Thread(target=lambda: got.append(next(gen).key), daemon=True)
         t.start()
         t.join(0.3)
         assert t.is_alive() and not got and "polling" in logs[-1]

@@ -40,6 +40,41 @@ def _anchor(name, family, active, lr):
     return F.Anchor(name, family, active, [lr], [2.0], lr, False)
 
 
+def test_vertex_lr_uses_the_minimum_and_its_neighbours():
+    """Far LRs of an extended sweep do not bend the vertex: only the three points around the minimum count."""
+    best = 5e-3
+    lrs = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]
+    losses = [2.0 + 0.1 * (math.log(x) - math.log(best)) ** 2 for x in lrs]
+    losses[0] += 1.0  # a diverged far point
+    lr, edge = F.vertex_lr(lrs, losses)
+    assert lr == pytest.approx(best, rel=1e-6) and not edge
+
+
+def test_lr_sweep_extends_past_an_edge_optimum():
+    plan = V.make_plan(2048)
+    base = {r.key for r in plan.anchors()}
+    # d32 MoE still falling at its largest LR, d96 dense lowest at its smallest, the others interior (4e-3)
+    shape = {"d32-X8-G4-s1": lambda x: -x, "d96-dense": lambda x: x}
+    rows = {r.key: dict(val_loss=str(shape.get(r.arch.name, lambda x: (x - math.log(4e-3)) ** 2)(math.log(r.lr))))
+            for r in plan.anchors()}
+    added = V.extend_lr_sweep(plan, rows)
+    assert [(r.arch.name, r.lr) for r in added] == [("d32-X8-G4-s1", pytest.approx(3.2e-2)),
+                                                    ("d96-dense", pytest.approx(1e-3))]
+    assert V.extend_lr_sweep(plan, rows) == []  # the added runs are not done yet
+    k = [r for r in plan.runs if r.phase == "lr"]
+    assert plan.runs[:len(k)] == k  # still before the grid, after their architecture's runs
+    assert k[k.index(added[0]) - 1].key == "d32-X8-G4-s1-T5-lr0.016-s0"
+    # the extension still improves -> one more; then the cap (MAX_LR_EXT) stops it
+    rows[added[0].key] = dict(val_loss="-99")
+    more = V.extend_lr_sweep(plan, rows)
+    assert [(r.arch.name, r.lr) for r in more] == [("d32-X8-G4-s1", pytest.approx(6.4e-2))]
+    rows[more[0].key] = dict(val_loss="-100")
+    assert V.extend_lr_sweep(plan, rows) == []
+    # re-planning from the rows rebuilds every extension in one call
+    again = V.make_plan(2048, rows=rows)
+    assert {r.key for r in again.anchors()} - base == {r.key for r in added + more}
+
+
 def test_lr_rule_fit_is_log_linear_in_active_params_with_a_moe_offset():
     a, b, c = 1.0, -0.5, 0.3
     anchors = [_anchor(f"{f}{n}", f, n, math.exp(a + b * math.log(n) + c * (f == "moe")))
@@ -95,6 +130,11 @@ def test_plan_grid_seeds_holdout_anchors_and_totals():
 
 # ------------------------------------------------------------------------------------------------------
 # synthetic rows from a known law
+def fake_best_lr(active, moe):
+    """The synthetic optimum, inside every anchor's swept range: 4.8e-3 (d32) .. 3.1e-3 (d96) dense, x1.2 MoE."""
+    return math.exp(-5.3 - 0.25 * math.log(active / 1e5) + 0.2 * moe)
+
+
 def _fake_row(plan, run, lr, seed_noise=0.004, rng=None):
     from model.config import param_breakdown
 
@@ -103,7 +143,7 @@ def _fake_row(plan, run, lr, seed_noise=0.004, rng=None):
     b = param_breakdown(cfg)
     nonemb = active - b["embedding"] - b["lm_head"]
     law = float(predict(TRUE, nonemb, run.tokens, run.arch.X, run.arch.G, run.arch.shared))
-    best = math.exp(-2.0 - 0.4 * math.log(active / 1e5) - 0.2 * (run.arch.family == "moe"))
+    best = fake_best_lr(active, run.arch.family == "moe")
     noise = (rng.normal(0, seed_noise) if rng is not None else 0.0)
     val = law * (1 + 0.02 * (math.log(lr) - math.log(best)) ** 2) * (1 + noise)
     return dict(key=run.key, phase=run.phase, point=run.point, family=run.arch.family, holdout=int(run.holdout),
@@ -298,3 +338,48 @@ def test_cli_plan_lists_every_run(capsys, tmp_path):
     plan = V.make_plan(2048)
     assert f"total {len(plan.runs)} runs" in out
     assert all(r.key in out for r in plan.runs)
+
+
+def test_workers_wait_for_the_lr_sweep_and_take_its_extensions(tmp_path):
+    """Another worker holds an LR-sweep run: this one runs the rest of the sweep, waits (no grid run starts
+    from a partial sweep), then re-plans from that run's loss: an edge optimum adds runs past the edge (two at
+    most), and the grid's LR comes from the extended sweep."""
+    import fcntl
+    import threading
+
+    plan = V.make_plan(2048, anchor_lrs={32: (2e-3, 4e-3)})
+    csv_path, runs = tmp_path / "s.csv", tmp_path / "runs"
+    held_key = "d32-X8-G4-s1-T5-lr0.004-s0"
+    seen = []
+
+    def fake(plan, run, lr, data, runs_dir, log):
+        seen.append(run.key)
+        row = _fake_row(plan, run, lr)
+        if run.phase == "lr" and run.arch.family == "moe":  # MoE loss still falling at every swept LR
+            row["val_loss"] = f"{5.0 - math.log(lr):.6f}"
+        return row
+
+    (runs / "locks").mkdir(parents=True)
+    lock = open(runs / "locks" / f"{held_key}.lock", "w")
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    t = threading.Thread(target=V.run_sweep, args=(plan, None, csv_path, runs),
+                         kwargs=dict(limit=7, log=lambda *_: None, execute_fn=fake, poll_s=0.01), daemon=True)
+    t.start()
+    t.join(1.0)
+    # dense: lowest at 4e-3, the base sweep's edge -> 8e-3 added, interior; then it waits for the held run
+    assert t.is_alive() and seen == ["d32-dense-T5-lr0.002-s0", "d32-dense-T5-lr0.004-s0",
+                                     "d32-dense-T5-lr0.008-s0", "d32-X8-G4-s1-T5-lr0.002-s0"]
+    held_run = next(r for r in plan.runs if r.key == held_key)
+    rows = V.read_rows(csv_path)
+    rows[held_key] = dict(fake(plan, held_run, 4e-3, None, runs, None), lr_source="sweep")
+    seen.pop()
+    V.write_rows(csv_path, rows, [r.key for r in plan.runs])
+    lock.close()  # the other worker is done
+    t.join(10)
+    assert not t.is_alive()
+    assert seen[4:] == ["d32-X8-G4-s1-T5-lr0.008-s0", "d32-X8-G4-s1-T5-lr0.016-s0", "d128-dense-T10-s0"]
+    rows = V.read_rows(csv_path)
+    assert float(rows["d128-dense-T10-s0"]["lr"]) > 0
+    replanned = V.make_plan(2048, anchor_lrs={32: (2e-3, 4e-3)}, rows=rows)
+    best = {a.arch: a.best_lr for a in F.anchor_best_lrs(replanned, rows)}
+    assert best["d32-X8-G4-s1"] == pytest.approx(1.6e-2)  # the extended edge, not the base sweep's 4e-3

@@ -57,6 +57,7 @@ ANCHOR_RATIO = 5.0
 # the claims' LR (4e-3 at d64) in the middle; the small anchor also tries 1.6e-2 (small models take more)
 ANCHOR_LRS = {32: (2e-3, 4e-3, 8e-3, 1.6e-2), 96: (2e-3, 4e-3, 8e-3)}
 SEEDS = (0, 1)
+MAX_LR_EXT = 2  # LR-sweep runs an anchor may add past an edge of its sweep (each a factor 2 further)
 # train.claims' measured tokens/s are for d64 / 3 layers / vocab 2048 / T128 x 16: other widths are scaled
 # by forward FLOPs per token (an estimate; `--plan --measure` times every architecture here instead)
 REF_D = 64
@@ -119,6 +120,7 @@ class Plan:
     batch: int = BATCH
     eval_windows: int = EVAL_WINDOWS
     runs: list[Run] = field(default_factory=list)
+    lr_base: dict[str, int] = field(default_factory=dict)  # anchor arch -> LRs in its base sweep
 
     @property
     def step_tokens(self) -> int:
@@ -145,7 +147,8 @@ def make_plan(vocab: int = 2048, seeds=SEEDS, *, n_layers: int = N_LAYERS, seq_l
               batch: int = BATCH, eval_windows: int = EVAL_WINDOWS, sizes=(32, 64, 96), held_size: int = 128,
               center: int = 64, ladder_ratio: float = 10.0, d_small_ratios=(2.5, 5.0, 10.0, 20.0, 40.0),
               center_ratios=(2.5, 10.0, 40.0), anchor_lrs: dict | None = None,
-              anchor_ratio: float = ANCHOR_RATIO, min_steps: int = 20) -> Plan:
+              anchor_ratio: float = ANCHOR_RATIO, min_steps: int = 20, rows: dict | None = None) -> Plan:
+    """The v2 plan; with `rows` (the CSV so far) the LR sweep includes the runs extend_lr_sweep adds."""
     if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise ScalingError(f"seeds {tuple(seeds)}: need distinct seeds >= 0")
     anchor_lrs = ANCHOR_LRS if anchor_lrs is None else anchor_lrs
@@ -161,6 +164,7 @@ def make_plan(vocab: int = 2048, seeds=SEEDS, *, n_layers: int = N_LAYERS, seq_l
     moe = dict(X=8, G=4, shared=1)
     for d, lrs in anchor_lrs.items():  # the LR sweep first: the rule every grid point needs comes from it
         for a in (arch(d), arch(d, **moe)):
+            plan.lr_base[a.name] = len(lrs)
             for lr in lrs:
                 add("lr", a, anchor_ratio, seeds[0], lr)
     # seed-major, and within a seed the held-out points first: a cut-short sweep still validates
@@ -180,7 +184,40 @@ def make_plan(vocab: int = 2048, seeds=SEEDS, *, n_layers: int = N_LAYERS, seq_l
         add("grid", arch(min(sizes), 8, 4, 0), ladder_ratio, s)
     keys = [r.key for r in plan.runs]
     assert len(keys) == len(set(keys)), "duplicate run keys"
+    if rows:
+        extend_lr_sweep(plan, rows)
     return plan
+
+
+def extend_lr_sweep(plan: Plan, rows: dict[str, dict]) -> list[Run]:
+    """For every anchor architecture whose finished sweep has its lowest loss at its smallest or largest LR,
+    add one LR-sweep run a factor 2 beyond that edge (at most MAX_LR_EXT an architecture): a loss still falling
+    at the edge bounds the best LR, it does not locate it. Repeats while the rows already hold the added runs
+    (re-planning from a CSV). Returns the runs added, each inserted after its architecture's other LR runs."""
+    groups: dict[str, list[Run]] = {}
+    for r in plan.anchors():
+        groups.setdefault(r.arch.name, []).append(r)
+    added = []
+    for name, runs in groups.items():
+        if name not in plan.lr_base:  # a hand-built plan: its sweep is what it lists
+            continue
+        while all(r.key in rows for r in runs) and len(runs) - plan.lr_base[name] < MAX_LR_EXT:
+            losses = [float(rows[r.key]["val_loss"]) for r in runs]
+            best = runs[min(range(len(runs)), key=losses.__getitem__)].lr
+            lrs = [r.lr for r in runs]
+            if best == max(lrs):
+                lr = 2 * best
+            elif best == min(lrs):
+                lr = best / 2
+            else:
+                break
+            r0 = runs[0]
+            run = Run(f"{r0.arch.name}-T{r0.ratio:g}-lr{_lr_tag(lr)}-s{r0.seed}", "lr", r0.arch, r0.ratio, r0.tokens,
+                      r0.steps, r0.seed, lr)
+            plan.runs.insert(plan.runs.index(runs[-1]) + 1, run)
+            runs.append(run)
+            added.append(run)
+    return added
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -331,24 +368,25 @@ def run_sweep(plan: Plan, corpus, csv_path, runs_dir=DEFAULT_RUNS, only: set[str
               poll_s: float = 20.0) -> dict[str, dict]:
     """Every run not yet in the CSV, in plan order (at most `limit` of them in this process). Several
     processes may share one CSV: each run is taken under its own lock in <runs_dir>/locks (train.worklist),
-    a grid run waits for the LR sweep's runs, and each finished row is merged into the CSV under a short lock
-    (re-read, add, atomic rewrite), so no worker's row is lost."""
-    import shutil  # noqa: PLC0415
-
-    from train.worklist import held, take_runs  # noqa: PLC0415
-
+    and each finished row is merged into the CSV under a short lock (re-read, add, atomic rewrite).
+    Two phases: the LR sweep, re-planned after every run (an optimum at a sweep's edge adds a run past it,
+    extend_lr_sweep) and waited for while other workers finish its last runs; then the grid at the LR rule."""
     csv_path, runs_dir = Path(csv_path), Path(runs_dir)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    csv_lock = csv_path.parent / f".{csv_path.name}.lock"
     rows = read_rows(csv_path)
     done = done_keys(plan, rows)
+    extend_lr_sweep(plan, rows)
     unknown = sorted((only or set()) - {r.key for r in plan.runs})
     if unknown:
         raise ScalingError(f"--only: unknown run key(s) {unknown[:3]} (see --plan)")
-    todo = [r for r in plan.runs if r.key not in done and (not only or r.key in only)]
-    log(f"scaling v2: {len(plan.runs)} runs, {len(done)} done, {len(todo) if limit is None else min(limit, len(todo))}"
+
+    def chosen(r: Run) -> bool:
+        return r.key not in rows and (not only or r.key in only)
+
+    n_todo = sum(chosen(r) for r in plan.runs)
+    log(f"scaling v2: {len(plan.runs)} runs, {len(done)} done, {n_todo if limit is None else min(limit, n_todo)}"
         f" to run here -> {csv_path}")
-    if not todo:
+    if not n_todo:
         return rows
     data = None
     if execute_fn is None:
@@ -359,40 +397,72 @@ def run_sweep(plan: Plan, corpus, csv_path, runs_dir=DEFAULT_RUNS, only: set[str
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.set_num_threads(threads)
         data = open_data(corpus, plan.seq_len, plan.eval_windows)
-    order = [r.key for r in plan.runs]
-    anchors = [r.key for r in plan.anchors()]
-
-    def is_done(run: Run) -> bool:
-        return run.key in read_rows(csv_path)
-
-    def needs(run: Run) -> list[str]:
-        return anchors if run.lr is None else []
-
-    t_all, n = time.time(), 0
-    for run in take_runs(todo, runs_dir / "locks", lambda r: r.key, is_done, needs, poll_s, log):
-        if run.lr is not None:
-            lr, src = run.lr, "sweep"
-        else:
-            lrs, rule = grid_lrs(plan, read_rows(csv_path))
-            if rule is None:
-                missing = [k for k in anchors if k not in read_rows(csv_path)]
-                raise ScalingError(f"{run.key} needs the LR rule: {len(missing)} LR-sweep run(s) not done yet "
-                                   f"(e.g. {missing[0]}); run them first")
-            lr, src = lrs[run.key][0], rule.describe()
-        n += 1
-        log(f"[{n}] {run.key}: {run.tokens:,} tokens ({run.steps} steps), LR {lr:.2e} ({src})")
-        row = (execute_fn or execute)(plan, run, lr, data, runs_dir, log)
-        row["lr_source"] = src
-        with held(csv_lock):  # other workers append too: merge into the CSV as it is now
-            rows = read_rows(csv_path)
-            rows[run.key] = row
-            write_rows(csv_path, rows, order)
-        shutil.rmtree(runs_dir / run.key / "ckpt", ignore_errors=True)  # the row is what remains
-        log(f"    val {float(row['val_loss']):.4f} ({float(row['seconds']):.0f} s); "
-            f"{(time.time() - t_all) / 3600:.2f} h this session, {len(rows)}/{len(plan.runs)} rows in the CSV")
-        if limit is not None and n >= limit:
+    w = _Worker(plan, csv_path, runs_dir, data, log, execute_fn or execute)
+    waited = False
+    while limit is None or w.n < limit:  # phase 1: the LR sweep
+        rows = read_rows(csv_path)
+        extend_lr_sweep(plan, rows)
+        left = [r for r in plan.anchors() if r.key not in rows]
+        mine = [r for r in left if chosen(r)]
+        if not mine:
             break
+        if w.take_one(mine):
+            waited = False
+            continue
+        if not waited:  # every LR run left is held by another worker: their losses decide the grid's LRs
+            log(f"scaling v2: the LR sweep's last {len(left)} run(s) are held by other workers; waiting")
+            waited = True
+        time.sleep(poll_s)
+    if limit is not None and w.n >= limit:
+        return read_rows(csv_path)
+    rows = read_rows(csv_path)
+    grid = [r for r in plan.runs if r.phase == "grid" and chosen(r)]
+    if grid:
+        missing = [r.key for r in plan.anchors() if r.key not in rows]
+        if missing:
+            raise ScalingError(f"{grid[0].key} needs the LR rule: {len(missing)} LR-sweep run(s) not done yet "
+                               f"(e.g. {missing[0]}); run them first")
+        while limit is None or w.n < limit:  # phase 2: the grid
+            if not w.take_one(grid):
+                break
     return read_rows(csv_path)
+
+
+class _Worker:
+    """Takes one run at a time under its lock, trains it at its LR and merges its row into the CSV."""
+
+    def __init__(self, plan, csv_path: Path, runs_dir: Path, data, log, execute_fn):
+        self.plan, self.csv_path, self.runs_dir, self.data, self.log, self.execute = \
+            plan, csv_path, runs_dir, data, log, execute_fn
+        self.n, self.t0 = 0, time.time()
+
+    def take_one(self, runs: list[Run]) -> bool:
+        """Train the first of `runs` that is neither done nor held by another worker; False if none is."""
+        import shutil  # noqa: PLC0415
+
+        from train.worklist import held, take_runs  # noqa: PLC0415
+
+        csv_path = self.csv_path
+        for run in take_runs(runs, self.runs_dir / "locks", lambda r: r.key, lambda r: r.key in read_rows(csv_path),
+                             log=lambda *_: None):
+            if run.lr is not None:
+                lr, src = run.lr, "sweep"
+            else:
+                lrs, rule = grid_lrs(self.plan, read_rows(csv_path))
+                lr, src = lrs[run.key][0], rule.describe()
+            self.n += 1
+            self.log(f"[{self.n}] {run.key}: {run.tokens:,} tokens ({run.steps} steps), LR {lr:.2e} ({src})")
+            row = self.execute(self.plan, run, lr, self.data, self.runs_dir, self.log)
+            row["lr_source"] = src
+            with held(csv_path.parent / f".{csv_path.name}.lock"):  # other workers write too: merge
+                rows = read_rows(csv_path)
+                rows[run.key] = row
+                write_rows(csv_path, rows, [r.key for r in self.plan.runs])
+            shutil.rmtree(self.runs_dir / run.key / "ckpt", ignore_errors=True)  # the row is what remains
+            self.log(f"    val {float(row['val_loss']):.4f} ({float(row['seconds']):.0f} s); "
+                     f"{(time.time() - self.t0) / 3600:.2f} h this session, {len(rows)} rows in the CSV")
+            return True
+        return False
 
 
 def measure_tok_s(plan: Plan, steps: int = 4, log=print) -> dict:
@@ -445,8 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     cj = Path(a.corpus) / "corpus.json"
     if cj.is_file():
         vocab = int(json.loads(cj.read_text())["vocab_size"])
-    plan = make_plan(vocab, seeds)
     rows = read_rows(a.csv)
+    plan = make_plan(vocab, seeds, rows=rows)
     done = done_keys(plan, rows)
     if a.plan:
         import torch  # noqa: PLC0415

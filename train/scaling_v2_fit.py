@@ -32,20 +32,22 @@ GRAN_TOL = 1e-3
 # ------------------------------------------------------------------------------------------------------
 # LR: anchors and the rule
 def vertex_lr(lrs, losses) -> tuple[float, bool]:
-    """The LR minimising a parabola in log LR through (lr, loss); (lr, at_edge). Falls back to the swept
-    minimum (at_edge when it is the smallest or largest LR) when the parabola opens downward, fewer than 3 LRs
-    were swept, or the vertex lies outside the swept range."""
+    """The LR minimising the parabola in log LR through the swept minimum and its two neighbours; (lr,
+    at_edge). A parabola through every point would let far-off LRs (a sweep extended past an edge spans
+    five octaves) bend the vertex. Falls back to the swept minimum (at_edge when it is the smallest or
+    largest LR) when the minimum is at an edge, fewer than 3 LRs were swept, or the three points are not
+    convex."""
     x = np.log(np.asarray(lrs, dtype=np.float64))
     y = np.asarray(losses, dtype=np.float64)
     o = np.argsort(x)
     x, y = x[o], y[o]
     i = int(np.argmin(y))
     edge = i in (0, len(x) - 1)
-    if len(x) >= 3:
-        c2, c1, _ = np.polyfit(x, y, 2)
+    if len(x) >= 3 and not edge:
+        c2, c1, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
         if c2 > 0:
             v = -c1 / (2 * c2)
-            if x[0] <= v <= x[-1]:
+            if x[i - 1] <= v <= x[i + 1]:
                 return float(math.exp(v)), False
     return float(math.exp(x[i])), edge
 
