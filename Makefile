@@ -121,7 +121,7 @@ define workers
 	st=0; for p in $$pids; do wait $$p || st=1; done; exit $$st
 endef
 
-claims: install data ## the paper's claims with controls, 3 seeds (~4 CPU h, resumable; WORKERS=N) -> bench/results/claims.md
+claims: install data ## the paper's claims with controls, 3 seeds (~3 CPU h, resumable; WORKERS=N) -> bench/results/claims.md
 	$(PY) -m train.corpus build --out $(CORPUS)
 	$(call workers,$(PY) -m train.claims --out runs/claims --corpus $(CORPUS))
 	$(PY) -m train.claims --report --out runs/claims
