@@ -58,8 +58,10 @@ def test_lr_sweep_extends_past_an_edge_optimum():
     rows = {r.key: dict(val_loss=str(shape.get(r.arch.name, lambda x: (x - math.log(4e-3)) ** 2)(math.log(r.lr))))
             for r in plan.anchors()}
     added = V.extend_lr_sweep(plan, rows)
-    assert [(r.arch.name, r.lr) for r in added] == [("d32-X8-G4-s1", pytest.approx(3.2e-2)),
-                                                    ("d96-dense", pytest.approx(1e-3))]
+    assert [(r.arch.name, r.ratio, r.lr) for r in added] == [("d32-X8-G4-s1", 5.0, pytest.approx(3.2e-2)),
+                                                             ("d96-dense", 5.0, pytest.approx(1e-3)),
+                                                             ("d32-X8-G4-s1", 40.0, pytest.approx(3.2e-2))]
+    assert added[2].key == "d32-X8-G4-s1-T40-lr0.032-s0"
     assert V.extend_lr_sweep(plan, rows) == []  # the added runs are not done yet
     k = [r for r in plan.runs if r.phase == "lr"]
     assert plan.runs[:len(k)] == k  # still before the grid, after their architecture's runs
@@ -88,6 +90,16 @@ def test_lr_rule_fit_is_log_linear_in_active_params_with_a_moe_offset():
     assert r1.c == 0.0 and r1.b == pytest.approx(b)
     r2 = F.fit_lr_rule([x for x in anchors if x.active == 1e5])
     assert r2.b == 0.0 and r2.c == pytest.approx(c)
+    assert r1.d == 0.0 and "tokens/param" not in rule.describe()  # one duration: no duration term
+    # a second duration at the small size identifies d
+    d = -0.3
+    long = [F.Anchor(x.arch, x.family, x.active, [1.0], [2.0], x.best_lr * 8.0 ** d, False, 40.0)
+            for x in anchors if x.active == 1e5]
+    r3 = F.fit_lr_rule([F.Anchor(x.arch, x.family, x.active, [1.0], [2.0], x.best_lr, False, 5.0)
+                        for x in anchors] + long)
+    assert (r3.a + d * math.log(5.0), r3.b, r3.c, r3.d) == pytest.approx((a, b, c, d), abs=1e-9)
+    assert r3.lr(3e5, False, 40.0) / r3.lr(3e5, False, 5.0) == pytest.approx(8.0 ** d)
+    assert "ln(tokens/param)" in r3.describe()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -130,9 +142,13 @@ def test_plan_grid_seeds_holdout_anchors_and_totals():
 
 # ------------------------------------------------------------------------------------------------------
 # synthetic rows from a known law
-def fake_best_lr(active, moe):
-    """The synthetic optimum, inside every anchor's swept range: 4.8e-3 (d32) .. 3.1e-3 (d96) dense, x1.2 MoE."""
-    return math.exp(-5.3 - 0.25 * math.log(active / 1e5) + 0.2 * moe)
+FAKE_D = -0.2  # the synthetic optimum's duration exponent
+
+
+def fake_best_lr(active, moe, ratio=5.0):
+    """The synthetic optimum, inside every anchor's swept range: 4.8e-3 (d32) .. 3.1e-3 (d96) dense at 5 tokens
+    per param, x1.2 MoE, x0.66 at 40 tokens per param."""
+    return math.exp(-5.3 - 0.25 * math.log(active / 1e5) + 0.2 * moe + FAKE_D * math.log(ratio / 5.0))
 
 
 def _fake_row(plan, run, lr, seed_noise=0.004, rng=None):
@@ -143,7 +159,7 @@ def _fake_row(plan, run, lr, seed_noise=0.004, rng=None):
     b = param_breakdown(cfg)
     nonemb = active - b["embedding"] - b["lm_head"]
     law = float(predict(TRUE, nonemb, run.tokens, run.arch.X, run.arch.G, run.arch.shared))
-    best = fake_best_lr(active, run.arch.family == "moe")
+    best = fake_best_lr(active, run.arch.family == "moe", run.ratio)
     noise = (rng.normal(0, seed_noise) if rng is not None else 0.0)
     val = law * (1 + 0.02 * (math.log(lr) - math.log(best)) ** 2) * (1 + noise)
     return dict(key=run.key, phase=run.phase, point=run.point, family=run.arch.family, holdout=int(run.holdout),
@@ -223,7 +239,9 @@ def test_report_on_a_synthetic_sweep(tmp_path):
     assert fit["params"]["alpha"] == pytest.approx(TRUE.alpha, abs=0.1)
     assert fit["verdicts"]["alpha"]["verdict"] == "loss falls with active params"
     assert fit["verdicts"]["beta"]["verdict"] == "loss falls with tokens"
-    assert fit["lr_rule"]["n"] == 4 and len(fit["optimize"]) == 3
+    # 6 anchors: d32 and d96 at 5 tokens/param, d32 again at 40; the duration term is recovered
+    assert fit["lr_rule"]["n"] == 6 and len(fit["optimize"]) == 3
+    assert fit["lr_rule"]["d"] == pytest.approx(FAKE_D, abs=0.1)
     # a partial sweep reports what it has
     part = {k: v for k, v in back.items() if v["phase"] == "lr"}
     text = F.write_report(plan, part, tmp_path / "p.md", n_boot=0, space=SMALL_SPACE).read_text()
@@ -246,14 +264,18 @@ def test_sweep_resumes_row_by_row_gates_on_the_lr_rule_and_locks(tmp_path):
     grid0 = next(r.key for r in plan.runs if r.phase == "grid")
     with pytest.raises(V.ScalingError, match="LR rule"):
         V.run_sweep(plan, None, csv_path, tmp_path / "runs", only={grid0}, **quiet)
-    V.run_sweep(plan, None, csv_path, tmp_path / "runs", limit=len(plan.anchors()) + 3, **quiet)
-    assert [k for k, _ in seen] == [r.key for r in plan.runs[:len(plan.anchors()) + 3]]
+    n0 = len(plan.anchors())
+    V.run_sweep(plan, None, csv_path, tmp_path / "runs", limit=n0 + 3, **quiet)
+    # the LR sweep (with any run its noise put past an edge, inserted into its sweep) and then the grid, in order
+    assert len(plan.anchors()) <= n0 + 2
+    assert [k for k, _ in seen] == [r.key for r in plan.runs[:n0 + 3]]
     rows = V.read_rows(csv_path)
-    assert len(rows) == len(plan.anchors()) + 3
+    assert len(rows) == n0 + 3 and grid0 in rows
     g = rows[grid0]
     _, rule = V.grid_lrs(plan, rows)
     assert g["lr_source"] == rule.describe()
-    assert float(g["lr"]) == pytest.approx(rule.lr(int(g["active_params"]), g["family"] == "moe"), rel=1e-5)
+    assert float(g["lr"]) == pytest.approx(rule.lr(int(g["active_params"]), g["family"] == "moe",
+                                                   float(g["ratio"])), rel=1e-5)
     # resume: nothing finished is retrained; a deleted row is the only one that runs
     rows.pop(grid0)
     V.write_rows(csv_path, rows, [r.key for r in plan.runs])
@@ -347,7 +369,7 @@ def test_workers_wait_for_the_lr_sweep_and_take_its_extensions(tmp_path):
     import fcntl
     import threading
 
-    plan = V.make_plan(2048, anchor_lrs={32: (2e-3, 4e-3)})
+    plan = V.make_plan(2048, anchor_lrs={32: (2e-3, 4e-3)}, long_anchor=None)
     csv_path, runs = tmp_path / "s.csv", tmp_path / "runs"
     held_key = "d32-X8-G4-s1-T5-lr0.004-s0"
     seen = []
@@ -380,6 +402,6 @@ def test_workers_wait_for_the_lr_sweep_and_take_its_extensions(tmp_path):
     assert seen[4:] == ["d32-X8-G4-s1-T5-lr0.008-s0", "d32-X8-G4-s1-T5-lr0.016-s0", "d128-dense-T10-s0"]
     rows = V.read_rows(csv_path)
     assert float(rows["d128-dense-T10-s0"]["lr"]) > 0
-    replanned = V.make_plan(2048, anchor_lrs={32: (2e-3, 4e-3)}, rows=rows)
+    replanned = V.make_plan(2048, anchor_lrs={32: (2e-3, 4e-3)}, long_anchor=None, rows=rows)
     best = {a.arch: a.best_lr for a in F.anchor_best_lrs(replanned, rows)}
     assert best["d32-X8-G4-s1"] == pytest.approx(1.6e-2)  # the extended edge, not the base sweep's 4e-3

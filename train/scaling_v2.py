@@ -12,10 +12,10 @@ held-out CE (nats/token) over the same EVAL_WINDOWS windows for every point.
 
 Two phases, in this order:
   lr    LR sweep at the anchors (the smallest and the largest fitted size, dense and MoE; seed 0, 5 tokens per
-        active param): each anchor's best LR is the vertex of a parabola in log LR through its losses (the
-        swept minimum when the parabola opens downward or its vertex lies outside the swept range).
-  grid  every law point at the LR rule log LR = a + b log(active params) + c [MoE], least squares over the
-        anchors' best LRs (train/scaling_v2_fit.fit_lr_rule). The largest size (d128, dense and MoE) is held
+        active param; the smallest size again at 40): each anchor's best LR is the vertex of the parabola in log
+        LR through its lowest loss and its neighbours; a sweep lowest at an edge adds runs past it (extend_lr_sweep).
+  grid  every law point at the LR rule log LR = a + b log(active params) + c [MoE] + d log(tokens/param), least
+        squares over the anchors' best LRs (train/scaling_v2_fit.fit_lr_rule). The largest size (d128, dense and MoE) is held
         out of the law and is not an anchor either: its LR is the rule's extrapolation, its loss unseen.
 Grid axes: sizes d 32/64/96 (+ d128 held out) at 10 tokens/param, dense and MoE X8 G4 +1 shared; tokens
 2.5..40 per active param at d32 (5 budgets) and d64 (3); sparsity X 2/4/16, granularity G 1/2/8 and
@@ -56,6 +56,9 @@ AUX_FREE = dict(router_score="sigmoid", router_bias_coeff=1e-3, norm_topk_prob=T
 ANCHOR_RATIO = 5.0
 # the claims' LR (4e-3 at d64) in the middle; the small anchor also tries 1.6e-2 (small models take more)
 ANCHOR_LRS = {32: (2e-3, 4e-3, 8e-3, 1.6e-2), 96: (2e-3, 4e-3, 8e-3)}
+# the small anchor swept again at the grid's longest runs: the rule's duration term (the best LR falls with a
+# longer run; one sweep at 5 tokens/param would set every 40-tokens/param point's LR too high)
+LONG_ANCHOR = (32, 40.0)
 SEEDS = (0, 1)
 MAX_LR_EXT = 2  # LR-sweep runs an anchor may add past an edge of its sweep (each a factor 2 further)
 # train.claims' measured tokens/s are for d64 / 3 layers / vocab 2048 / T128 x 16: other widths are scaled
@@ -147,7 +150,8 @@ def make_plan(vocab: int = 2048, seeds=SEEDS, *, n_layers: int = N_LAYERS, seq_l
               batch: int = BATCH, eval_windows: int = EVAL_WINDOWS, sizes=(32, 64, 96), held_size: int = 128,
               center: int = 64, ladder_ratio: float = 10.0, d_small_ratios=(2.5, 5.0, 10.0, 20.0, 40.0),
               center_ratios=(2.5, 10.0, 40.0), anchor_lrs: dict | None = None,
-              anchor_ratio: float = ANCHOR_RATIO, min_steps: int = 20, rows: dict | None = None) -> Plan:
+              anchor_ratio: float = ANCHOR_RATIO, min_steps: int = 20, rows: dict | None = None,
+              long_anchor: tuple | None = LONG_ANCHOR) -> Plan:
     """The v2 plan; with `rows` (the CSV so far) the LR sweep includes the runs extend_lr_sweep adds."""
     if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise ScalingError(f"seeds {tuple(seeds)}: need distinct seeds >= 0")
@@ -162,11 +166,14 @@ def make_plan(vocab: int = 2048, seeds=SEEDS, *, n_layers: int = N_LAYERS, seq_l
         plan.runs.append(Run(key, phase, a, ratio, steps * step, steps, seed, lr, holdout))
 
     moe = dict(X=8, G=4, shared=1)
-    for d, lrs in anchor_lrs.items():  # the LR sweep first: the rule every grid point needs comes from it
+    sweeps = [(d, anchor_ratio, lrs) for d, lrs in anchor_lrs.items()]
+    if long_anchor is not None and long_anchor[0] in anchor_lrs:
+        sweeps.append((long_anchor[0], long_anchor[1], anchor_lrs[long_anchor[0]]))
+    for d, ratio, lrs in sweeps:  # the LR sweep first: the rule every grid point needs comes from it
         for a in (arch(d), arch(d, **moe)):
-            plan.lr_base[a.name] = len(lrs)
+            plan.lr_base[_sweep_name(a, ratio)] = len(lrs)
             for lr in lrs:
-                add("lr", a, anchor_ratio, seeds[0], lr)
+                add("lr", a, ratio, seeds[0], lr)
     # seed-major, and within a seed the held-out points first: a cut-short sweep still validates
     for s in seeds:
         for a in (arch(held_size), arch(held_size, **moe)):
@@ -189,6 +196,10 @@ def make_plan(vocab: int = 2048, seeds=SEEDS, *, n_layers: int = N_LAYERS, seq_l
     return plan
 
 
+def _sweep_name(a: Arch, ratio: float) -> str:
+    return f"{a.name}-T{ratio:g}"
+
+
 def extend_lr_sweep(plan: Plan, rows: dict[str, dict]) -> list[Run]:
     """For every anchor architecture whose finished sweep has its lowest loss at its smallest or largest LR,
     add one LR-sweep run a factor 2 beyond that edge (at most MAX_LR_EXT an architecture): a loss still falling
@@ -196,7 +207,7 @@ def extend_lr_sweep(plan: Plan, rows: dict[str, dict]) -> list[Run]:
     (re-planning from a CSV). Returns the runs added, each inserted after its architecture's other LR runs."""
     groups: dict[str, list[Run]] = {}
     for r in plan.anchors():
-        groups.setdefault(r.arch.name, []).append(r)
+        groups.setdefault(_sweep_name(r.arch, r.ratio), []).append(r)
     added = []
     for name, runs in groups.items():
         if name not in plan.lr_base:  # a hand-built plan: its sweep is what it lists
@@ -318,7 +329,7 @@ def grid_lrs(plan: Plan, rows: dict[str, dict]) -> tuple[dict, object]:
             out[r.key] = (float(rows[r.key]["lr"]), rows[r.key]["lr_source"])
         elif rule is not None:
             _, act = count_params(plan.config(r.arch))
-            out[r.key] = (rule.lr(act, r.arch.family == "moe"), "rule")
+            out[r.key] = (rule.lr(act, r.arch.family == "moe", r.ratio), "rule")
     return out, rule
 
 

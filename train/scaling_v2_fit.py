@@ -61,46 +61,52 @@ class Anchor:
     losses: list
     best_lr: float
     at_edge: bool
+    ratio: float = 5.0  # tokens per active param of the sweep
 
 
 def anchor_best_lrs(plan, rows: dict[str, dict]) -> list[Anchor]:
-    """Per anchor architecture, its best LR from the finished LR-sweep rows (seeds averaged per LR)."""
-    by: dict[str, dict[float, list[float]]] = {}
+    """Per anchor (architecture, tokens per param), its best LR from the finished LR-sweep rows (seeds averaged
+    per LR)."""
+    by: dict[tuple, dict[float, list[float]]] = {}
     arch_of = {}
     for r in plan.anchors():
         if r.key not in rows:
             continue
-        by.setdefault(r.arch.name, {}).setdefault(float(r.lr), []).append(float(rows[r.key]["val_loss"]))
-        arch_of[r.arch.name] = r.arch
+        g = (r.arch.name, r.ratio)
+        by.setdefault(g, {}).setdefault(float(r.lr), []).append(float(rows[r.key]["val_loss"]))
+        arch_of[g] = r.arch
     out = []
-    for name, d in by.items():
+    for g, d in by.items():
         lrs = sorted(d)
         losses = [float(np.mean(d[lr])) for lr in lrs]
         best, edge = vertex_lr(lrs, losses)
-        _, act = count_params(plan.config(arch_of[name]))
-        out.append(Anchor(name, arch_of[name].family, act, lrs, losses, best, edge))
+        _, act = count_params(plan.config(arch_of[g]))
+        out.append(Anchor(g[0], arch_of[g].family, act, lrs, losses, best, edge, g[1]))
     return out
 
 
 @dataclass
 class LRRule:
-    """log LR = a + b log(active params) + c [MoE]."""
+    """log LR = a + b log(active params) + c [MoE] + d log(tokens per active param)."""
     a: float
     b: float
     c: float
     n: int
     rms_log_resid: float
+    d: float = 0.0
 
-    def lr(self, active: float, moe: bool) -> float:
-        return float(math.exp(self.a + self.b * math.log(active) + self.c * float(moe)))
+    def lr(self, active: float, moe: bool, ratio: float = 1.0) -> float:
+        return float(math.exp(self.a + self.b * math.log(active) + self.c * float(moe) + self.d * math.log(ratio)))
 
     def describe(self) -> str:
-        return f"rule: ln lr = {self.a:.4f} {self.b:+.4f} ln(active) {self.c:+.4f} [moe]"
+        return (f"rule: ln lr = {self.a:.4f} {self.b:+.4f} ln(active) {self.c:+.4f} [moe]"
+                + (f" {self.d:+.4f} ln(tokens/param)" if self.d else ""))
 
 
 def fit_lr_rule(anchors: list[Anchor]) -> LRRule:
-    """Least squares of log best LR on log active params and a MoE indicator; a term the anchors cannot
-    identify (one size, or one family) is left out (0)."""
+    """Least squares of log best LR on log active params, a MoE indicator and log tokens per param (the
+    optimum falls with a longer run); a term the anchors cannot identify (one size, one family, one duration) is
+    left out (0)."""
     if not anchors:
         raise ValueError("fit_lr_rule: no anchors")
     y = np.log([a.best_lr for a in anchors])
@@ -114,12 +120,16 @@ def fit_lr_rule(anchors: list[Anchor]) -> LRRule:
     if 0 < moe.sum() < len(moe):
         cols.append(moe)
         names.append("c")
+    lt = np.log([a.ratio for a in anchors])
+    if np.ptp(lt) > 0.05:
+        cols.append(lt)
+        names.append("d")
     M = np.stack(cols, 1)
     coef, *_ = np.linalg.lstsq(M, y, rcond=None)
     c = dict(zip(names, coef))
     resid = y - M @ coef
     return LRRule(float(c["a"]), float(c.get("b", 0.0)), float(c.get("c", 0.0)), len(anchors),
-                  float(np.sqrt(np.mean(resid ** 2))))
+                  float(np.sqrt(np.mean(resid ** 2))), float(c.get("d", 0.0)))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -299,11 +309,11 @@ def write_report(plan, rows: dict[str, dict], md_path, n_boot: int = 200, space=
          f"windows of {plan.seq_len}. Runs done: {len(rows)} of {len(plan.runs)} "
          f"(LR sweep {sum(r.key in rows for r in plan.anchors())} of {len(plan.anchors())}, grid {n_grid_done} of "
          f"{n_grid}).", "", "## Learning rate", "",
-         "| anchor | active | LRs | losses | best LR |", "|---|---|---|---|---|"]
+         "| anchor | active | tokens/param | LRs | losses | best LR |", "|---|---|---|---|---|---|"]
     for a in anchors:
-        L.append(f"| {a.arch} | {a.active:,} | {', '.join(f'{x:.1e}' for x in a.lrs)} | "
+        L.append(f"| {a.arch} | {a.active:,} | {a.ratio:g} | {', '.join(f'{x:.1e}' for x in a.lrs)} | "
                  f"{', '.join(f'{x:.4f}' for x in a.losses)} | {a.best_lr:.2e}{' (edge of range)' if a.at_edge else ''} |")
-    n_arch = len({r.arch.name for r in plan.anchors()})
+    n_arch = len({(r.arch.name, r.ratio) for r in plan.anchors()})
     partial = "" if all(r.key in rows for r in plan.anchors()) else \
         " Provisional: LR-sweep runs are missing, and the grid runs only once all are done."
     L += ["", f"LR rule: `{rule.describe()}` over {rule.n} of {n_arch} anchors, rms log residual "
