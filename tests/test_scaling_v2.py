@@ -368,6 +368,7 @@ def test_workers_wait_for_the_lr_sweep_and_take_its_extensions(tmp_path):
     most), and the grid's LR comes from the extended sweep."""
     import fcntl
     import threading
+    import time
 
     plan = V.make_plan(2048, anchor_lrs={32: (2e-3, 4e-3)}, long_anchor=None)
     csv_path, runs = tmp_path / "s.csv", tmp_path / "runs"
@@ -387,7 +388,10 @@ def test_workers_wait_for_the_lr_sweep_and_take_its_extensions(tmp_path):
     t = threading.Thread(target=V.run_sweep, args=(plan, None, csv_path, runs),
                          kwargs=dict(limit=7, log=lambda *_: None, execute_fn=fake, poll_s=0.01), daemon=True)
     t.start()
-    t.join(1.0)
+    deadline = time.time() + 60  # a loaded CI machine: wait for the condition, not a fixed time
+    while len(seen) < 4 and time.time() < deadline:
+        time.sleep(0.01)
+    t.join(0.5)  # it must now be waiting: nothing more may start
     # dense: lowest at 4e-3, the base sweep's edge -> 8e-3 added, interior; then it waits for the held run
     assert t.is_alive() and seen == ["d32-dense-T5-lr0.002-s0", "d32-dense-T5-lr0.004-s0",
                                      "d32-dense-T5-lr0.008-s0", "d32-X8-G4-s1-T5-lr0.002-s0"]
