@@ -98,7 +98,8 @@ def test_plan_budget_is_at_least_20_tokens_per_active_param():
     assert [r.seed for r in plan.runs[:6]] == [0] * 6   # seed-major
     assert plan.cont_tokens == round(0.1 * plan.tokens / plan.step_tokens) * plan.step_tokens
     hours = sum(P.run_seconds(plan, r, P.MEASURED_TOK_S) for r in plan.runs) / 3600
-    assert 4 <= hours <= 8
+    # a few CPU hours at the measured 1-thread rates (3.1 h at 2026-12-02's; 6.0 at the slower 12-01 ones)
+    assert 2 <= hours <= 8
     only_a = P.make_plan(("a",), (0, 1, 2))
     assert {r.arm for r in only_a.runs} == {"dense", "moe"} and only_a.fingerprint() == plan.fingerprint()
     with pytest.raises(P.ClaimsError, match="unknown claim"):

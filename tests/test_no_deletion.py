@@ -345,11 +345,11 @@ def test_gguf_failure_keeps_previous(tmp_path, monkeypatch):
     calls = []
     real = ge._encode
 
-    def fail_later(t, kind, qtype):
+    def fail_later(t, kind, qtype, *name):
         calls.append(1)
         if len(calls) > 3:
             raise OSError(28, "No space left on device")
-        return real(t, kind, qtype)
+        return real(t, kind, qtype, *name)
     monkeypatch.setattr(ge, "_encode", fail_later)
     with pytest.raises(OSError, match="No space"):
         ge.export_random_init(cfg, out, "f32", seed=1)
