@@ -100,6 +100,14 @@ def test_lr_rule_fit_is_log_linear_in_active_params_with_a_moe_offset():
     assert (r3.a + d * math.log(5.0), r3.b, r3.c, r3.d) == pytest.approx((a, b, c, d), abs=1e-9)
     assert r3.lr(3e5, False, 40.0) / r3.lr(3e5, False, 5.0) == pytest.approx(8.0 ** d)
     assert "ln(tokens/param)" in r3.describe()
+    # the MoE's own size slope: identified by two sizes in each family
+    e = -0.4
+    inter = [F.Anchor(x.arch, x.family, x.active, [1.0], [2.0],
+                      x.best_lr * math.exp(e * math.log(x.active) * (x.family == "moe")), False) for x in anchors]
+    r4 = F.fit_lr_rule(inter)
+    assert (r4.a, r4.b, r4.c, r4.e) == pytest.approx((a, b, c, e), abs=1e-9) and r4.rms_log_resid < 1e-9
+    assert r4.lr(3e5, True) == pytest.approx(math.exp(a + (b + e) * math.log(3e5) + c))
+    assert abs(rule.e) < 1e-9 and "[moe] ln(active)" in r4.describe()
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Two phases, in this order:
   lr    LR sweep at the anchors (the smallest and the largest fitted size, dense and MoE; seed 0, 5 tokens per
         active param; the smallest size again at 40): each anchor's best LR is the vertex of the parabola in log
         LR through its lowest loss and its neighbours; a sweep lowest at an edge adds runs past it (extend_lr_sweep).
-  grid  every law point at the LR rule log LR = a + b log(active params) + c [MoE] + d log(tokens/param), least
+  grid  every law point at the LR rule log LR = a + b log N + c [MoE] + d log(tokens/param) + e [MoE] log N, least
         squares over the anchors' best LRs (train/scaling_v2_fit.fit_lr_rule). The largest size (d128, dense and MoE) is held
         out of the law and is not an anchor either: its LR is the rule's extrapolation, its loss unseen.
 Grid axes: sizes d 32/64/96 (+ d128 held out) at 10 tokens/param, dense and MoE X8 G4 +1 shared; tokens

@@ -87,26 +87,31 @@ def anchor_best_lrs(plan, rows: dict[str, dict]) -> list[Anchor]:
 
 @dataclass
 class LRRule:
-    """log LR = a + b log(active params) + c [MoE] + d log(tokens per active param)."""
+    """log LR = a + b log(active params) + c [MoE] + d log(tokens per active param) + e [MoE] log(active
+    params): the MoE's own size slope b + e (measured: the MoE's best LR falls faster with size than dense's)."""
     a: float
     b: float
     c: float
     n: int
     rms_log_resid: float
     d: float = 0.0
+    e: float = 0.0
 
     def lr(self, active: float, moe: bool, ratio: float = 1.0) -> float:
-        return float(math.exp(self.a + self.b * math.log(active) + self.c * float(moe) + self.d * math.log(ratio)))
+        la = math.log(active)
+        return float(math.exp(self.a + self.b * la + self.c * float(moe) + self.d * math.log(ratio)
+                              + self.e * float(moe) * la))
 
     def describe(self) -> str:
         return (f"rule: ln lr = {self.a:.4f} {self.b:+.4f} ln(active) {self.c:+.4f} [moe]"
-                + (f" {self.d:+.4f} ln(tokens/param)" if self.d else ""))
+                + (f" {self.d:+.4f} ln(tokens/param)" if self.d else "")
+                + (f" {self.e:+.4f} [moe] ln(active)" if self.e else ""))
 
 
 def fit_lr_rule(anchors: list[Anchor]) -> LRRule:
     """Least squares of log best LR on log active params, a MoE indicator and log tokens per param (the
     optimum falls with a longer run); a term the anchors cannot identify (one size, one family, one duration) is
-    left out (0)."""
+    left out (0); the MoE slope term only when both families were swept at two or more sizes."""
     if not anchors:
         raise ValueError("fit_lr_rule: no anchors")
     y = np.log([a.best_lr for a in anchors])
@@ -124,12 +129,15 @@ def fit_lr_rule(anchors: list[Anchor]) -> LRRule:
     if np.ptp(lt) > 0.05:
         cols.append(lt)
         names.append("d")
+    if "b" in names and "c" in names and all(np.ptp(la[moe == f]) > 0.05 for f in (0.0, 1.0)):
+        cols.append(la * moe)
+        names.append("e")
     M = np.stack(cols, 1)
     coef, *_ = np.linalg.lstsq(M, y, rcond=None)
     c = dict(zip(names, coef))
     resid = y - M @ coef
     return LRRule(float(c["a"]), float(c.get("b", 0.0)), float(c.get("c", 0.0)), len(anchors),
-                  float(np.sqrt(np.mean(resid ** 2))), float(c.get("d", 0.0)))
+                  float(np.sqrt(np.mean(resid ** 2))), float(c.get("d", 0.0)), float(c.get("e", 0.0)))
 
 
 # ------------------------------------------------------------------------------------------------------
