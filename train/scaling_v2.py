@@ -123,7 +123,7 @@ class Plan:
     batch: int = BATCH
     eval_windows: int = EVAL_WINDOWS
     runs: list[Run] = field(default_factory=list)
-    lr_base: dict[str, int] = field(default_factory=dict)  # anchor arch -> LRs in its base sweep
+    lr_base: dict[str, int] = field(default_factory=dict)  # sweep name -> LRs in its base sweep
 
     @property
     def step_tokens(self) -> int:
@@ -140,6 +140,13 @@ class Plan:
 
     def anchors(self) -> list[Run]:
         return [r for r in self.runs if r.phase == "lr"]
+
+    def lr_sweeps(self) -> dict[str, list[Run]]:
+        """The LR-sweep runs grouped into sweeps (one architecture at one tokens-per-param), in plan order."""
+        out: dict[str, list[Run]] = {}
+        for r in self.anchors():
+            out.setdefault(sweep_name(r.arch, r.ratio), []).append(r)
+        return out
 
 
 def _lr_tag(lr: float) -> str:
@@ -162,7 +169,7 @@ def make_plan(vocab: int = 2048, seeds=SEEDS, *, n_layers: int = N_LAYERS, seq_l
     def add(phase, a: Arch, ratio, seed, lr=None, holdout=False):
         _, active = count_params(plan.config(a))
         steps = max(min_steps, math.ceil(ratio * active / step))
-        key = f"{a.name}-T{ratio:g}" + (f"-lr{_lr_tag(lr)}" if phase == "lr" else "") + f"-s{seed}"
+        key = run_key(phase, a, ratio, seed, lr)
         plan.runs.append(Run(key, phase, a, ratio, steps * step, steps, seed, lr, holdout))
 
     moe = dict(X=8, G=4, shared=1)
@@ -171,7 +178,7 @@ def make_plan(vocab: int = 2048, seeds=SEEDS, *, n_layers: int = N_LAYERS, seq_l
         sweeps.append((long_anchor[0], long_anchor[1], anchor_lrs[long_anchor[0]]))
     for d, ratio, lrs in sweeps:  # the LR sweep first: the rule every grid point needs comes from it
         for a in (arch(d), arch(d, **moe)):
-            plan.lr_base[_sweep_name(a, ratio)] = len(lrs)
+            plan.lr_base[sweep_name(a, ratio)] = len(lrs)
             for lr in lrs:
                 add("lr", a, ratio, seeds[0], lr)
     # seed-major, and within a seed the held-out points first: a cut-short sweep still validates
@@ -196,20 +203,22 @@ def make_plan(vocab: int = 2048, seeds=SEEDS, *, n_layers: int = N_LAYERS, seq_l
     return plan
 
 
-def _sweep_name(a: Arch, ratio: float) -> str:
+def sweep_name(a: Arch, ratio: float) -> str:
+    """An LR sweep's name, and the prefix of every run key of that architecture and duration."""
     return f"{a.name}-T{ratio:g}"
 
 
+def run_key(phase: str, a: Arch, ratio: float, seed: int, lr: float | None = None) -> str:
+    return sweep_name(a, ratio) + (f"-lr{_lr_tag(lr)}" if phase == "lr" else "") + f"-s{seed}"
+
+
 def extend_lr_sweep(plan: Plan, rows: dict[str, dict]) -> list[Run]:
-    """For every anchor architecture whose finished sweep has its lowest loss at its smallest or largest LR,
-    add one LR-sweep run a factor 2 beyond that edge (at most MAX_LR_EXT an architecture): a loss still falling
+    """For every LR sweep (plan.lr_sweeps) whose finished runs have their lowest loss at the smallest or largest
+    LR, add one run a factor 2 beyond that edge (at most MAX_LR_EXT a sweep): a loss still falling
     at the edge bounds the best LR, it does not locate it. Repeats while the rows already hold the added runs
     (re-planning from a CSV). Returns the runs added, each inserted after its architecture's other LR runs."""
-    groups: dict[str, list[Run]] = {}
-    for r in plan.anchors():
-        groups.setdefault(_sweep_name(r.arch, r.ratio), []).append(r)
     added = []
-    for name, runs in groups.items():
+    for name, runs in plan.lr_sweeps().items():
         if name not in plan.lr_base:  # a hand-built plan: its sweep is what it lists
             continue
         while all(r.key in rows for r in runs) and len(runs) - plan.lr_base[name] < MAX_LR_EXT:
@@ -223,8 +232,8 @@ def extend_lr_sweep(plan: Plan, rows: dict[str, dict]) -> list[Run]:
             else:
                 break
             r0 = runs[0]
-            run = Run(f"{r0.arch.name}-T{r0.ratio:g}-lr{_lr_tag(lr)}-s{r0.seed}", "lr", r0.arch, r0.ratio, r0.tokens,
-                      r0.steps, r0.seed, lr)
+            run = Run(run_key("lr", r0.arch, r0.ratio, r0.seed, lr), "lr", r0.arch, r0.ratio, r0.tokens, r0.steps,
+                      r0.seed, lr)
             plan.runs.insert(plan.runs.index(runs[-1]) + 1, run)
             runs.append(run)
             added.append(run)

@@ -67,21 +67,20 @@ class Anchor:
 def anchor_best_lrs(plan, rows: dict[str, dict]) -> list[Anchor]:
     """Per anchor (architecture, tokens per param), its best LR from the finished LR-sweep rows (seeds averaged
     per LR)."""
-    by: dict[tuple, dict[float, list[float]]] = {}
-    arch_of = {}
-    for r in plan.anchors():
-        if r.key not in rows:
-            continue
-        g = (r.arch.name, r.ratio)
-        by.setdefault(g, {}).setdefault(float(r.lr), []).append(float(rows[r.key]["val_loss"]))
-        arch_of[g] = r.arch
     out = []
-    for g, d in by.items():
+    for runs in plan.lr_sweeps().values():
+        d: dict[float, list[float]] = {}
+        for r in runs:
+            if r.key in rows:
+                d.setdefault(float(r.lr), []).append(float(rows[r.key]["val_loss"]))
+        if not d:
+            continue
         lrs = sorted(d)
         losses = [float(np.mean(d[lr])) for lr in lrs]
         best, edge = vertex_lr(lrs, losses)
-        _, act = count_params(plan.config(arch_of[g]))
-        out.append(Anchor(g[0], arch_of[g].family, act, lrs, losses, best, edge, g[1]))
+        a = runs[0].arch
+        _, act = count_params(plan.config(a))
+        out.append(Anchor(a.name, a.family, act, lrs, losses, best, edge, runs[0].ratio))
     return out
 
 
@@ -321,7 +320,7 @@ def write_report(plan, rows: dict[str, dict], md_path, n_boot: int = 200, space=
     for a in anchors:
         L.append(f"| {a.arch} | {a.active:,} | {a.ratio:g} | {', '.join(f'{x:.1e}' for x in a.lrs)} | "
                  f"{', '.join(f'{x:.4f}' for x in a.losses)} | {a.best_lr:.2e}{' (edge of range)' if a.at_edge else ''} |")
-    n_arch = len({(r.arch.name, r.ratio) for r in plan.anchors()})
+    n_arch = len(plan.lr_sweeps())
     partial = "" if all(r.key in rows for r in plan.anchors()) else \
         " Provisional: LR-sweep runs are missing, and the grid runs only once all are done."
     L += ["", f"LR rule: `{rule.describe()}` over {rule.n} of {n_arch} anchors, rms log residual "
