@@ -112,7 +112,7 @@ bench-gpu: install ## GPU check (CUDA; ~6 min on one H100/H200): ceilings, kerne
 
 bench: bench-kernels bench-mobile ## all benchmarks
 
-scaling-law: install data ## CPU scaling-law sweep + fit + report -> bench/results/scaling.md
+scaling-law: install data ## CPU scaling-law sweep + fit + report (v1, byte-level) -> bench/results/scaling_v1.md
 	$(PY) -m train.scaling all --grid cpu
 
 # start $(WORKERS) copies of a resumable sweep on one folder and fail if any worker failed
@@ -126,7 +126,7 @@ claims: install data ## the paper's claims with controls, 3 seeds (~3 CPU h, res
 	$(call workers,$(PY) -m train.claims --out runs/claims --corpus $(CORPUS))
 	$(PY) -m train.claims --report --out runs/claims
 
-scaling-v2: install data ## scaling law v2: LR sweep + 2-seed grid (resumable; WORKERS=N) -> bench/results/scaling_v2.md
+scaling-v2: install data ## scaling law v2: LR sweep + 2-seed grid (resumable; WORKERS=N) -> bench/results/scaling.md
 	$(PY) -m train.corpus build --out $(CORPUS)
 	$(call workers,$(PY) -m train.scaling_v2 --corpus $(CORPUS))
 	$(PY) -m train.scaling_v2 --report

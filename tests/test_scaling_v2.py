@@ -237,6 +237,12 @@ def test_report_on_a_synthetic_sweep(tmp_path):
               "paper-like", "Moderate sparsity + fine-grained + shared at "):
         assert s in text, s
     assert "Not run yet" not in text
+    for png in ("scaling_v2_lr.png", "scaling_v2_law.png"):
+        assert f"]({png})" in text and (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    # a person's interpretation between the NOTES markers survives the next regeneration
+    md.write_text(text.replace("_(interpretation not written yet)_", "MoE wins at d96."))
+    F.write_report(plan, back, md, n_boot=3, space=SMALL_SPACE, starts=default_starts()[::32])
+    assert "MoE wins at d96." in md.read_text() and "interpretation not written yet" not in md.read_text()
     fit = json.loads((tmp_path / "scaling_v2_fit.json").read_text())
     assert fit["n_points"] == 28 and fit["n_runs"] == 56 and fit["n_boot"] == 3
     assert len(fit["heldout"]) == 2

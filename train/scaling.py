@@ -3,7 +3,7 @@
     python -m train.scaling sweep --grid cpu [--out bench/results/scaling_cpu.csv]   # resumable, row by row
     python -m train.scaling fit bench/results/scaling_cpu.csv                       # law + bootstrap CIs
     python -m train.scaling optimize --memory-gb 3 --context 2048 --active-flops 1.5e9 [--tokens 6e12]
-    python -m train.scaling report                                                  # plots + scaling.md
+    python -m train.scaling report                                                  # plots + scaling_v1.md
     python -m train.scaling all --grid cpu                                          # all of the above
 
 Grid axes (every point is get_config(base, **overrides), i.e. a valid ModelConfig):
@@ -406,10 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     from train.scaling_opt import add_optimize_args  # noqa: PLC0415
 
     add_optimize_args(o)
-    r = add("report", "plots + bench/results/scaling.md from the CSV and fit JSON")
+    r = add("report", "plots + bench/results/scaling_v1.md from the CSV and fit JSON")
     r.add_argument("--csv", default=str(DEFAULT_CSV), help="the sweep CSV")
     r.add_argument("--fit", default=str(DEFAULT_FIT), metavar="JSON", help="the fitted-law JSON")
-    r.add_argument("--out-dir", default=str(RESULTS), metavar="DIR", help="where the plots and scaling.md go")
+    r.add_argument("--out-dir", default=str(RESULTS), metavar="DIR", help="where the plots and scaling_v1.md go")
     a = add("all", "sweep + fit + report")
     sweep_args(a)
     fit_args(a)

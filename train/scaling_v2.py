@@ -2,7 +2,7 @@
 
     python -m train.scaling_v2 --plan [--measure]      # every run, its tokens, LR and estimated CPU hours
     python -m train.scaling_v2 [--limit N] [--only K]  # train what is not in the CSV yet (resumable; N workers may share it)
-    python -m train.scaling_v2 --report                # fit + intervals + held-out + optimizer -> scaling_v2.md
+    python -m train.scaling_v2 --report                # fit + intervals + held-out + optimizer -> bench/results/scaling.md
 
 Data and trainer are train.claims': the offline corpus (`python -m train.corpus build`, BPE vocabulary 2048,
 held-out split by document), T 128 x batch 16, AdamW WSD (2% warmup, 20% decay to LR/10), z-loss 1e-4, the
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=cli.positive_int, default=None, metavar="N", help="run at most N runs")
     ap.add_argument("--threads", type=cli.positive_int, default=1, metavar="N", help="torch CPU threads")
     ap.add_argument("--n-boot", type=cli.nonneg_int, default=200, metavar="N", help="--report: bootstrap refits")
-    ap.add_argument("--md", default="bench/results/scaling_v2.md", metavar="MD", help="--report: the report file")
+    ap.add_argument("--md", default="bench/results/scaling.md", metavar="MD", help="--report: the report file")
     a = ap.parse_args(argv)
     try:
         seeds = tuple(int(x) for x in a.seeds.split(",") if x.strip())

@@ -1,6 +1,6 @@
 """The v2 sweep's analysis: anchor LRs and the LR rule, seed aggregation, the law fit with a two-level
 bootstrap (points, then seeds within a point), per-constant verdicts, held-out errors, the optimizer at the
-paper's phone budgets, and the report (bench/results/scaling_v2.md + scaling_v2_fit.json).
+paper's phone budgets, and the report (bench/results/scaling.md + scaling_v2_fit.json + the figures of train/scaling_v2_plot.py).
 
 Verdicts ("no effect" value in brackets; an interval is the bootstrap's 2.5-97.5 percentiles):
     alpha [0]   loss falls with active params: lo > 0
@@ -301,10 +301,19 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def write_report(plan, rows: dict[str, dict], md_path, n_boot: int = 200, space=None, budgets=None,
-                 starts=None) -> Path:
-    """scaling_v2.md and scaling_v2_fit.json beside it from the finished rows (a partial sweep reports what it
-    has and says what is missing)."""
+                 starts=None, fit_name: str = "scaling_v2_fit.json") -> Path:
+    """The report (bench/results/scaling.md), its fit JSON and the two figures beside it from the finished rows (a
+    partial sweep reports what it has and says what is missing). The interpretation between the NOTES markers is
+    a person's and survives a regeneration."""
+    from train.scaling_report import NOTES_BEGIN, NOTES_END  # noqa: PLC0415
+    from train.scaling_v2_plot import LAW_PNG, LR_PNG, plot_law, plot_lr  # noqa: PLC0415
+
     md_path = Path(md_path)
+    notes = ""
+    if md_path.exists():
+        old = md_path.read_text()
+        if NOTES_BEGIN in old and NOTES_END in old:
+            notes = old[old.index(NOTES_BEGIN) + len(NOTES_BEGIN):old.index(NOTES_END)].strip()
     anchors = anchor_best_lrs(plan, rows)
     rule = fit_lr_rule(anchors) if anchors else None
     pts = aggregate(rows)
@@ -315,7 +324,8 @@ def write_report(plan, rows: dict[str, dict], md_path, n_boot: int = 200, space=
          f"train/scaling_v2_fit.py the analysis). Loss = held-out nats/token (BPE {plan.vocab}), {plan.eval_windows} "
          f"windows of {plan.seq_len}. Runs done: {len(rows)} of {len(plan.runs)} "
          f"(LR sweep {sum(r.key in rows for r in plan.anchors())} of {len(plan.anchors())}, grid {n_grid_done} of "
-         f"{n_grid}).", "", "## Learning rate", "",
+         f"{n_grid}). The v1 law (byte-level Shakespeare, one seed, one LR per size) is in "
+         "[scaling_v1.md](scaling_v1.md).", "", "## Learning rate", "",
          "| anchor | active | tokens/param | LRs | losses | best LR |", "|---|---|---|---|---|---|"]
     for a in anchors:
         L.append(f"| {a.arch} | {a.active:,} | {a.ratio:g} | {', '.join(f'{x:.1e}' for x in a.lrs)} | "
@@ -325,6 +335,9 @@ def write_report(plan, rows: dict[str, dict], md_path, n_boot: int = 200, space=
         " Provisional: LR-sweep runs are missing, and the grid runs only once all are done."
     L += ["", f"LR rule: `{rule.describe()}` over {rule.n} of {n_arch} anchors, rms log residual "
           f"{rule.rms_log_resid:.3f}.{partial}" if rule else "LR rule: no anchors finished yet.", ""]
+    if anchors:
+        plot_lr(anchors, rule, md_path.with_name(LR_PNG))
+        L += [f"![LR sweeps]({LR_PNG})", ""]
     fit = None
     fit_pts = [p for p in pts if not p.holdout]
     if len(fit_pts) >= 9:
@@ -380,8 +393,11 @@ def write_report(plan, rows: dict[str, dict], md_path, n_boot: int = 200, space=
         L += ["", f"Moderate sparsity + fine-grained + shared at {sum(o['paper_like'] for o in picked)} of "
               f"{len(picked)} budgets with a feasible architecture"
               + (f" ({len(opt) - len(picked)} with none)." if len(picked) < len(opt) else ".")]
+        plot_law(pts, fit["params"], md_path.with_name(LAW_PNG))
+        L += ["", f"![the law against the points]({LAW_PNG})"]
         fit["lr_rule"] = asdict(rule) if rule else None
-        _atomic_text(md_path.with_name(md_path.stem + "_fit.json"), json.dumps(fit, indent=1) + "\n")
+        _atomic_text(md_path.with_name(fit_name), json.dumps(fit, indent=1) + "\n")
+    L += ["", "## What the data says", "", NOTES_BEGIN, notes or "_(interpretation not written yet)_", NOTES_END]
     missing = [r.key for r in plan.runs if r.key not in rows]
     if missing:
         L += ["", f"## Not run yet ({len(missing)})", "", ", ".join(missing[:40]) + (" ..." if len(missing) > 40 else "")]
