@@ -268,3 +268,29 @@ def test_resume_from_an_earlier_checkpoint_moves_the_abandoned_later_ones_aside(
     assert new6.name == "step_00000006" and (new6 / "COMPLETE").stat().st_mtime_ns != first["step_00000006"]
     # nothing to move when resuming from the latest
     assert ck.set_aside_after(tmp_path, 6) == []
+
+
+def test_logged_train_seconds_spans_every_process_of_a_resumed_run(tmp_path):
+    """A run stopped after 4 of 6 steps and resumed: the time from log.jsonl covers all 6 steps (the second
+    process's own wall clock covers 2), and a stage without a log falls back to the caller's clock."""
+    import json
+
+    from model.config import get_config
+    from model.model import MobileMoE
+    from train.claims_run import logged_train_seconds
+    from train.loop import train_stage
+
+    def model():
+        torch.manual_seed(0)
+        return MobileMoE(get_config("tiny", vocab_size=64, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                                    n_experts=4, top_k=2, expert_ffn_dim=32, shared_ffn_dim=32, max_seq_len=16))
+
+    data = lambda: Batcher([LMSource(torch.arange(200) % 64)], [1.0], 16, 4)  # noqa: E731
+    st = StageConfig(tokens=6 * 4 * 16, seq_len=16, global_batch=4, micro_batch=4, lr=1e-3, ckpt_every=2)
+    train_stage(model(), st, data(), stage_dir=tmp_path, resume=None, progress=False, max_steps=4)
+    train_stage(model(), st, data(), stage_dir=tmp_path, resume="auto", progress=False)
+    recs = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(6))
+    want = sum(4 * 16 / r["tokens_per_s"] for r in recs)
+    assert logged_train_seconds(tmp_path, 4 * 16, fallback=-1.0) == pytest.approx(want)
+    assert logged_train_seconds(tmp_path / "none", 64, fallback=7.5) == 7.5

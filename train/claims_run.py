@@ -80,6 +80,22 @@ class _Progress:
         pass
 
 
+def logged_train_seconds(stage_dir: Path, tokens_per_step: int, fallback: float) -> float:
+    """The run's training time summed over every process that worked on it: a resumed run's own wall clock
+    would count only its last process. From the step records of log.jsonl (train_stage keeps those before the
+    resume point); `fallback` when the log has none."""
+    path = Path(stage_dir) / "log.jsonl"
+    total = 0.0
+    try:
+        for ln in path.read_text().splitlines():
+            if ln.strip():
+                tps = float(json.loads(ln).get("tokens_per_s") or 0.0)
+                total += tokens_per_step / tps if tps > 0 else 0.0
+    except (OSError, ValueError):
+        return fallback
+    return total if total > 0 else fallback
+
+
 def expert_load(model, val_BT1, micro: int) -> dict | None:
     """Held-out max/mean expert load (selection counts, the balancing bias included), per MoE layer."""
     import torch  # noqa: PLC0415
@@ -163,7 +179,8 @@ def execute(plan: Plan, run: Run, data: Data, out: Path, log=print) -> dict:
     res = train_stage(model, sc, mix, stage_dir=out / "runs" / run.key, resume="auto", fingerprint=fp,
                       tracker=_Progress(run.key, run.steps, log), progress=False, device="cpu", seed=run.seed)
     model.set_qat(False)
-    row.update(train_loss=res.train_loss, seconds=round(time.time() - t0, 1))
+    row.update(train_loss=res.train_loss, seconds=round(logged_train_seconds(
+        out / "runs" / run.key, plan.step_tokens, time.time() - t0), 1))
     row["val_loss"] = ev(False)
     row["val_int4"] = ev(True)
     if run.kind == "pretrain":

@@ -349,7 +349,7 @@ def execute(plan: Plan, run: Run, lr: float, data, runs_dir: Path, log=print) ->
     import torch  # noqa: PLC0415
 
     from model.model import MobileMoE  # noqa: PLC0415
-    from train.claims_run import _Progress, expert_load  # noqa: PLC0415
+    from train.claims_run import _Progress, expert_load, logged_train_seconds  # noqa: PLC0415
     from train.loop import StageConfig, evaluate, train_stage  # noqa: PLC0415
     from train.store import StoreMixture  # noqa: PLC0415
 
@@ -379,7 +379,7 @@ def execute(plan: Plan, run: Run, lr: float, data, runs_dir: Path, log=print) ->
                 n_shared_experts=cfg.n_shared_experts, X=a.X, G=a.G, active_params=active, total_params=total,
                 active_nonemb=active - b["embedding"] - b["lm_head"], tokens=run.tokens, ratio=run.ratio,
                 lr=f"{lr:.6g}", seed=run.seed, val_loss=f"{val:.5f}", train_loss=f"{res.train_loss:.5f}",
-                load_max_mean=f"{load['load_max_mean']:.4f}" if load else "", seconds=f"{time.time() - t0:.1f}",
+                load_max_mean=f"{load['load_max_mean']:.4f}" if load else "", seconds=f"{logged_train_seconds(runs_dir / run.key, plan.step_tokens, time.time() - t0):.1f}",
                 plan=plan.fingerprint())
 
 
