@@ -15,12 +15,12 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: SIZE=tiny|S|M|L  DRY_RUN=1  PRINT=1  RESUME=path  THREADS=N  WORKERS=N  CKPT=...  SUITE=local|quick|paper  DISK_GB=5 (install's free-space check)"
+	@echo "  variables: SIZE=tiny|S|M|L  DRY_RUN=1  PRINT=1  RESUME=path  THREADS=N  WORKERS=N  CKPT=...  SUITE=local|quick|paper  DISK_GB=4 (install's free-space check)"
 
 # CPU machines get the CPU torch pin through a constraints file; CUDA machines see the user's own
 # torch through --system-site-packages and keep it.
 # A full disk would otherwise surface as a pip OSError deep in the install log (as it once did in CI).
-DISK_GB ?= 5
+DISK_GB ?= 4
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	@python3 -c 'import shutil, sys, tempfile; need = $(DISK_GB); \
 	  low = [(p, shutil.disk_usage(p).free / 1e9) for p in (".", tempfile.gettempdir()) if shutil.disk_usage(p).free / 1e9 < need]; \
