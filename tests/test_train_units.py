@@ -239,20 +239,26 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_pat
     assert all(torch.isfinite(v).all() for v in ms.values())
 
 
+def _seeded_tiny_moe():
+    from model.config import get_config
+    from model.model import MobileMoE
+
+    torch.manual_seed(0)
+    return MobileMoE(get_config("tiny", vocab_size=64, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                                n_experts=4, top_k=2, expert_ffn_dim=32, shared_ffn_dim=32, max_seq_len=16))
+
+
+def _cycle_batcher():
+    return Batcher([LMSource(torch.arange(200) % 64)], [1.0], 16, 4)
+
+
 def test_resume_from_an_earlier_checkpoint_moves_the_abandoned_later_ones_aside(tmp_path):
     """Resuming from an explicit earlier checkpoint starts another trajectory: the stage's later checkpoints are
     moved (not deleted) under ckpt/abandoned/, so neither the next automatic resume nor pruning mistakes them
     for the new run's."""
-    from model.config import get_config
-    from model.model import MobileMoE
     from train.loop import train_stage
 
-    def model():
-        torch.manual_seed(0)
-        return MobileMoE(get_config("tiny", vocab_size=64, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1,
-                                    n_experts=4, top_k=2, expert_ffn_dim=32, shared_ffn_dim=32, max_seq_len=16))
-
-    data = lambda: Batcher([LMSource(torch.arange(200) % 64)], [1.0], 16, 4)  # noqa: E731
+    model, data = _seeded_tiny_moe, _cycle_batcher
     st = StageConfig(tokens=6 * 4 * 16, seq_len=16, global_batch=4, micro_batch=4, lr=1e-3, ckpt_every=1)
     train_stage(model(), st, data(), stage_dir=tmp_path, resume=None, progress=False)
     first = {p.name: (p / "COMPLETE").stat().st_mtime_ns for p in ck.list_checkpoints(tmp_path)}
@@ -275,17 +281,10 @@ def test_logged_train_seconds_spans_every_process_of_a_resumed_run(tmp_path):
     process's own wall clock covers 2), and a stage without a log falls back to the caller's clock."""
     import json
 
-    from model.config import get_config
-    from model.model import MobileMoE
     from train.claims_run import logged_train_seconds
     from train.loop import train_stage
 
-    def model():
-        torch.manual_seed(0)
-        return MobileMoE(get_config("tiny", vocab_size=64, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1,
-                                    n_experts=4, top_k=2, expert_ffn_dim=32, shared_ffn_dim=32, max_seq_len=16))
-
-    data = lambda: Batcher([LMSource(torch.arange(200) % 64)], [1.0], 16, 4)  # noqa: E731
+    model, data = _seeded_tiny_moe, _cycle_batcher
     st = StageConfig(tokens=6 * 4 * 16, seq_len=16, global_batch=4, micro_batch=4, lr=1e-3, ckpt_every=2)
     train_stage(model(), st, data(), stage_dir=tmp_path, resume=None, progress=False, max_steps=4)
     train_stage(model(), st, data(), stage_dir=tmp_path, resume="auto", progress=False)
