@@ -23,7 +23,7 @@ help: ## list targets
 DISK_GB ?= 4
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	@python3 -c 'import shutil, sys, tempfile; need = $(DISK_GB); \
-	  low = [(p, shutil.disk_usage(p).free / 1e9) for p in (".", tempfile.gettempdir()) if shutil.disk_usage(p).free / 1e9 < need]; \
+	  free = [(p, shutil.disk_usage(p).free / 1e9) for p in (".", tempfile.gettempdir())]; low = [x for x in free if x[1] < need]; \
 	  low and sys.exit(f"make install: {low[0][1]:.1f} GB free at {low[0][0]}; the .venv (torch, triton) and pip temp files need about {need} GB: free space (or set DISK_GB)")'
 ifeq ($(HAS_CUDA),1)
 	python3 -m venv --system-site-packages $(VENV)

@@ -373,13 +373,14 @@ def execute(plan: Plan, run: Run, lr: float, data, runs_dir: Path, log=print) ->
     if not math.isfinite(val):
         raise ScalingError(f"{run.key}: non-finite held-out loss (LR {lr:.2e} diverged?)")
     load = expert_load(model, data.val_BT1, plan.batch)
+    seconds = logged_train_seconds(runs_dir / run.key, plan.step_tokens, time.time() - t0)
     a = run.arch
     return dict(key=run.key, phase=run.phase, point=run.point, family=a.family, holdout=int(run.holdout), d_model=a.d,
                 n_layers=plan.n_layers, n_experts=cfg.n_experts, top_k=cfg.top_k, expert_ffn_dim=cfg.expert_ffn_dim,
                 n_shared_experts=cfg.n_shared_experts, X=a.X, G=a.G, active_params=active, total_params=total,
                 active_nonemb=active - b["embedding"] - b["lm_head"], tokens=run.tokens, ratio=run.ratio,
                 lr=f"{lr:.6g}", seed=run.seed, val_loss=f"{val:.5f}", train_loss=f"{res.train_loss:.5f}",
-                load_max_mean=f"{load['load_max_mean']:.4f}" if load else "", seconds=f"{logged_train_seconds(runs_dir / run.key, plan.step_tokens, time.time() - t0):.1f}",
+                load_max_mean=f"{load['load_max_mean']:.4f}" if load else "", seconds=f"{seconds:.1f}",
                 plan=plan.fingerprint())
 
 
